@@ -1,0 +1,1 @@
+"""Flower ClientApp: thin glue over common/."""

@@ -1,0 +1,302 @@
+"""One validated job configuration, built from flat ``key=value`` settings.
+
+Keys are ``section.field`` with dashes (``lora.r``, ``privacy.target-epsilon``),
+the style of Flower's ``run_config``. Defaults live only in the dataclasses
+below; :func:`load_config` parses values once (strings from a command line or
+typed values from Flower), rejects unknown keys and reports every problem at
+once. Below this edge, code receives plain, already-valid values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from common.errors import ConfigError
+
+TASKS = ("seq-cls", "causal-lm")
+ACCOUNTANTS = ("rdp", "prv", "gdp")
+GRAD_SAMPLE_MODES = ("hooks", "ghost", "functorch", "ew")
+OPTIMIZERS = ("adamw", "sgd")
+
+
+def _f(default: Any, help: str) -> Any:  # noqa: A002 - "help" reads best here
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = _f("", "local directory of a transformers model; empty = packaged all-MiniLM-L6-v2")
+    task: str = _f("seq-cls", f"one of {', '.join(TASKS)}")
+    max_length: int = _f(64, "tokens kept per text (longer texts are truncated)")
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.task not in TASKS:
+            out.append(f"model.task: expected one of {', '.join(TASKS)}, got {self.task!r}")
+        if not 8 <= self.max_length <= 8192:
+            out.append(f"model.max-length: expected 8..8192, got {self.max_length}")
+        return out
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    r: int = _f(8, "LoRA rank")
+    alpha: float = _f(16.0, "LoRA scaling numerator (scale = alpha / r)")
+    dropout: float = _f(0.0, "dropout on the LoRA input")
+    target_modules: str = _f("", "comma-separated module names; empty = PEFT's default for the architecture")
+    ffa: bool = _f(False, "FFA-LoRA: freeze A (same on every node from lora.seed), train and exchange only B and the head")
+    seed: int = _f(0, "shared seed for the initial adapter (A matrices and new head); equal on every node")
+
+    def problems(self) -> list[str]:
+        out = []
+        if not 1 <= self.r <= 1024:
+            out.append(f"lora.r: expected 1..1024, got {self.r}")
+        if self.alpha <= 0:
+            out.append(f"lora.alpha: expected > 0, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            out.append(f"lora.dropout: expected 0 <= dropout < 1, got {self.dropout}")
+        return out
+
+    @property
+    def target_module_list(self) -> list[str] | None:
+        names = [n.strip() for n in self.target_modules.split(",") if n.strip()]
+        return names or None
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    enabled: bool = _f(True, "train with DP-SGD (Opacus); off weakens privacy and is warned about")
+    target_epsilon: float = _f(8.0, "epsilon this job may spend on a node's data over all its rounds")
+    delta: float = _f(0.0, "delta; 0 = min(1e-5, 1/(10 N)) for a node's N records")
+    noise_multiplier: float = _f(0.0, "Gaussian noise std / clip norm; 0 = calibrate from target-epsilon")
+    max_grad_norm: float = _f(1.0, "per-sample gradient clipping norm")
+    accountant: str = _f("rdp", f"privacy accountant, one of {', '.join(ACCOUNTANTS)}")
+    grad_sample_mode: str = _f("hooks", f"Opacus per-sample gradient mode, one of {', '.join(GRAD_SAMPLE_MODES)}")
+    poisson_sampling: bool = _f(True, "Poisson-sample batches (needed for the accounted guarantee)")
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.target_epsilon <= 0 or not math.isfinite(self.target_epsilon):
+            out.append(f"privacy.target-epsilon: expected a finite number > 0, got {self.target_epsilon}")
+        if not 0.0 <= self.delta < 1.0:
+            out.append(f"privacy.delta: expected 0 <= delta < 1 (0 = automatic), got {self.delta}")
+        if self.noise_multiplier < 0:
+            out.append(f"privacy.noise-multiplier: expected >= 0, got {self.noise_multiplier}")
+        if self.max_grad_norm <= 0:
+            out.append(f"privacy.max-grad-norm: expected > 0, got {self.max_grad_norm}")
+        if self.accountant not in ACCOUNTANTS:
+            out.append(f"privacy.accountant: expected one of {', '.join(ACCOUNTANTS)}, got {self.accountant!r}")
+        if self.grad_sample_mode not in GRAD_SAMPLE_MODES:
+            out.append(
+                f"privacy.grad-sample-mode: expected one of {', '.join(GRAD_SAMPLE_MODES)}, "
+                f"got {self.grad_sample_mode!r}"
+            )
+        return out
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: str = _f("", "CSV, JSONL or Parquet file of this node's records; empty = packaged BBC News")
+    text_column: str = _f("text", "column holding the text")
+    label_column: str = _f("label", "column holding the label (seq-cls only)")
+    labels: str = _f("", "comma-separated label set, in order; required for your own files, same on every node")
+    val_fraction: float = _f(0.1, "share of records held out for validation")
+    test_fraction: float = _f(0.2, "share of records held out for test")
+    seed: int = _f(0, "seed of the train/validation/test split")
+    max_records: int = _f(0, "use at most this many records (0 = all); for quick trials")
+
+    def problems(self) -> list[str]:
+        out = []
+        for name, v in (("val-fraction", self.val_fraction), ("test-fraction", self.test_fraction)):
+            if not 0.0 <= v < 1.0:
+                out.append(f"data.{name}: expected 0 <= fraction < 1, got {v}")
+        if self.val_fraction + self.test_fraction >= 0.9:
+            out.append(
+                f"data.val-fraction + data.test-fraction: expected < 0.9, got "
+                f"{self.val_fraction + self.test_fraction:.2f}"
+            )
+        if self.max_records < 0:
+            out.append(f"data.max-records: expected >= 0, got {self.max_records}")
+        return out
+
+    @property
+    def label_list(self) -> list[str]:
+        return [s.strip() for s in self.labels.split(",") if s.strip()]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    rounds: int = _f(1, "training rounds planned for this job (noise is calibrated over all of them)")
+    local_epochs: float = _f(3.0, "passes over the node's training records per round")
+    local_steps: int = _f(0, "optimizer steps per round; 0 = local-epochs x (records / batch-size)")
+    batch_size: int = _f(32, "expected batch size (Poisson sampling varies it)")
+    eval_batch_size: int = _f(64, "batch size for evaluation")
+    optimizer: str = _f("adamw", f"one of {', '.join(OPTIMIZERS)}")
+    lr: float = _f(3e-3, "learning rate")
+    weight_decay: float = _f(0.0, "weight decay")
+    seed: int = _f(0, "seed of data order and dropout (DP noise always uses fresh OS entropy)")
+    threads: int = _f(0, "torch CPU threads; 0 = torch's default")
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.rounds < 1:
+            out.append(f"train.rounds: expected >= 1, got {self.rounds}")
+        if self.local_epochs <= 0:
+            out.append(f"train.local-epochs: expected > 0, got {self.local_epochs}")
+        if self.local_steps < 0:
+            out.append(f"train.local-steps: expected >= 0, got {self.local_steps}")
+        if self.batch_size < 1:
+            out.append(f"train.batch-size: expected >= 1, got {self.batch_size}")
+        if self.eval_batch_size < 1:
+            out.append(f"train.eval-batch-size: expected >= 1, got {self.eval_batch_size}")
+        if self.optimizer not in OPTIMIZERS:
+            out.append(f"train.optimizer: expected one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if not 0 < self.lr < 10:
+            out.append(f"train.lr: expected 0 < lr < 10, got {self.lr}")
+        if self.threads < 0:
+            out.append(f"train.threads: expected >= 0, got {self.threads}")
+        return out
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """The whole job: what every node trains and how privately."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_flat(self) -> dict[str, Any]:
+        """The configuration as flat ``section.key`` settings (round-trips through load_config)."""
+        flat: dict[str, Any] = {}
+        for sec in dataclasses.fields(self):
+            section = getattr(self, sec.name)
+            for f in dataclasses.fields(section):
+                flat[f"{sec.name}.{_key(f.name)}"] = getattr(section, f.name)
+        return flat
+
+    def replace(self, **settings: Any) -> JobConfig:
+        """A copy with some flat settings changed (validated like any other)."""
+        flat = self.to_flat()
+        flat.update(settings)
+        return load_config(flat)
+
+
+def _key(name: str) -> str:
+    return name.replace("_", "-")
+
+
+SECTIONS: dict[str, type] = {"model": ModelConfig, "lora": LoraConfig, "privacy": PrivacyConfig, "data": DataConfig, "train": TrainConfig}
+
+
+def _coerce(value: Any, typ: Any, key: str) -> tuple[Any, str | None]:
+    """Turn a string or Flower value into ``typ``; return (value, problem)."""
+    if isinstance(typ, str):
+        typ = {"int": int, "float": float, "bool": bool, "str": str}.get(typ, typ)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value, None
+        if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "on"):
+            return True, None
+        if isinstance(value, str) and value.strip().lower() in ("false", "0", "no", "off"):
+            return False, None
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value), None
+        return None, f"{key}: expected true or false, got {value!r}"
+    if typ is int:
+        if isinstance(value, bool):
+            return None, f"{key}: expected an integer, got {value!r}"
+        if isinstance(value, int):
+            return value, None
+        if isinstance(value, float) and value.is_integer():
+            return int(value), None
+        try:
+            return int(str(value).strip()), None
+        except ValueError:
+            return None, f"{key}: expected an integer, got {value!r}"
+    if typ is float:
+        if isinstance(value, bool):
+            return None, f"{key}: expected a number, got {value!r}"
+        try:
+            return float(value), None
+        except (TypeError, ValueError):
+            return None, f"{key}: expected a number, got {value!r}"
+    if typ is str:
+        if isinstance(value, (list, tuple)):
+            return ",".join(str(v) for v in value), None
+        return str(value), None
+    raise TypeError(f"unsupported config type {typ!r} for {key}")  # a bug, not a user error
+
+
+def load_config(settings: Mapping[str, Any] | None = None) -> JobConfig:
+    """Build a validated :class:`JobConfig` from flat settings over the defaults.
+
+    Args:
+        settings: ``{"lora.r": "16", "privacy.target-epsilon": 4.0, ...}``; strings
+            are parsed, typed values are checked. Keys may use ``_`` or ``-``.
+
+    Raises:
+        ConfigError: listing every unknown key, bad value and out-of-range field.
+    """
+    problems: list[str] = []
+    values: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    for raw_key, raw_value in (settings or {}).items():
+        key = str(raw_key).strip()
+        section, _, name = key.partition(".")
+        cls = SECTIONS.get(section)
+        fields = {f.name: f for f in dataclasses.fields(cls)} if cls else {}
+        fname = name.replace("-", "_")
+        if cls is None or fname not in fields:
+            problems.append(f"{key}: unknown setting{_suggest(key)}")
+            continue
+        value, problem = _coerce(raw_value, fields[fname].type, key)
+        if problem:
+            problems.append(problem)
+        else:
+            values[section][fname] = value
+    sections = {}
+    for name, cls in SECTIONS.items():
+        sections[name] = cls(**values[name])
+        problems.extend(sections[name].problems())
+    if problems:
+        raise ConfigError(problems)
+    return JobConfig(**sections)
+
+
+def _suggest(key: str) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(key.replace("_", "-"), all_keys(), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def all_keys() -> list[str]:
+    return [f"{s}.{_key(f.name)}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+
+
+def describe() -> list[tuple[str, str, Any, str]]:
+    """(key, type, default, help) for every setting, for ``fedtune config``."""
+    rows = []
+    for s, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            tname = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+            rows.append((f"{s}.{_key(f.name)}", tname, f.default, f.metadata.get("help", "")))
+    return rows
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, str]:
+    """Parse command-line ``key=value`` words into a dict (values stay strings)."""
+    out: dict[str, str] = {}
+    bad = [p for p in pairs if "=" not in p]
+    if bad:
+        raise ConfigError([f"{p!r}: expected key=value (e.g. lora.r=16)" for p in bad])
+    for p in pairs:
+        k, _, v = p.partition("=")
+        out[k.strip()] = v.strip().strip('"').strip("'")
+    return out
+

@@ -1,0 +1,69 @@
+"""The exceptions fedtune raises for problems a user can fix.
+
+Every error carries *what* went wrong and *how to fix it*; the command-line edge
+prints ``str(error)`` as one message and exits non-zero, with no traceback.
+Anything that is not a :class:`FedtuneError` is a bug in fedtune and keeps its
+traceback.
+"""
+
+from __future__ import annotations
+
+
+class FedtuneError(Exception):
+    """Base class: a problem with the user's input, files or environment.
+
+    Args:
+        problem: What was expected and what was found.
+        fix: What the user should do about it.
+    """
+
+    exit_code = 2
+
+    def __init__(self, problem: str, fix: str = "") -> None:
+        self.problem = problem
+        self.fix = fix
+        super().__init__(f"{problem}\n  fix: {fix}" if fix else problem)
+
+
+class ConfigError(FedtuneError):
+    """Raised when job settings are unknown, mistyped or out of range.
+
+    All problems found in one configuration are reported together.
+    """
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        FedtuneError.__init__(
+            self,
+            f"invalid configuration ({len(self.problems)} problem"
+            f"{'s' if len(self.problems) != 1 else ''}):\n{lines}",
+            "change the settings named above (`fedtune config` lists every key, "
+            "its type and default)",
+        )
+
+
+class DataError(FedtuneError):
+    """Raised when a data file is missing, empty, undecodable or has wrong columns/labels."""
+
+
+class ModelError(FedtuneError):
+    """Raised when the base model cannot be found or loaded from a local path."""
+
+
+class AdapterError(FedtuneError):
+    """Raised when an adapter file or array set is corrupt or does not fit the model."""
+
+
+class PrivacyError(FedtuneError):
+    """Raised when privacy parameters cannot be met (e.g. no noise reaches the target)."""
+
+
+class BudgetExceededError(PrivacyError):
+    """Raised when training would take a node's spent epsilon past its ceiling."""
+
+    exit_code = 3
+
+
+class LedgerError(PrivacyError):
+    """Raised when a node's privacy ledger is unreadable or inconsistent."""

@@ -1,0 +1,136 @@
+"""The pretrained model, its tokenizer, and the LoRA (or FFA-LoRA) adapter around it.
+
+Models load only from local directories (``local_files_only``); the packaged
+all-MiniLM-L6-v2 is the default. The initial adapter is a pure function of
+``lora.seed``, so every node builds the same A matrices and head.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from common.assets import default_model_dir
+from common.errors import ModelError
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoraModel:
+    """A PEFT model ready to train, with what is needed to feed and exchange it."""
+
+    model: torch.nn.Module  # peft.PeftModel
+    tokenizer: object
+    task: str
+    labels: list[str]
+    ffa: bool
+    base_path: Path
+
+    def trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+    def total_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+
+def resolve_model_path(path: str) -> Path:
+    """The directory to load: ``path`` if given, else the packaged default."""
+    if not path:
+        return default_model_dir()
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise ModelError(f"model directory {p} does not exist",
+                         "set model.path to a local directory holding config.json and weights "
+                         "(models are never downloaded)")
+    if not (p / "config.json").is_file():
+        raise ModelError(f"{p} has no config.json, so it is not a transformers model directory",
+                         "point model.path at the directory written by save_pretrained()")
+    return p
+
+
+def load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load a tokenizer from {path}: {e}",
+                         "save the tokenizer next to the model (tokenizer.save_pretrained(dir))") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_base_model(path: Path, *, task: str, labels: Sequence[str]) -> torch.nn.Module:
+    """The pretrained model with a fresh classification head for ``labels`` (seq-cls) or as a causal LM."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # "newly initialized head" is expected here
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if task == "seq-cls":
+                model = AutoModelForSequenceClassification.from_pretrained(
+                    str(path), num_labels=len(labels), local_files_only=True, dtype=torch.float32,
+                    id2label=dict(enumerate(labels)), label2id={lab: i for i, lab in enumerate(labels)},
+                )
+            else:
+                model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load a {task} model from {path}: {e}",
+                         "check model.path and model.task (seq-cls needs an encoder or decoder with a "
+                         "sequence-classification head class; causal-lm a decoder)") from None
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = model.config.eos_token_id
+    return model
+
+
+def build_lora_model(*, model_path: str, task: str, labels: Sequence[str], r: int, alpha: float, dropout: float,
+                     target_modules: list[str] | None, ffa: bool, seed: int) -> LoraModel:
+    """Load the base model and wrap it with a LoRA adapter initialised from ``seed``.
+
+    With ``ffa`` (FFA-LoRA, Sun et al. 2024) the A matrices stay frozen at their
+    seeded initial values and only B (and the head) are trained and exchanged.
+    """
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    path = resolve_model_path(model_path)
+    tokenizer = load_tokenizer(path)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # the new head and A matrices: identical on every node
+        base = load_base_model(path, task=task, labels=labels)
+        cfg = LoraConfig(
+            r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
+            task_type=TaskType.SEQ_CLS if task == "seq-cls" else TaskType.CAUSAL_LM,
+        )
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                model = get_peft_model(base, cfg)
+        except ValueError as e:
+            raise ModelError(f"cannot put LoRA on {path}: {e}",
+                             "set lora.target-modules to linear layers of this model (e.g. query,value)") from None
+    if ffa:
+        for name, p in model.named_parameters():
+            if "lora_A" in name:
+                p.requires_grad_(False)
+    # PEFT leaves new modules in train mode but the copied head in eval mode; Opacus
+    # then records no activations for the head. Keep one mode for the whole model.
+    model.eval()
+    return LoraModel(model=model, tokenizer=tokenizer, task=task, labels=list(labels), ffa=ffa, base_path=path)
+
+
+def set_threads(n: int) -> None:
+    if n > 0:
+        torch.set_num_threads(n)

@@ -1,0 +1,158 @@
+"""What one node does for a job: prepare model + data, train a round privately, evaluate.
+
+This is the API the local command and the Flower ClientApp both call; it has
+no Flower import. The order inside :func:`train_round` is the privacy
+contract: check the budget, train, write the ledger (fsync'd), and only then
+pack the weights that leave the node.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from common import adapter, data, privacy
+from common.config import JobConfig
+from common.evaluate import evaluate
+from common.ledger import PrivacyLedger
+from common.model import LoraModel, build_lora_model, set_threads
+from common.train import ProgressFn, TrainStats, make_optimizer, train_steps
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Node:
+    """A node prepared for one job: model, tokenized splits, step plan, noise and ledger."""
+
+    cfg: JobConfig
+    lora: LoraModel
+    splits: data.Splits
+    train_set: TensorDataset
+    val_set: TensorDataset
+    test_set: TensorDataset
+    plan: privacy.StepPlan
+    noise_multiplier: float  # 0.0 when DP is off
+    ledger: PrivacyLedger
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    arrays: dict[str, np.ndarray]  # the exchanged adapter tensors after training
+    stats: TrainStats
+    num_examples: int  # training records on this node (FedAvg weight)
+    epsilon_spent: float  # total spent on this dataset after this round (ledger)
+    noise_multiplier: float
+    sample_rate: float
+    delta: float
+
+
+def prepare(cfg: JobConfig, *, state_dir: str | Path, max_epsilon: float, delta: float = 0.0,
+            data_path: str | None = None, model: LoraModel | None = None) -> Node:
+    """Load data and model for ``cfg`` on this node and work out its DP parameters.
+
+    Args:
+        cfg: the job configuration.
+        state_dir: this node's state directory (holds the privacy ledger).
+        max_epsilon: this node's privacy ceiling (its owner's choice, not the job's).
+        delta: this node's delta (0 = automatic from its record count).
+        data_path: overrides ``cfg.data.path`` (a node's own file).
+        model: reuse an already built model (tests, simulations).
+
+    Raises:
+        DataError, ModelError, PrivacyError, LedgerError: with what to fix.
+    """
+    set_threads(cfg.train.threads)
+    d = cfg.data
+    splits = data.load_splits(path=data_path if data_path is not None else d.path, text_column=d.text_column,
+                              label_column=d.label_column, labels=d.label_list, task=cfg.model.task,
+                              val_fraction=d.val_fraction, test_fraction=d.test_fraction, seed=d.seed,
+                              max_records=d.max_records)
+    data.check_trainable_size(len(splits.train), cfg.train.batch_size, splits.train.source)
+    if model is None:
+        lc = cfg.lora
+        model = build_lora_model(model_path=cfg.model.path, task=cfg.model.task, labels=splits.labels, r=lc.r,
+                                 alpha=lc.alpha, dropout=lc.dropout, target_modules=lc.target_module_list,
+                                 ffa=lc.ffa, seed=lc.seed)
+    tok = model.tokenizer
+    sets = [data.tokenize(s, tok, label_set=splits.labels, max_length=cfg.model.max_length)
+            for s in (splits.train, splits.val, splits.test)]
+    n_total = len(splits.train) + len(splits.val) + len(splits.test)
+    ledger = PrivacyLedger(state_dir, dataset_id=splits.dataset_id, n_records=n_total, delta=delta,
+                           max_epsilon=max_epsilon, accountant=cfg.privacy.accountant)
+    t = cfg.train
+    plan = privacy.plan_steps(n_train=len(splits.train), batch_size=t.batch_size, local_epochs=t.local_epochs,
+                              local_steps=t.local_steps, rounds=t.rounds)
+    noise = 0.0
+    if cfg.privacy.enabled:
+        noise = cfg.privacy.noise_multiplier or privacy.calibrate_noise(
+            target_epsilon=min(cfg.privacy.target_epsilon, max_epsilon), delta=ledger.delta, plan=plan,
+            kind=cfg.privacy.accountant)
+    else:
+        privacy.warn_dp_off()
+    return Node(cfg=cfg, lora=model, splits=splits, train_set=sets[0], val_set=sets[1], test_set=sets[2],
+                plan=plan, noise_multiplier=noise, ledger=ledger)
+
+
+def train_round(node: Node, *, job: str, round: int, initial: Mapping[str, np.ndarray] | None = None,  # noqa: A002
+                progress: ProgressFn | None = None) -> RoundResult:
+    """Train one round on this node and return the adapter update.
+
+    Refuses (BudgetExceededError) before training if the round would pass the
+    node's ceiling. The ledger entry is durable before this returns weights.
+    """
+    cfg, model = node.cfg, node.lora.model
+    if initial is not None:
+        adapter.unpack(model, initial, ffa=node.lora.ffa)
+    steps, q = node.plan.steps_per_round, node.plan.sample_rate
+    node.ledger.check(noise_multiplier=node.noise_multiplier, sample_rate=q, steps=steps)
+    torch.manual_seed(cfg.train.seed * 1000003 + round)
+    loader = DataLoader(node.train_set, batch_size=cfg.train.batch_size, shuffle=True,
+                        generator=torch.Generator().manual_seed(cfg.train.seed + round))
+    optimizer = make_optimizer(model, name=cfg.train.optimizer, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    model.train()  # Opacus refuses a model in eval mode
+    if cfg.privacy.enabled:
+        p = cfg.privacy
+        dp_model, dp_opt, dp_loader, engine = privacy.make_private(
+            model=model, optimizer=optimizer, loader=loader, noise_multiplier=node.noise_multiplier,
+            max_grad_norm=p.max_grad_norm, grad_sample_mode=p.grad_sample_mode, poisson_sampling=p.poisson_sampling,
+            kind=p.accountant)
+        try:
+            stats = train_steps(dp_model, dp_loader, dp_opt, steps=steps, task=cfg.model.task, progress=progress)
+        finally:
+            privacy.release(dp_model)
+        history = engine.accountant.history
+        taken = sum(n for _, _, n in history)
+        q_used = history[0][1] if history else q
+        entry = node.ledger.record(job=job, round=round, noise_multiplier=node.noise_multiplier,
+                                   sample_rate=q_used, steps=taken)
+    else:
+        stats = train_steps(model, loader, optimizer, steps=steps, task=cfg.model.task, progress=progress)
+        entry = node.ledger.record(job=job, round=round, noise_multiplier=0.0, sample_rate=q, steps=steps)
+    arrays = adapter.pack(model, ffa=node.lora.ffa)
+    return RoundResult(arrays=arrays, stats=stats, num_examples=len(node.train_set),
+                       epsilon_spent=entry.epsilon_after, noise_multiplier=node.noise_multiplier,
+                       sample_rate=entry.sample_rate, delta=node.ledger.delta)
+
+
+def evaluate_split(node: Node, split: str = "test") -> dict:
+    """Metrics of the node's current model on its ``train``/``val``/``test`` split."""
+    ds = {"train": node.train_set, "val": node.val_set, "test": node.test_set}[split]
+    return evaluate(node.lora.model, ds, task=node.cfg.model.task, labels=node.splits.labels,
+                    batch_size=node.cfg.train.eval_batch_size)
+
+
+def planned_epsilon(node: Node) -> float:
+    """Epsilon this job alone spends over all its planned rounds (inf without DP)."""
+    if node.noise_multiplier <= 0:
+        return math.inf
+    return privacy.epsilon([(node.noise_multiplier, node.plan.sample_rate, node.plan.total_steps)],
+                           delta=node.ledger.delta, kind=node.ledger.accountant)

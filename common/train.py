@@ -1,0 +1,101 @@
+"""The local training loop: the same code with DP on or off.
+
+DP wraps the loop (see :mod:`common.privacy`), it does not change it: the loop
+computes a per-sample-mean loss, steps the optimizer, and reports progress.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[int, int, float], None]  # (step, total, running loss)
+
+
+@dataclass(frozen=True)
+class TrainStats:
+    steps: int
+    mean_loss: float
+    seconds: float
+    examples: int  # records seen (sampled) over all steps
+
+
+def batch_loss(model: torch.nn.Module, batch: list[torch.Tensor], *, task: str,
+               reduction: str = "mean") -> torch.Tensor:
+    """Loss of a batch, one value per sample reduced by ``reduction`` ("mean", "sum", "none").
+
+    For causal LM each sequence's token losses are averaged first, so each
+    sample contributes one term (what per-sample clipping assumes).
+    """
+    input_ids, attention_mask = batch[0], batch[1]
+    out = model(input_ids=input_ids, attention_mask=attention_mask)
+    if task == "seq-cls":
+        per_sample = F.cross_entropy(out.logits, batch[2], reduction="none")
+    else:
+        logits = out.logits[:, :-1, :]
+        targets = input_ids[:, 1:]
+        mask = attention_mask[:, 1:].to(logits.dtype)
+        tok = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none")
+        tok = tok.view(targets.shape) * mask
+        per_sample = tok.sum(1) / mask.sum(1).clamp(min=1.0)
+    if reduction == "none":
+        return per_sample
+    return per_sample.sum() if reduction == "sum" else per_sample.mean()
+
+
+def make_optimizer(model: torch.nn.Module, *, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+def _noise_only_step(optimizer: torch.optim.Optimizer) -> None:
+    """An empty Poisson batch still takes a (noise-only) DP step, as the accounting assumes."""
+    for p in optimizer.params:  # type: ignore[attr-defined]  (a DPOptimizer)
+        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def train_steps(model: torch.nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, *, steps: int,
+                task: str, progress: ProgressFn | None = None) -> TrainStats:
+    """Take exactly ``steps`` optimizer steps over ``loader`` (cycling it as needed)."""
+    is_dp = hasattr(optimizer, "noise_multiplier")
+    model.train()
+    total_loss, counted, examples, done = 0.0, 0, 0, 0
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        while done < steps:
+            for batch in loader:
+                if done >= steps:
+                    break
+                n = int(batch[0].shape[0])
+                if n == 0:
+                    if is_dp:
+                        _noise_only_step(optimizer)
+                    done += 1
+                    continue
+                optimizer.zero_grad(set_to_none=True)
+                loss = batch_loss(model, batch, task=task)
+                loss.backward()
+                optimizer.step()
+                total_loss += float(loss.detach()) * n
+                counted += n
+                examples += n
+                done += 1
+                if progress:
+                    progress(done, steps, total_loss / max(counted, 1))
+    model.eval()
+    return TrainStats(steps=done, mean_loss=total_loss / max(counted, 1), seconds=time.perf_counter() - start,
+                      examples=examples)

@@ -1,0 +1,163 @@
+"""``fedtune``: the command line. User errors become one message and a non-zero exit.
+
+    fedtune local [--data FILE] [--state-dir DIR] [--out DIR] [key=value ...]
+    fedtune ledger [--state-dir DIR] [--json]
+    fedtune config
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+from common.errors import FedtuneError
+
+DEFAULT_STATE_DIR = "fedtune-state"
+
+
+def _progress_printer(label: str):
+    start = time.perf_counter()
+    last = [0.0]
+
+    def show(step: int, total: int, loss: float) -> None:
+        now = time.perf_counter() - start
+        if step == total or step == 1 or now - last[0] >= 10 or step % max(1, total // 10) == 0:
+            last[0] = now
+            eta = now / step * (total - step)
+            print(f"[{label}] step {step}/{total}  loss {loss:.4f}  {now:.0f}s elapsed, ~{eta:.0f}s left", flush=True)
+
+    return show
+
+
+def cmd_local(args: argparse.Namespace) -> int:
+    from common.config import load_config, parse_overrides
+
+    cfg = load_config(parse_overrides(args.settings))
+    if args.data:
+        cfg = cfg.replace(**{"data.path": args.data})
+    max_eps = float(args.max_epsilon)
+    if not cfg.privacy.enabled and math.isfinite(max_eps):
+        raise FedtuneError(
+            "privacy.enabled=false would release a model with no privacy guarantee, but this node's ceiling is "
+            f"epsilon {max_eps:g}",
+            "pass --max-epsilon inf to allow non-private training on this data (the ledger then records an "
+            "infinite spend for it), or keep DP on",
+        )
+    from common import adapter, node as node_mod
+
+    t0 = time.perf_counter()
+    print(f"fedtune local: loading data ({cfg.data.path or 'BBC News (packaged)'}) and model "
+          f"({cfg.model.path or 'all-MiniLM-L6-v2 (packaged)'}) ...", flush=True)
+    node = node_mod.prepare(cfg, state_dir=args.state_dir, max_epsilon=max_eps, delta=cfg.privacy.delta)
+    lm = node.lora
+    print(f"  records: train {len(node.train_set)}, val {len(node.val_set)}, test {len(node.test_set)}; "
+          f"labels: {', '.join(node.splits.labels) or '(causal LM)'}")
+    print(f"  LoRA r={cfg.lora.r}{' (FFA-LoRA)' if cfg.lora.ffa else ''}: {lm.trainable_parameters():,} trainable of "
+          f"{lm.total_parameters():,} parameters")
+    if cfg.privacy.enabled:
+        print(f"  DP-SGD: noise multiplier {node.noise_multiplier:.3f}, clip {cfg.privacy.max_grad_norm}, "
+              f"sample rate {node.plan.sample_rate:.4f}, {node.plan.total_steps} steps -> epsilon "
+              f"{node_mod.planned_epsilon(node):.2f} at delta {node.ledger.delta:.2g} ({cfg.privacy.accountant})")
+        print(f"  ledger: {node.ledger.path} (spent so far {node.ledger.spent():.3f} of ceiling {max_eps:g})")
+    job = f"local-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = Path(args.out or Path("runs") / job)
+    result = None
+    for rnd in range(1, cfg.train.rounds + 1):
+        result = node_mod.train_round(node, job=job, round=rnd, progress=_progress_printer(f"round {rnd}"))
+    assert result is not None
+    print(f"  trained {result.stats.steps * cfg.train.rounds} steps in {time.perf_counter() - t0:.0f}s; "
+          f"epsilon spent on this dataset: {result.epsilon_spent:.3f} (delta {result.delta:.2g})")
+    metrics = {"val": node_mod.evaluate_split(node, "val"), "test": node_mod.evaluate_split(node, "test")}
+    adapter.save_adapter(lm.model, out / "adapter")
+    (out / "config.json").write_text(json.dumps(cfg.to_flat(), indent=2) + "\n")
+    summary = {"job": job, "metrics": metrics, "privacy": {**node.ledger.summary(), "dp": cfg.privacy.enabled},
+               "seconds": time.perf_counter() - t0}
+    (out / "metrics.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    test = metrics["test"]
+    if cfg.model.task == "seq-cls":
+        print(f"test: accuracy {test['accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f}, loss {test['loss']:.4f} "
+              f"(n={test['n']})")
+        for lab, m in test["per_class"].items():
+            print(f"  {lab:>16}: precision {m['precision']:.3f} recall {m['recall']:.3f} f1 {m['f1']:.3f} "
+                  f"(n={m['support']})")
+    else:
+        print(f"test: loss {test['loss']:.4f}, perplexity {test['perplexity']:.2f} (n={test['n']})")
+    print(f"adapter saved to {out / 'adapter'} (load with peft.PeftModel.from_pretrained); metrics in "
+          f"{out / 'metrics.json'}")
+    return 0
+
+
+def cmd_ledger(args: argparse.Namespace) -> int:
+    from common.ledger import open_all
+
+    ledgers = open_all(args.state_dir)
+    if args.json:
+        print(json.dumps([lg.summary() | {"entries": [e.__dict__ for e in lg.entries]} for lg in ledgers], indent=2))
+        return 0
+    if not ledgers:
+        print(f"no privacy ledger under {Path(args.state_dir) / 'ledger'}: nothing has been trained on this node")
+        return 0
+    for lg in ledgers:
+        s = lg.summary()
+        print(f"dataset {s['dataset_id'][:16]}  ({s['n_records']} records)  ledger {s['path']}")
+        print(f"  epsilon spent {s['epsilon_spent']:.4f} of ceiling {s['max_epsilon']:g}   delta {s['delta']:.3g}   "
+              f"accountant {s['accountant']}   releases {s['releases']}   steps {s['steps']}")
+        for e in lg.entries:
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.time))
+            print(f"  {stamp}  job {e.job} round {e.round}: {e.steps} steps, noise {e.noise_multiplier:.4f}, "
+                  f"sample rate {e.sample_rate:.5f} -> epsilon {e.epsilon_after:.4f}")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from common.config import describe
+
+    for key, typ, default, help_ in describe():
+        print(f"{key:<28} {typ:<6} {default!s:<10} {help_}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fedtune", description="Federated, differentially private LoRA fine-tuning.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    lp = sub.add_parser("local", help="train and evaluate one node on a file or the packaged BBC News data")
+    lp.add_argument("--data", help="CSV, JSONL or Parquet file (default: packaged BBC News)")
+    lp.add_argument("--state-dir", default=DEFAULT_STATE_DIR, help="node state directory holding the privacy ledger")
+    lp.add_argument("--max-epsilon", default="10", help="this node's privacy ceiling on the dataset (default 10)")
+    lp.add_argument("--out", help="output directory (default runs/local-<time>)")
+    lp.add_argument("settings", nargs="*", help="job settings as key=value (see `fedtune config`)")
+    lp.set_defaults(func=cmd_local)
+
+    gp = sub.add_parser("ledger", help="print this node's privacy ledger")
+    gp.add_argument("--state-dir", default=DEFAULT_STATE_DIR)
+    gp.add_argument("--json", action="store_true", help="machine-readable output")
+    gp.set_defaults(func=cmd_ledger)
+
+    cp = sub.add_parser("config", help="list every job setting with its type, default and meaning")
+    cp.set_defaults(func=cmd_config)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except FedtuneError as e:
+        print(f"fedtune: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("fedtune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

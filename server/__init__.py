@@ -1,0 +1,1 @@
+"""Flower ServerApp: thin glue over common/."""
