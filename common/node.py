@@ -56,7 +56,7 @@ class RoundResult:
 
 
 def prepare(cfg: JobConfig, *, state_dir: str | Path, max_epsilon: float, delta: float = 0.0,
-            data_path: str | None = None, model: LoraModel | None = None) -> Node:
+            data_path: str | None = None, model: LoraModel | None = None, for_training: bool = True) -> Node:
     """Load data and model for ``cfg`` on this node and work out its DP parameters.
 
     Args:
@@ -66,6 +66,7 @@ def prepare(cfg: JobConfig, *, state_dir: str | Path, max_epsilon: float, delta:
         delta: this node's delta (0 = automatic from its record count).
         data_path: overrides ``cfg.data.path`` (a node's own file).
         model: reuse an already built model (tests, simulations).
+        for_training: False to only evaluate (no size check, no noise calibration).
 
     Raises:
         DataError, ModelError, PrivacyError, LedgerError: with what to fix.
@@ -76,7 +77,8 @@ def prepare(cfg: JobConfig, *, state_dir: str | Path, max_epsilon: float, delta:
                               label_column=d.label_column, labels=d.label_list, task=cfg.model.task,
                               val_fraction=d.val_fraction, test_fraction=d.test_fraction, seed=d.seed,
                               max_records=d.max_records)
-    data.check_trainable_size(len(splits.train), cfg.train.batch_size, splits.train.source)
+    if for_training:
+        data.check_trainable_size(len(splits.train), cfg.train.batch_size, splits.train.source)
     if model is None:
         lc = cfg.lora
         model = build_lora_model(model_path=cfg.model.path, task=cfg.model.task, labels=splits.labels, r=lc.r,
@@ -92,7 +94,9 @@ def prepare(cfg: JobConfig, *, state_dir: str | Path, max_epsilon: float, delta:
     plan = privacy.plan_steps(n_train=len(splits.train), batch_size=t.batch_size, local_epochs=t.local_epochs,
                               local_steps=t.local_steps, rounds=t.rounds)
     noise = 0.0
-    if cfg.privacy.enabled:
+    if not for_training:
+        pass
+    elif cfg.privacy.enabled:
         noise = cfg.privacy.noise_multiplier or privacy.calibrate_noise(
             target_epsilon=min(cfg.privacy.target_epsilon, max_epsilon), delta=ledger.delta, plan=plan,
             kind=cfg.privacy.accountant)

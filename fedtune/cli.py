@@ -1,6 +1,7 @@
 """``fedtune``: the command line. User errors become one message and a non-zero exit.
 
     fedtune local [--data FILE] [--state-dir DIR] [--out DIR] [key=value ...]
+    fedtune evaluate --adapter DIR [--data FILE] [key=value ...]
     fedtune ledger [--state-dir DIR] [--json]
     fedtune config
 """
@@ -64,6 +65,9 @@ def cmd_local(args: argparse.Namespace) -> int:
               f"sample rate {node.plan.sample_rate:.4f}, {node.plan.total_steps} steps -> epsilon "
               f"{node_mod.planned_epsilon(node):.2f} at delta {node.ledger.delta:.2g} ({cfg.privacy.accountant})")
         print(f"  ledger: {node.ledger.path} (spent so far {node.ledger.spent():.3f} of ceiling {max_eps:g})")
+    if args.init_adapter:
+        adapter.load_adapter_dir(lm.model, args.init_adapter)
+        print(f"  starting from adapter {args.init_adapter}")
     job = f"local-{time.strftime('%Y%m%d-%H%M%S')}"
     out = Path(args.out or Path("runs") / job)
     result = None
@@ -89,6 +93,30 @@ def cmd_local(args: argparse.Namespace) -> int:
         print(f"test: loss {test['loss']:.4f}, perplexity {test['perplexity']:.2f} (n={test['n']})")
     print(f"adapter saved to {out / 'adapter'} (load with peft.PeftModel.from_pretrained); metrics in "
           f"{out / 'metrics.json'}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from common import adapter, node as node_mod
+    from common.config import load_config, parse_overrides
+
+    cfg = load_config(parse_overrides(args.settings))
+    if args.data:
+        cfg = cfg.replace(**{"data.path": args.data})
+    adapter.read_adapter_file(args.adapter)  # fail fast on a missing or corrupt file, before loading the model
+    with tempfile.TemporaryDirectory() as scratch:  # evaluation spends no budget: no ledger is written
+        node = node_mod.prepare(cfg, state_dir=scratch, max_epsilon=math.inf, for_training=False)
+        adapter.load_adapter_dir(node.lora.model, args.adapter)
+        metrics = node_mod.evaluate_split(node, args.split)
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+    elif cfg.model.task == "seq-cls":
+        print(f"{args.split}: accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}, "
+              f"loss {metrics['loss']:.4f} (n={metrics['n']})")
+    else:
+        print(f"{args.split}: loss {metrics['loss']:.4f}, perplexity {metrics['perplexity']:.2f} (n={metrics['n']})")
     return 0
 
 
@@ -132,8 +160,17 @@ def build_parser() -> argparse.ArgumentParser:
     lp.add_argument("--state-dir", default=DEFAULT_STATE_DIR, help="node state directory holding the privacy ledger")
     lp.add_argument("--max-epsilon", default="10", help="this node's privacy ceiling on the dataset (default 10)")
     lp.add_argument("--out", help="output directory (default runs/local-<time>)")
+    lp.add_argument("--init-adapter", help="start from this saved adapter directory")
     lp.add_argument("settings", nargs="*", help="job settings as key=value (see `fedtune config`)")
     lp.set_defaults(func=cmd_local)
+
+    ep = sub.add_parser("evaluate", help="evaluate a saved adapter on a file or the packaged data (no training)")
+    ep.add_argument("--adapter", required=True, help="adapter directory (PEFT format)")
+    ep.add_argument("--data", help="CSV, JSONL or Parquet file (default: packaged BBC News)")
+    ep.add_argument("--split", default="test", choices=["train", "val", "test"])
+    ep.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    ep.add_argument("settings", nargs="*", help="job settings as key=value (must match the adapter's)")
+    ep.set_defaults(func=cmd_evaluate)
 
     gp = sub.add_parser("ledger", help="print this node's privacy ledger")
     gp.add_argument("--state-dir", default=DEFAULT_STATE_DIR)

@@ -1,0 +1,118 @@
+"""Shared fixtures: the real default model loaded once per session, tiny data slices.
+
+Tests copy the session model (``fresh_model``) instead of reloading it, so the
+suite stays fast on 2 CPU cores while every model test uses the real MiniLM.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(2)
+
+from common.config import JobConfig, load_config  # noqa: E402
+from common.model import LoraModel, build_lora_model  # noqa: E402
+
+EASY_LABELS = ["sport", "finance"]
+_SPORT = ["the striker scored a late goal", "the team won the championship final", "the coach praised his players",
+          "a record crowd watched the match", "the goalkeeper saved a penalty", "the runner won the marathon",
+          "the tennis star lost in the semi final", "fans cheered as the club lifted the cup"]
+_FINANCE = ["the central bank raised interest rates", "shares fell sharply on the stock market",
+            "the company reported higher quarterly profits", "investors sold bonds amid inflation fears",
+            "the bank cut its lending rate", "oil prices pushed the index lower",
+            "the firm's revenue beat analyst forecasts", "the currency weakened against the dollar"]
+
+
+def small_settings(**extra) -> dict:
+    """Settings for fast tests: short sequences, small batches, few steps."""
+    base = {"model.max-length": 24, "train.batch-size": 8, "train.local-steps": 4, "train.eval-batch-size": 32,
+            "data.max-records": 120, "train.threads": 2}
+    base.update(extra)
+    return base
+
+
+def small_config(**extra) -> JobConfig:
+    return load_config(small_settings(**extra))
+
+
+def write_easy_csv(path: Path, n: int = 96, seed: int = 0) -> Path:
+    """A two-topic CSV that a few DP steps can learn (templated sport vs finance sentences)."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = EASY_LABELS[i % 2]
+        pool = _SPORT if label == "sport" else _FINANCE
+        rows.append((f"{rng.choice(pool)} on day {rng.randint(1, 30)}", label))
+    import csv
+
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "label"])
+        w.writerows(rows)
+    return path
+
+
+@pytest.fixture(scope="session")
+def minilm_bbc() -> LoraModel:
+    """The real all-MiniLM-L6-v2 with a LoRA adapter for the 5 BBC labels (load once)."""
+    from common.assets import BBC_LABELS
+
+    return build_lora_model(model_path="", task="seq-cls", labels=list(BBC_LABELS), r=8, alpha=16, dropout=0.0,
+                            target_modules=None, ffa=False, seed=0)
+
+
+@pytest.fixture(scope="session")
+def minilm_easy() -> LoraModel:
+    """The real MiniLM with a LoRA adapter for the two easy labels."""
+    return build_lora_model(model_path="", task="seq-cls", labels=EASY_LABELS, r=8, alpha=16, dropout=0.0,
+                            target_modules=None, ffa=False, seed=0)
+
+
+@pytest.fixture
+def fresh_bbc(minilm_bbc) -> LoraModel:
+    """A private copy of the session model that a test may train."""
+    return copy.deepcopy(minilm_bbc)
+
+
+@pytest.fixture
+def fresh_easy(minilm_easy) -> LoraModel:
+    return copy.deepcopy(minilm_easy)
+
+
+@pytest.fixture
+def easy_csv(tmp_path) -> Path:
+    return write_easy_csv(tmp_path / "easy.csv")
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory) -> Path:
+    """A tiny causal LM built from a config with a 512-token BPE trained on local text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    d = tmp_path_factory.mktemp("tiny-gpt2")
+    corpus = [s for s in _SPORT + _FINANCE] * 20
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=512, special_tokens=["<unk>", "<eos>"]))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>", pad_token="<eos>")
+    fast.save_pretrained(d)
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=len(fast), n_positions=64,
+                     eos_token_id=fast.eos_token_id, bos_token_id=fast.eos_token_id, pad_token_id=fast.eos_token_id)
+    GPT2LMHeadModel(cfg).save_pretrained(d)
+    return d
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path

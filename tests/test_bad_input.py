@@ -1,0 +1,146 @@
+"""Bad input gets one clear message naming the problem and the fix, a non-zero exit, no traceback,
+and nothing is lost (no ledger entry, no output written)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import EASY_LABELS, write_easy_csv, write_jsonl
+
+from fedtune.cli import main
+
+LABELS = "data.labels=" + ",".join(EASY_LABELS)
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.err
+
+
+def _assert_clean_failure(code: int, err: str, *needles: str) -> None:
+    assert code != 0
+    assert "Traceback" not in err
+    assert err.startswith("fedtune: error: "), err
+    assert "fix:" in err, err
+    for n in needles:
+        assert n in err, f"{n!r} not in {err!r}"
+
+
+@pytest.fixture
+def run_local(capsys, tmp_path):
+    state, out = tmp_path / "state", tmp_path / "out"
+
+    def run(data_path: Path, *settings: str) -> tuple[int, str]:
+        code, err = run_cli(capsys, "local", "--data", str(data_path), "--state-dir", str(state), "--out", str(out),
+                            "model.max-length=16", "train.local-steps=1", *settings)
+        # nothing lost or half-written: no ledger spend, no output directory
+        assert not (state / "ledger").exists() or not list((state / "ledger").glob("*.json"))
+        assert not out.exists()
+        return code, err
+
+    return run
+
+
+def test_missing_file(run_local, tmp_path):
+    _assert_clean_failure(*run_local(tmp_path / "nope.csv", LABELS), "does not exist", "data.path")
+
+
+def test_missing_column(run_local, tmp_path):
+    p = tmp_path / "d.csv"
+    p.write_text("body,label\nhello,sport\n", encoding="utf-8")
+    _assert_clean_failure(*run_local(p, LABELS), "no column 'text'", "body, label", "data.text-column")
+
+
+def test_misnamed_label_column(run_local, tmp_path):
+    p = write_easy_csv(tmp_path / "d.csv")
+    _assert_clean_failure(*run_local(p, LABELS, "data.label-column=topic"), "no column 'topic'",
+                          "data.label-column")
+
+
+def test_empty_file(run_local, tmp_path):
+    p = tmp_path / "empty.csv"
+    p.write_bytes(b"")
+    _assert_clean_failure(*run_local(p, LABELS), "is empty")
+
+
+def test_header_only_file(run_local, tmp_path):
+    p = tmp_path / "header.csv"
+    p.write_text("text,label\n", encoding="utf-8")
+    _assert_clean_failure(*run_local(p, LABELS), "no records")
+
+
+def test_non_utf8_bytes(run_local, tmp_path):
+    p = tmp_path / "latin.csv"
+    p.write_bytes("text,label\ncaf\u00e9 news,sport\n".encode("latin-1"))
+    _assert_clean_failure(*run_local(p, LABELS), "not valid UTF-8", "line 2", "iconv")
+
+
+def test_label_outside_label_set(run_local, tmp_path):
+    p = write_jsonl(tmp_path / "d.jsonl", [{"text": "a goal", "label": "sport"}, {"text": "rates", "label": "weather"}])
+    _assert_clean_failure(*run_local(p, LABELS), "'weather'", "not in the job's label set")
+
+
+def test_no_label_set_lists_the_labels_found(run_local, tmp_path):
+    p = write_easy_csv(tmp_path / "d.csv")
+    _assert_clean_failure(*run_local(p), "no label set", "data.labels=finance,sport")
+
+
+def test_fewer_rows_than_one_batch(run_local, tmp_path):
+    p = write_easy_csv(tmp_path / "d.csv", n=20)
+    _assert_clean_failure(*run_local(p, LABELS, "train.batch-size=32"), "fewer than one batch", "train.batch-size")
+
+
+def test_malformed_jsonl(run_local, tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"text": "ok", "label": "sport"}\n{"text": broken\n', encoding="utf-8")
+    _assert_clean_failure(*run_local(p, LABELS), "line 2 is not valid JSON")
+
+
+def test_unknown_and_bad_settings_reported_together(run_local, tmp_path):
+    p = write_easy_csv(tmp_path / "d.csv")
+    code, err = run_local(p, LABELS, "lora.rank=4", "train.lr=fast", "privacy.delta=2")
+    _assert_clean_failure(code, err, "3 problems", "lora.rank", "did you mean 'lora.r'", "train.lr", "privacy.delta")
+
+
+def test_corrupt_adapter_file(capsys, tmp_path):
+    d = tmp_path / "adapter"
+    d.mkdir()
+    (d / "adapter_config.json").write_text("{}")
+    (d / "adapter_model.safetensors").write_bytes(b"\x00garbage-not-safetensors" * 10)
+    code, err = run_cli(capsys, "evaluate", "--adapter", str(d), "--data", str(write_easy_csv(tmp_path / "d.csv")),
+                        LABELS)
+    _assert_clean_failure(code, err, "corrupt or not a safetensors file", "re-export")
+
+
+def test_pickled_adapter_is_refused(capsys, tmp_path):
+    d = tmp_path / "adapter"
+    d.mkdir()
+    (d / "adapter_model.bin").write_bytes(b"\x80\x04pickle")
+    code, err = run_cli(capsys, "evaluate", "--adapter", str(d))
+    _assert_clean_failure(code, err, "refuses to load")
+
+
+def test_wrong_adapter_for_model(capsys, tmp_path, fresh_easy):
+    """An adapter trained for 2 labels does not silently load into a 5-label model."""
+    from common import adapter
+
+    out = adapter.save_adapter(fresh_easy.model, tmp_path / "two-labels")
+    code, err = run_cli(capsys, "evaluate", "--adapter", str(out), "data.max-records=30")
+    _assert_clean_failure(code, err, "shape", "label set")
+
+
+def test_process_exit_code_and_no_traceback(tmp_path):
+    """The real process: one message on stderr, exit code 2."""
+    p = tmp_path / "latin.csv"
+    p.write_bytes(b"text,label\n\xff\xfe,sport\n")
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, "-m", "fedtune", "local", "--data", str(p), "--state-dir",
+                           str(tmp_path / "s"), LABELS], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.count("fedtune: error:") == 1 and "not valid UTF-8" in proc.stderr

@@ -1,0 +1,130 @@
+"""DP-SGD invariants on the real MiniLM: DP wraps the loop without changing it, and really trains."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from conftest import EASY_LABELS, small_config, write_easy_csv
+from torch.utils.data import DataLoader
+
+from common import adapter, data, node, privacy
+from common.train import make_optimizer, train_steps
+
+
+def _loader(lm, records, seed=0, batch_size=8):
+    ds = data.tokenize(records, lm.tokenizer, label_set=EASY_LABELS, max_length=24)
+    return DataLoader(ds, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
+
+
+def _records(path):
+    return data.read_records(path, text_column="text", label_column="label", labels=EASY_LABELS)
+
+
+def _run(lm, records, *, dp: bool, noise: float = 0.0, clip: float = 1e9, steps: int = 3):
+    """Train a copy of ``lm`` with SGD, with or without the Opacus wrapper; return its packed adapter."""
+    lm = copy.deepcopy(lm)
+    torch.manual_seed(0)
+    loader = _loader(lm, records)
+    opt = make_optimizer(lm.model, name="sgd", lr=0.5, weight_decay=0.0)
+    model = lm.model
+    lm.model.train()
+    if dp:
+        model, opt, loader, _ = privacy.make_private(model=lm.model, optimizer=opt, loader=loader,
+                                                     noise_multiplier=noise, max_grad_norm=clip,
+                                                     grad_sample_mode="hooks", poisson_sampling=False, kind="rdp")
+    train_steps(model, loader, opt, steps=steps, task="seq-cls")
+    if dp:
+        privacy.release(model)
+    return adapter.pack(lm.model, ffa=False)
+
+
+def test_zero_noise_huge_clip_equals_non_dp_step(minilm_easy, easy_csv):
+    # Prepare
+    records = _records(easy_csv)
+    start = adapter.pack(minilm_easy.model, ffa=False)
+    # Execute
+    plain = _run(minilm_easy, records, dp=False)
+    dp = _run(minilm_easy, records, dp=True, noise=0.0, clip=1e9)
+    # Assert: same update, to float precision, and the update is not trivially zero
+    for k in start:
+        step_plain, step_dp = plain[k] - start[k], dp[k] - start[k]
+        assert np.abs(step_plain).max() > 0, f"{k} did not move"
+        np.testing.assert_allclose(step_dp, step_plain, rtol=1e-3, atol=1e-6, err_msg=k)
+
+
+def test_clipping_changes_the_step(minilm_easy, easy_csv):
+    records = _records(easy_csv)
+    plain = _run(minilm_easy, records, dp=False, steps=1)
+    clipped = _run(minilm_easy, records, dp=True, noise=0.0, clip=1e-3, steps=1)
+    start = adapter.pack(minilm_easy.model, ffa=False)
+    k = "base_model.model.classifier.weight"
+    # a tiny clip norm shrinks every per-sample gradient, so the step is much smaller
+    assert np.abs(clipped[k] - start[k]).max() < 0.1 * np.abs(plain[k] - start[k]).max()
+
+
+def test_noise_makes_runs_differ(minilm_easy, easy_csv):
+    records = _records(easy_csv)
+    a = _run(minilm_easy, records, dp=True, noise=1.0, clip=1.0)
+    b = _run(minilm_easy, records, dp=True, noise=1.0, clip=1.0)
+    assert any(not np.allclose(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("ffa", [False, True])
+def test_lora_and_head_really_change_under_opacus(tmp_path, easy_csv, minilm_easy, ffa):
+    # Prepare: a node on the easy data, with the real model
+    lm = copy.deepcopy(minilm_easy)
+    if ffa:
+        lm.ffa = True
+        for name, p in lm.model.named_parameters():
+            if "lora_A" in name:
+                p.requires_grad_(False)
+    cfg = small_config(**{"data.path": str(easy_csv), "data.labels": ",".join(EASY_LABELS), "lora.ffa": ffa,
+                          "data.max-records": 0})
+    n = node.prepare(cfg, state_dir=tmp_path / "state", max_epsilon=50, model=lm)
+    before_all = {k: v.detach().clone() for k, v in adapter.adapter_state(lm.model).items()}
+    before = adapter.pack(lm.model, ffa=ffa)
+    # Execute
+    result = node.train_round(n, job="t", round=1)
+    after_all = adapter.adapter_state(lm.model)
+    # Assert: every exchanged tensor moved, and the returned arrays are the model's current weights
+    assert set(result.arrays) == set(before)
+    for k in before:
+        assert not np.allclose(result.arrays[k], before[k]), f"{k} unchanged after DP training"
+        np.testing.assert_array_equal(result.arrays[k], after_all[k].numpy())
+    lora_a = [k for k in before_all if "lora_A" in k]
+    assert lora_a
+    if ffa:  # A frozen and not exchanged
+        assert not any("lora_A" in k for k in result.arrays)
+        assert all(torch.equal(before_all[k], after_all[k]) for k in lora_a)
+    else:
+        assert any("lora_A" in k for k in result.arrays)
+
+
+def test_few_dp_steps_beat_chance_and_reload_in_stock_peft(tmp_path, fresh_easy):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    # Prepare: 480 easy records, batch 32, 20 DP-SGD steps at epsilon 8
+    csv_path = write_easy_csv(tmp_path / "easy.csv", n=480)
+    cfg = small_config(**{"data.path": str(csv_path), "data.labels": ",".join(EASY_LABELS), "data.max-records": 0,
+                          "train.local-steps": 20, "train.batch-size": 32, "train.lr": 0.01,
+                          "privacy.target-epsilon": 8})
+    n = node.prepare(cfg, state_dir=tmp_path / "state", max_epsilon=8, model=fresh_easy)
+    before = node.evaluate_split(n, "test")
+    # Execute
+    node.train_round(n, job="t", round=1)
+    after = node.evaluate_split(n, "test")
+    out = adapter.save_adapter(fresh_easy.model, tmp_path / "adapter")
+    base = AutoModelForSequenceClassification.from_pretrained(str(fresh_easy.base_path), num_labels=2)
+    stock = PeftModel.from_pretrained(base, str(out)).eval()
+    batch = next(iter(DataLoader(n.test_set, batch_size=16)))
+    with torch.no_grad():
+        ours = fresh_easy.model(input_ids=batch[0], attention_mask=batch[1]).logits
+        theirs = stock(input_ids=batch[0], attention_mask=batch[1]).logits
+    # Assert
+    assert n.ledger.spent() <= 8.0
+    assert before["accuracy"] < 0.7 and after["accuracy"] >= 0.85, (before, after)
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
