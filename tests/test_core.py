@@ -1,0 +1,162 @@
+"""Config, data formats, splits, the adapter wire format and the layering rule."""
+
+from __future__ import annotations
+
+import ast
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import EASY_LABELS, write_easy_csv
+
+from common import adapter, data, privacy
+from common.assets import BBC_LABELS
+from common.config import JobConfig, all_keys, load_config
+from common.errors import AdapterError, ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# -- config --------------------------------------------------------------------
+def test_defaults_are_valid_and_round_trip():
+    cfg = load_config()
+    assert cfg == JobConfig()
+    assert load_config(cfg.to_flat()) == cfg
+    assert set(cfg.to_flat()) == set(all_keys())
+
+
+def test_strings_and_flower_values_are_parsed():
+    cfg = load_config({"lora.r": "16", "privacy.enabled": "false", "train.lr": 1, "lora.ffa": True,
+                       "train.local_epochs": "2.5"})
+    assert (cfg.lora.r, cfg.privacy.enabled, cfg.train.lr, cfg.lora.ffa, cfg.train.local_epochs) == (
+        16, False, 1.0, True, 2.5)
+
+
+def test_every_problem_reported_at_once():
+    with pytest.raises(ConfigError) as e:
+        load_config({"nope": 1, "lora.r": 0, "privacy.accountant": "magic", "train.batch-size": "x"})
+    assert len(e.value.problems) == 4
+    text = str(e.value)
+    for key in ("nope", "lora.r", "privacy.accountant", "train.batch-size"):
+        assert key in text
+
+
+# -- data ----------------------------------------------------------------------
+def test_csv_jsonl_parquet_give_the_same_records(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    csv_path = write_easy_csv(tmp_path / "d.csv", n=30)
+    recs = data.read_records(csv_path, text_column="text", label_column="label", labels=EASY_LABELS)
+    jsonl = tmp_path / "d.jsonl"
+    import json
+
+    jsonl.write_text("".join(json.dumps({"text": t, "label": lab}) + "\n" for t, lab in zip(recs.texts, recs.labels)))
+    pq.write_table(pa.table({"text": recs.texts, "label": recs.labels}), tmp_path / "d.parquet")
+    for p in (jsonl, tmp_path / "d.parquet"):
+        other = data.read_records(p, text_column="text", label_column="label", labels=EASY_LABELS)
+        assert other.texts == recs.texts and other.labels == recs.labels
+        assert other.fingerprint() == recs.fingerprint()
+
+
+def test_bbc_news_split_is_fixed_and_disjoint():
+    a = data.load_splits(path="", text_column="text", label_column="label", labels=[], task="seq-cls",
+                         val_fraction=0.1, test_fraction=0.2, seed=0)
+    b = data.load_splits(path="", text_column="text", label_column="label", labels=[], task="seq-cls",
+                         val_fraction=0.1, test_fraction=0.2, seed=0)
+    assert a.labels == list(BBC_LABELS)
+    assert a.test.texts == b.test.texts and a.dataset_id == b.dataset_id
+    n = len(a.train) + len(a.val) + len(a.test)
+    assert 2100 < n < 2225  # 2,225 articles less exact duplicates
+    assert not set(a.train.texts) & set(a.test.texts)
+    assert not set(a.val.texts) & set(a.test.texts)
+    assert set(a.train.labels) == set(BBC_LABELS)
+
+
+def test_max_records_keeps_the_ledger_identity():
+    full = data.load_splits(path="", text_column="text", label_column="label", labels=[], task="seq-cls",
+                            val_fraction=0.1, test_fraction=0.2, seed=0)
+    small = data.load_splits(path="", text_column="text", label_column="label", labels=[], task="seq-cls",
+                             val_fraction=0.1, test_fraction=0.2, seed=0, max_records=50)
+    assert len(small.train) + len(small.val) + len(small.test) == 50
+    assert small.dataset_id == full.dataset_id  # a slice of the same records spends the same budget
+
+
+# -- adapter wire format -------------------------------------------------------
+def test_pack_unpack_round_trip_and_opacus_wrapping(minilm_easy, easy_csv):
+    lm = copy.deepcopy(minilm_easy)
+    arrays = adapter.pack(lm.model, ffa=False)
+    assert all(v.dtype == np.float32 for v in arrays.values())
+    assert any(k.endswith("classifier.weight") for k in arrays)  # the head is part of the adapter
+    changed = {k: v + 0.25 for k, v in arrays.items()}
+    adapter.unpack(lm.model, changed, ffa=False)
+    back = adapter.pack(lm.model, ffa=False)
+    for k in arrays:
+        np.testing.assert_array_equal(back[k], changed[k])
+    # wrapped by Opacus: same keys, same values (the "_module." prefix never leaks)
+    lm.model.train()
+    opt = torch.optim.SGD([p for p in lm.model.parameters() if p.requires_grad], lr=0.1)
+    ds = data.tokenize(data.read_records(easy_csv, text_column="text", label_column="label", labels=EASY_LABELS),
+                       lm.tokenizer, label_set=EASY_LABELS, max_length=16)
+    dp_model, _, _, _ = privacy.make_private(model=lm.model, optimizer=opt,
+                                             loader=torch.utils.data.DataLoader(ds, batch_size=8),
+                                             noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode="hooks",
+                                             poisson_sampling=True, kind="rdp")
+    wrapped = adapter.pack(dp_model, ffa=False)
+    assert list(wrapped) == list(back)
+    adapter.unpack(dp_model, arrays, ffa=False)
+    privacy.release(dp_model)
+    np.testing.assert_array_equal(adapter.pack(lm.model, ffa=False)[next(iter(arrays))], arrays[next(iter(arrays))])
+
+
+def test_ffa_exchanges_only_b_and_head(minilm_easy):
+    full = adapter.pack(minilm_easy.model, ffa=False)
+    ffa = adapter.pack(minilm_easy.model, ffa=True)
+    assert set(ffa) == {k for k in full if "lora_A" not in k}
+    assert any("lora_B" in k for k in ffa) and any("classifier" in k for k in ffa)
+
+
+def test_same_seed_gives_identical_initial_adapters(minilm_easy):
+    """FFA-LoRA relies on every node building the same frozen A from the shared seed."""
+    from common.model import build_lora_model
+
+    again = build_lora_model(model_path="", task="seq-cls", labels=EASY_LABELS, r=8, alpha=16, dropout=0.0,
+                             target_modules=None, ffa=True, seed=0)
+    other = build_lora_model(model_path="", task="seq-cls", labels=EASY_LABELS, r=8, alpha=16, dropout=0.0,
+                             target_modules=None, ffa=True, seed=1)
+    a, b, c = (adapter.adapter_state(m.model) for m in (minilm_easy, again, other))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a if "lora_A" in k)
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda a: a.pop(next(iter(a))), "missing"),
+    (lambda a: a.__setitem__("base_model.model.extra.weight", np.zeros(3, np.float32)), "unexpected"),
+    (lambda a: a.__setitem__(next(iter(a)), np.zeros((2, 2), np.float32)), "shape"),
+    (lambda a: a[next(iter(a))].__setitem__((0, 0), np.nan), "NaN"),
+])
+def test_unpack_refuses_arrays_that_do_not_fit(minilm_easy, mutate, match):
+    lm = copy.deepcopy(minilm_easy)
+    arrays = adapter.pack(lm.model, ffa=False)
+    mutate(arrays)
+    with pytest.raises(AdapterError, match=match):
+        adapter.unpack(lm.model, arrays, ffa=False)
+
+
+# -- layering ------------------------------------------------------------------
+def test_common_never_imports_flower():
+    offenders = []
+    for path in (ROOT / "common").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] == "flwr"]
+    assert not offenders
+    code = ("import sys, pkgutil, importlib, common\n"
+            "for m in pkgutil.iter_modules(common.__path__): importlib.import_module('common.' + m.name)\n"
+            "assert not [m for m in sys.modules if m.split('.')[0] == 'flwr'], 'flwr imported'\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=120)
