@@ -161,6 +161,77 @@ class TrainConfig:
         return out
 
 
+AGGREGATIONS = ("weighted", "uniform")
+PARTITIONERS = ("iid", "dirichlet", "label")
+METRICS = ("accuracy", "macro_f1", "loss")
+
+
+@dataclass(frozen=True)
+class FedConfig:
+    num_nodes: int = _f(5, "nodes expected (simulation: virtual nodes started)")
+    fraction_train: float = _f(1.0, "share of connected nodes asked to train each round")
+    min_nodes: int = _f(2, "fewest successful replies for a round to count (else it fails, model unchanged)")
+    aggregation: str = _f("weighted", f"FedAvg weights: {', '.join(AGGREGATIONS)} (weighted = by training records)")
+    server_eval: bool = _f(True, "evaluate the global adapter on the server's held-out split every round")
+    fraction_evaluate: float = _f(1.0, "share of nodes asked to evaluate the global adapter each round (0 = none)")
+    early_stop_patience: int = _f(0, "stop after this many rounds without validation improvement (0 = never)")
+    early_stop_metric: str = _f("accuracy", f"validation metric for early stopping: {', '.join(METRICS)}")
+    round_timeout: float = _f(900.0, "seconds to wait for replies in a round; late nodes count as dropped")
+    node_wait_timeout: float = _f(300.0, "seconds to wait for enough nodes to connect before failing the run")
+    run_dir: str = _f("", "run directory the server writes; empty = runs/<time>")
+    resume: bool = _f(False, "continue the run in fed.run-dir from its last completed round")
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.num_nodes < 1:
+            out.append(f"fed.num-nodes: expected >= 1, got {self.num_nodes}")
+        if not 0 < self.fraction_train <= 1:
+            out.append(f"fed.fraction-train: expected 0 < fraction <= 1, got {self.fraction_train}")
+        if not 0 <= self.fraction_evaluate <= 1:
+            out.append(f"fed.fraction-evaluate: expected 0 <= fraction <= 1, got {self.fraction_evaluate}")
+        if self.min_nodes < 1:
+            out.append(f"fed.min-nodes: expected >= 1, got {self.min_nodes}")
+        if self.min_nodes > self.num_nodes:
+            out.append(f"fed.min-nodes: {self.min_nodes} is more than fed.num-nodes={self.num_nodes}")
+        if self.aggregation not in AGGREGATIONS:
+            out.append(f"fed.aggregation: expected one of {', '.join(AGGREGATIONS)}, got {self.aggregation!r}")
+        if self.early_stop_metric not in METRICS:
+            out.append(f"fed.early-stop-metric: expected one of {', '.join(METRICS)}, got {self.early_stop_metric!r}")
+        if self.early_stop_patience < 0:
+            out.append(f"fed.early-stop-patience: expected >= 0, got {self.early_stop_patience}")
+        for name, v in (("round-timeout", self.round_timeout), ("node-wait-timeout", self.node_wait_timeout)):
+            if v <= 0:
+                out.append(f"fed.{name}: expected > 0 seconds, got {v}")
+        return out
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    partitioner: str = _f("dirichlet", f"how records are split across virtual nodes: {', '.join(PARTITIONERS)}")
+    alpha: float = _f(1.0, "Dirichlet concentration (smaller = more skewed label mixes)")
+    labels_per_node: int = _f(2, "label-skew partitioner: labels each node holds")
+    seed: int = _f(0, "seed of the partitioning")
+    local_test_fraction: float = _f(0.2, "share of each node's partition kept for its local evaluation")
+    node_max_epsilon: float = _f(10.0, "privacy ceiling of every simulated node")
+    cpus_per_node: int = _f(1, "CPUs Ray gives each virtual node (nodes run in parallel up to cores / this)")
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.partitioner not in PARTITIONERS:
+            out.append(f"sim.partitioner: expected one of {', '.join(PARTITIONERS)}, got {self.partitioner!r}")
+        if self.alpha <= 0:
+            out.append(f"sim.alpha: expected > 0, got {self.alpha}")
+        if self.labels_per_node < 1:
+            out.append(f"sim.labels-per-node: expected >= 1, got {self.labels_per_node}")
+        if not 0 <= self.local_test_fraction < 0.9:
+            out.append(f"sim.local-test-fraction: expected 0 <= fraction < 0.9, got {self.local_test_fraction}")
+        if self.node_max_epsilon <= 0:
+            out.append(f"sim.node-max-epsilon: expected > 0, got {self.node_max_epsilon}")
+        if self.cpus_per_node < 1:
+            out.append(f"sim.cpus-per-node: expected >= 1, got {self.cpus_per_node}")
+        return out
+
+
 @dataclass(frozen=True)
 class JobConfig:
     """The whole job: what every node trains and how privately."""
@@ -170,6 +241,8 @@ class JobConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    fed: FedConfig = field(default_factory=FedConfig)
+    sim: SimConfig = field(default_factory=SimConfig)
 
     def to_flat(self) -> dict[str, Any]:
         """The configuration as flat ``section.key`` settings (round-trips through load_config)."""
@@ -191,7 +264,8 @@ def _key(name: str) -> str:
     return name.replace("_", "-")
 
 
-SECTIONS: dict[str, type] = {"model": ModelConfig, "lora": LoraConfig, "privacy": PrivacyConfig, "data": DataConfig, "train": TrainConfig}
+SECTIONS: dict[str, type] = {"model": ModelConfig, "lora": LoraConfig, "privacy": PrivacyConfig, "data": DataConfig,
+                             "train": TrainConfig, "fed": FedConfig, "sim": SimConfig}
 
 
 def _coerce(value: Any, typ: Any, key: str) -> tuple[Any, str | None]:

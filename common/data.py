@@ -237,6 +237,9 @@ def load_splits(*, path: str, text_column: str, label_column: str, labels: Seque
 
 def tokenize(records: Records, tokenizer, *, label_set: Sequence[str], max_length: int) -> TensorDataset:
     """Tokens (padded to ``max_length``) and, for classification, label ids, as a TensorDataset."""
+    if not records.texts:
+        empty = [torch.zeros((0, max_length), dtype=torch.long)] * 2
+        return TensorDataset(*empty, *([torch.zeros((0,), dtype=torch.long)] if label_set else []))
     enc = tokenizer(records.texts, truncation=True, max_length=max_length, padding="max_length",
                     return_tensors="pt")
     tensors = [enc["input_ids"], enc["attention_mask"]]

@@ -77,6 +77,12 @@ class PrivacyLedger:
             ) from None
         return data
 
+    def refresh(self) -> None:
+        """Re-read the ledger from disk (another process of this node may have appended)."""
+        current = self._read()
+        if current is not None:
+            self._data = current
+
     @property
     def delta(self) -> float:
         return float(self._data["delta"])
@@ -95,6 +101,7 @@ class PrivacyLedger:
 
     def spent(self) -> float:
         """Epsilon spent so far on this dataset (at the ledger's delta)."""
+        self.refresh()
         return privacy.epsilon(self.history, delta=self.delta, kind=self.accountant)
 
     def epsilon_if(self, *, noise_multiplier: float, sample_rate: float, steps: int) -> float:
@@ -104,6 +111,7 @@ class PrivacyLedger:
 
     def check(self, *, noise_multiplier: float, sample_rate: float, steps: int) -> float:
         """Raise BudgetExceededError if the release would pass the ceiling; else return epsilon after it."""
+        self.refresh()
         after = self.epsilon_if(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps)
         if after > self.max_epsilon + 1e-9:
             spent = self.spent()
@@ -132,9 +140,7 @@ class PrivacyLedger:
                steps: int) -> LedgerEntry:
         """Append a release durably (fsync'd) and return it. Re-reads under the lock first."""
         with self._locked():
-            current = self._read()
-            if current is not None:
-                self._data = current
+            self.refresh()
             entry = {"job": job, "round": int(round), "noise_multiplier": float(noise_multiplier),
                      "sample_rate": float(sample_rate), "steps": int(steps), "time": time.time(),
                      "epsilon_after": 0.0}

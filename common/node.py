@@ -56,7 +56,8 @@ class RoundResult:
 
 
 def prepare(cfg: JobConfig, *, state_dir: str | Path, max_epsilon: float, delta: float = 0.0,
-            data_path: str | None = None, model: LoraModel | None = None, for_training: bool = True) -> Node:
+            data_path: str | None = None, model: LoraModel | None = None, for_training: bool = True,
+            splits: data.Splits | None = None) -> Node:
     """Load data and model for ``cfg`` on this node and work out its DP parameters.
 
     Args:
@@ -67,13 +68,14 @@ def prepare(cfg: JobConfig, *, state_dir: str | Path, max_epsilon: float, delta:
         data_path: overrides ``cfg.data.path`` (a node's own file).
         model: reuse an already built model (tests, simulations).
         for_training: False to only evaluate (no size check, no noise calibration).
+        splits: already loaded records (simulated nodes get a partition); skips reading files.
 
     Raises:
         DataError, ModelError, PrivacyError, LedgerError: with what to fix.
     """
     set_threads(cfg.train.threads)
     d = cfg.data
-    splits = data.load_splits(path=data_path if data_path is not None else d.path, text_column=d.text_column,
+    splits = splits or data.load_splits(path=data_path if data_path is not None else d.path, text_column=d.text_column,
                               label_column=d.label_column, labels=d.label_list, task=cfg.model.task,
                               val_fraction=d.val_fraction, test_fraction=d.test_fraction, seed=d.seed,
                               max_records=d.max_records)

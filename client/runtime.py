@@ -1,0 +1,62 @@
+"""Per-process caches of a node: the model and each node's prepared data live across messages.
+
+In simulation one Ray worker serves many virtual nodes and many rounds, so the
+base model is loaded once per worker and shared (every round overwrites the
+exchanged adapter tensors first), and each node's tokenized data is prepared once.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+
+from client.node_config import NodeSettings
+from common.config import JobConfig
+from common.model import LoraModel, build_lora_model
+from common.node import Node, prepare
+
+_MODELS: dict[str, LoraModel] = {}
+_NODES: OrderedDict[str, Node] = OrderedDict()
+MAX_NODES = 64
+
+
+def _model_key(cfg: JobConfig, labels: list[str]) -> str:
+    return json.dumps([cfg.model.path, cfg.model.task, labels, cfg.lora.__dict__], sort_keys=True, default=str)
+
+
+def shared_model(cfg: JobConfig, labels: list[str]) -> LoraModel:
+    key = _model_key(cfg, labels)
+    if key not in _MODELS:
+        _MODELS.clear()  # one job at a time per worker: drop other jobs' models
+        lc = cfg.lora
+        _MODELS[key] = build_lora_model(model_path=cfg.model.path, task=cfg.model.task, labels=labels, r=lc.r,
+                                        alpha=lc.alpha, dropout=lc.dropout, target_modules=lc.target_module_list,
+                                        ffa=lc.ffa, seed=lc.seed)
+    return _MODELS[key]
+
+
+def get_node(cfg: JobConfig, ns: NodeSettings) -> Node:
+    """The prepared Node for this job and node, built on first use."""
+    key = json.dumps([cfg.to_flat(), str(ns)], sort_keys=True, default=str)
+    if key in _NODES:
+        _NODES.move_to_end(key)
+        return _NODES[key]
+    if ns.partition is not None:
+        from simulations.federated_data import node_splits
+
+        splits = node_splits(cfg, *ns.partition)
+    else:
+        from common import data
+
+        d = cfg.data
+        splits = data.load_splits(path=ns.data_path or d.path, text_column=ns.text_column or d.text_column,
+                                  label_column=ns.label_column or d.label_column, labels=d.label_list,
+                                  task=cfg.model.task, val_fraction=d.val_fraction, test_fraction=d.test_fraction,
+                                  seed=d.seed, max_records=d.max_records)
+    model = shared_model(cfg, splits.labels)
+    node = prepare(cfg, state_dir=ns.state_dir, max_epsilon=ns.max_epsilon, delta=ns.delta, model=model,
+                   splits=splits)
+    _NODES[key] = node
+    while len(_NODES) > MAX_NODES:
+        _NODES.popitem(last=False)
+    return node

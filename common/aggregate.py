@@ -1,0 +1,57 @@
+"""FedAvg arithmetic over adapter updates (pure numpy; the secure-aggregation seam).
+
+Nodes send *updates* (trained minus received adapter tensors). The server's new
+adapter is ``global + sum_i(w_i * update_i) / sum_i(w_i)``. Weighted FedAvg uses
+each node's number of training records as ``w_i``; uniform uses 1. With secure
+aggregation the server only ever sees the two sums, which is why aggregation is
+written in terms of them.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+
+Arrays = Mapping[str, np.ndarray]
+
+
+def node_weight(num_examples: int, mode: str) -> float:
+    """A node's FedAvg weight: its record count ("weighted") or 1 ("uniform")."""
+    if mode == "uniform":
+        return 1.0
+    if mode == "weighted":
+        return float(num_examples)
+    raise ValueError(f"unknown aggregation {mode!r}")
+
+
+def update(trained: Arrays, received: Arrays) -> dict[str, np.ndarray]:
+    """What a node sends: its trained tensors minus the ones it received."""
+    return {k: (np.asarray(trained[k], np.float32) - np.asarray(received[k], np.float32)) for k in received}
+
+
+def weighted_sum(updates: Sequence[Arrays], weights: Sequence[float]) -> dict[str, np.ndarray]:
+    """sum_i w_i * update_i, key by key (float64 accumulation)."""
+    if not updates:
+        raise ValueError("no updates to aggregate")
+    keys = list(updates[0])
+    out = {k: np.zeros(np.shape(updates[0][k]), np.float64) for k in keys}
+    for u, w in zip(updates, weights, strict=True):
+        if list(u) != keys:
+            raise ValueError("updates have different tensor names")
+        for k in keys:
+            out[k] += float(w) * np.asarray(u[k], np.float64)
+    return out
+
+
+def apply(global_arrays: Arrays, summed: Arrays, total_weight: float) -> dict[str, np.ndarray]:
+    """The new global adapter: global + summed / total_weight (kept float32)."""
+    if total_weight <= 0:
+        raise ValueError("total weight must be positive")
+    return {k: (np.asarray(global_arrays[k], np.float64) + np.asarray(summed[k], np.float64) / total_weight)
+            .astype(np.float32) for k in global_arrays}
+
+
+def fedavg(global_arrays: Arrays, updates: Sequence[Arrays], weights: Sequence[float]) -> dict[str, np.ndarray]:
+    """Plain FedAvg: apply the weighted mean of ``updates`` to ``global_arrays``."""
+    return apply(global_arrays, weighted_sum(updates, weights), float(sum(weights)))

@@ -1,0 +1,150 @@
+"""The run directory: the one place a federated run's record lives.
+
+    <run>/run.json                status, planned/completed rounds, times (rewritten atomically)
+    <run>/config.json             the resolved job configuration (flat settings)
+    <run>/rounds.jsonl            one JSON line per finished round (appended, fsync'd)
+    <run>/checkpoints/round-<k>/  the global adapter after round k (PEFT directory)
+    <run>/adapter/                the final global adapter (PEFT directory)
+    <run>/summary.json            final metrics and per-node privacy
+    <run>/nodes/<name>/           simulated nodes' state (their privacy ledgers)
+
+Readers (dashboard, export, resume) only read; the server is the only writer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from common.errors import FedtuneError
+
+
+class RunDirError(FedtuneError):
+    """Raised when a run directory is missing, not a run, or cannot be resumed."""
+
+
+def _atomic_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=_jsonable)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _jsonable(o: Any) -> Any:
+    if hasattr(o, "item"):
+        return o.item()
+    if isinstance(o, (set, tuple)):
+        return list(o)
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+class RunDir:
+    """Writer and reader of one run directory."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    # -- paths ----------------------------------------------------------------
+    @property
+    def rounds_file(self) -> Path:
+        return self.path / "rounds.jsonl"
+
+    def checkpoint(self, k: int) -> Path:
+        return self.path / "checkpoints" / f"round-{k}"
+
+    @property
+    def final_adapter(self) -> Path:
+        return self.path / "adapter"
+
+    def node_dir(self, name: str) -> Path:
+        return self.path / "nodes" / name
+
+    # -- writing --------------------------------------------------------------
+    def create(self, *, config: dict, planned_rounds: int, resume: bool) -> None:
+        """Start a run here (or, with ``resume``, reopen it after checking it is this run)."""
+        if resume:
+            if not (self.path / "run.json").is_file():
+                raise RunDirError(f"cannot resume: {self.path} is not a fedtune run directory (no run.json)",
+                                  "set fed.run-dir to the directory of the run to resume")
+            old = self.read_config()
+            changed = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k)
+                             and k not in ("fed.resume", "train.rounds"))
+            if changed:
+                raise RunDirError(f"cannot resume {self.path}: settings differ from the original run: "
+                                  f"{', '.join(changed[:8])}",
+                                  "resume with the original settings (only train.rounds may grow)")
+            self.set_status("running", planned_rounds=planned_rounds)
+            return
+        if (self.path / "run.json").exists():
+            raise RunDirError(f"{self.path} already holds a run",
+                              "choose a new fed.run-dir, or set fed.resume=true to continue that run")
+        (self.path / "checkpoints").mkdir(parents=True, exist_ok=True)
+        _atomic_json(self.path / "config.json", config)
+        _atomic_json(self.path / "run.json", {"status": "running", "planned_rounds": planned_rounds,
+                                              "completed_rounds": 0, "started": time.time(),
+                                              "updated": time.time(), "pid": os.getpid()})
+
+    def set_status(self, status: str, **fields: Any) -> None:
+        info = self.read_run()
+        info.update(fields, status=status, updated=time.time())
+        if status != "running":
+            info["finished"] = time.time()
+        _atomic_json(self.path / "run.json", info)
+
+    def append_round(self, record: dict) -> None:
+        line = json.dumps(record, sort_keys=True, default=_jsonable)
+        with open(self.rounds_file, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        info = self.read_run()
+        info.update(completed_rounds=record["round"], updated=time.time())
+        _atomic_json(self.path / "run.json", info)
+
+    def write_summary(self, summary: dict) -> None:
+        _atomic_json(self.path / "summary.json", summary)
+
+    # -- reading --------------------------------------------------------------
+    def read_run(self) -> dict:
+        try:
+            return json.loads((self.path / "run.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise RunDirError(f"{self.path} is not a readable run directory ({e.__class__.__name__})",
+                              "point at a directory written by a fedtune server") from None
+
+    def read_config(self) -> dict:
+        return json.loads((self.path / "config.json").read_text(encoding="utf-8"))
+
+    def rounds(self) -> list[dict]:
+        """Every complete round line (a torn last line, from a crash mid-write, is ignored)."""
+        if not self.rounds_file.exists():
+            return []
+        out = []
+        for line in self.rounds_file.read_text(encoding="utf-8").splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+        return out
+
+    def resume_point(self) -> tuple[int, Path | None]:
+        """(last finished round, checkpoint of the last successful one or None): where a resume starts.
+
+        A checkpoint is written before its round line, so a crash between the two re-runs that round.
+        """
+        rounds = self.rounds()
+        done = max((r["round"] for r in rounds), default=0)
+        ok = [r["round"] for r in rounds if r.get("status") == "ok" and self.checkpoint(r["round"]).is_dir()]
+        return done, (self.checkpoint(max(ok)) if ok else None)
+
+    def summary(self) -> dict | None:
+        p = self.path / "summary.json"
+        return json.loads(p.read_text(encoding="utf-8")) if p.exists() else None

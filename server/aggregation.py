@@ -1,0 +1,76 @@
+"""The aggregation step of a round: the seam where secure aggregation plugs in.
+
+An aggregator gets the round's sampled nodes and the global adapter, runs
+whatever message exchange it needs, and returns the new global adapter (or None
+when the round fails) with every node's outcome. ``PlainFedAvg`` sends the
+adapter, receives each node's update in the clear, and averages.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.serverapp import Grid
+
+from common import aggregate
+from common.adapter import check_arrays
+from common.errors import AdapterError
+from server.messages import NodeReply, array_record, config_record, exchange
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RoundOutcome:
+    new_arrays: dict[str, np.ndarray] | None  # None: round failed, model unchanged
+    replies: list[NodeReply]
+    bytes_sent: int
+    bytes_received: int
+    exchanges: int  # message exchanges (round trips) used
+    reason: str = ""  # why the round failed
+    extra: dict = field(default_factory=dict)
+
+
+class PlainFedAvg:
+    """FedAvg with updates in the clear (weighted by training records, or uniform)."""
+
+    name = "fedavg"
+    secure = False
+
+    def __init__(self, *, weighting: str, min_nodes: int, timeout: float) -> None:
+        self.weighting, self.min_nodes, self.timeout = weighting, min_nodes, timeout
+
+    def run_round(self, grid: Grid, *, server_round: int, node_ids: list[int], global_arrays: dict[str, np.ndarray],
+                  config: dict, names: dict[int, str]) -> RoundOutcome:
+        arrays = array_record(global_arrays)
+        replies = exchange(grid, node_ids=node_ids, message_type="train", timeout=self.timeout,
+                           group=f"round-{server_round}", names=names,
+                           content={"arrays": arrays, "config": config_record(config)})
+        sent = arrays.count_bytes() * len(node_ids)
+        received = sum(r.bytes for r in replies)
+        ok = [r for r in replies if r.ok and valid_update(r, global_arrays)]
+        if len(ok) < self.min_nodes:
+            return RoundOutcome(None, replies, sent, received, 1,
+                                f"only {len(ok)} of {len(node_ids)} nodes returned an update (fed.min-nodes="
+                                f"{self.min_nodes})")
+        updates = [{k: a.numpy() for k, a in r.content["update"].items()} for r in ok]
+        weights = [aggregate.node_weight(int(r.metrics.get("num-examples", 0)), self.weighting) for r in ok]
+        if sum(weights) <= 0:
+            return RoundOutcome(None, replies, sent, received, 1, "total aggregation weight is zero")
+        return RoundOutcome(aggregate.fedavg(global_arrays, updates, weights), replies, sent, received, 1)
+
+
+def valid_update(reply: NodeReply, global_arrays: dict[str, np.ndarray]) -> bool:
+    """Whether a reply carries a well-formed update; a malformed one marks the node as failed."""
+    if reply.content is None or "update" not in reply.content.array_records:
+        reply.status, reply.reason = "error", "reply carried no update"
+        return False
+    try:
+        check_arrays({k: a.numpy() for k, a in reply.content["update"].items()},
+                     {k: v.shape for k, v in global_arrays.items()})
+    except AdapterError as e:
+        reply.status, reply.reason = "error", f"malformed update: {e.problem}"
+        return False
+    return True

@@ -1,0 +1,235 @@
+"""The server's round loop: sample nodes, aggregate, evaluate, record everything in the run directory.
+
+One round, as data: pick nodes -> the aggregator sends the global adapter and
+turns replies into a new one (or fails the round, model unchanged) -> server-side
+and federated evaluation -> one line in ``rounds.jsonl`` and a checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from typing import Callable
+
+import numpy as np
+from flwr.serverapp import Grid
+
+from common import adapter, data
+from common.config import JobConfig
+from common.evaluate import evaluate
+from common.model import build_lora_model
+from common.rundir import RunDir
+from server.messages import NodeReply, array_record, config_record, exchange, wait_for_nodes
+
+log = logging.getLogger(__name__)
+
+
+class ServerModel:
+    """The global adapter on the server: a LoRA model built from the shared seed, and its held-out data."""
+
+    def __init__(self, cfg: JobConfig) -> None:
+        d = cfg.data
+        self.cfg = cfg
+        self.splits = data.load_splits(path=d.path, text_column=d.text_column, label_column=d.label_column,
+                                       labels=d.label_list, task=cfg.model.task, val_fraction=d.val_fraction,
+                                       test_fraction=d.test_fraction, seed=d.seed, max_records=d.max_records)
+        lc = cfg.lora
+        self.lora = build_lora_model(model_path=cfg.model.path, task=cfg.model.task, labels=self.splits.labels,
+                                     r=lc.r, alpha=lc.alpha, dropout=lc.dropout, target_modules=lc.target_module_list,
+                                     ffa=lc.ffa, seed=lc.seed)
+        tok, ml = self.lora.tokenizer, cfg.model.max_length
+        self.val = data.tokenize(self.splits.val, tok, label_set=self.splits.labels, max_length=ml)
+        self.test = data.tokenize(self.splits.test, tok, label_set=self.splits.labels, max_length=ml)
+
+    def initial_arrays(self) -> dict[str, np.ndarray]:
+        return adapter.pack(self.lora.model, ffa=self.lora.ffa)
+
+    def load(self, arrays: dict[str, np.ndarray]) -> None:
+        adapter.unpack(self.lora.model, arrays, ffa=self.lora.ffa)
+
+    def evaluate(self, arrays: dict[str, np.ndarray]) -> dict:
+        self.load(arrays)
+        kw = dict(task=self.cfg.model.task, labels=self.splits.labels, batch_size=self.cfg.train.eval_batch_size)
+        return {"val": evaluate(self.lora.model, self.val, **kw), "test": evaluate(self.lora.model, self.test, **kw)}
+
+    def save(self, arrays: dict[str, np.ndarray], directory) -> None:
+        self.load(arrays)
+        adapter.save_adapter(self.lora.model, directory)
+
+
+def _metric(ev: dict | None, name: str) -> float | None:
+    if not ev or "val" not in ev:
+        return None
+    return ev["val"].get(name)
+
+
+class Federation:
+    """Runs a job's rounds on a Flower grid and writes its run directory."""
+
+    def __init__(self, cfg: JobConfig, run_dir: RunDir, aggregator, *, out: Callable[[str], None] = print) -> None:
+        self.cfg, self.rd, self.agg, self.out = cfg, run_dir, aggregator, out
+        self.names: dict[int, str] = {}
+        self.privacy: dict[str, dict] = {}  # node name -> last reported privacy figures
+
+    def run(self, grid: Grid) -> dict:
+        cfg, f = self.cfg, self.cfg.fed
+        self.rd.create(config=cfg.to_flat(), planned_rounds=cfg.train.rounds, resume=f.resume)
+        self.out(f"fedtune server: run directory {self.rd.path}")
+        server = ServerModel(cfg)
+        global_arrays, start = server.initial_arrays(), 1
+        if f.resume:
+            done, ckpt = self.rd.resume_point()
+            if ckpt is not None:
+                full = adapter.read_adapter_file(ckpt)
+                global_arrays = {k: full[k] for k in global_arrays}
+            self._replay_privacy()
+            start = done + 1
+            self.out(f"resuming after round {done} (from {ckpt or 'the initial adapter'})")
+        ev0 = server.evaluate(global_arrays) if f.server_eval and start == 1 else None
+        if ev0:
+            self.out(f"round 0: val accuracy {ev0['val'].get('accuracy', float('nan')):.4f}")
+        best, since_best, status = _metric(ev0, f.early_stop_metric), 0, "finished"
+        ev = ev0
+        for rnd in range(start, cfg.train.rounds + 1):
+            record, new_arrays, ev = self._round(grid, server, rnd, global_arrays)
+            if new_arrays is not None:
+                global_arrays = new_arrays
+                server.save(global_arrays, self.rd.checkpoint(rnd))  # checkpoint before the round line
+            self.rd.append_round(record)
+            self.out(_progress_line(record, cfg.train.rounds))
+            score = _metric(ev, f.early_stop_metric)
+            if score is not None and f.early_stop_patience:
+                better = best is None or (score < best if f.early_stop_metric == "loss" else score > best)
+                best, since_best = (score, 0) if better else (best, since_best + 1)
+                if since_best >= f.early_stop_patience:
+                    status = "stopped-early"
+                    self.out(f"early stop: no {f.early_stop_metric} improvement for {since_best} rounds")
+                    break
+        server.save(global_arrays, self.rd.final_adapter)
+        final = server.evaluate(global_arrays) if f.server_eval else None
+        summary = self._summary(final, status)
+        self.rd.write_summary(summary)
+        self.rd.set_status(status)
+        self.out(f"done ({status}); final adapter in {self.rd.final_adapter}")
+        return summary
+
+    # -- one round ------------------------------------------------------------
+    def _round(self, grid: Grid, server: ServerModel, rnd: int, global_arrays: dict) -> tuple[dict, dict | None, dict]:
+        cfg, f = self.cfg, self.cfg.fed
+        t0, started = time.perf_counter(), time.time()
+        first = not self.names
+        connected = wait_for_nodes(grid, wanted=f.num_nodes if first else f.min_nodes, minimum=f.min_nodes,
+                                   timeout=f.node_wait_timeout)
+        k = min(len(connected), max(f.min_nodes, math.ceil(f.fraction_train * len(connected))))
+        # python's sampler: node ids are 64-bit unsigned and numpy would turn mixed ones into floats
+        asked = sorted(random.Random(f"{cfg.train.seed}-{rnd}").sample(connected, k))
+        conf = {"server-round": rnd, "job": self.rd.path.name, "run-dir": str(self.rd.path.resolve())}
+        outcome = self.agg.run_round(grid, server_round=rnd, node_ids=asked, global_arrays=global_arrays,
+                                     config=conf, names=self.names)
+        for r in outcome.replies:
+            self.names[r.node_id] = r.name
+            if r.ok:
+                self._note_privacy(r, rnd)
+        new = outcome.new_arrays
+        ev = server.evaluate(new if new is not None else global_arrays) if f.server_eval else {}
+        fed_ev = self._federated_eval(grid, rnd, new if new is not None else global_arrays, connected)
+        ok = [r for r in outcome.replies if r.ok]
+        n_ex = sum(int(r.metrics.get("num-examples", 0)) for r in ok)
+        loss = (sum(float(r.metrics.get("train-loss", 0)) * int(r.metrics.get("num-examples", 0)) for r in ok)
+                / n_ex) if n_ex else None
+        eps = {r.name: r.metrics.get("epsilon") for r in ok}
+        record = {
+            "round": rnd, "status": "ok" if new is not None else "failed", "reason": outcome.reason,
+            "started": started, "seconds": round(time.perf_counter() - t0, 3),
+            "aggregation": self.agg.name, "secure_aggregation": self.agg.secure,
+            "nodes_connected": len(connected), "nodes_asked": len(asked), "nodes_replied": len(ok),
+            "failures": [{"node": r.name, "status": r.status, "reason": r.reason} for r in outcome.replies if not r.ok],
+            "train_loss": loss, "examples": n_ex,
+            "epsilon_per_node": eps, "epsilon_max": max((e for e in eps.values() if e is not None), default=None),
+            "bytes_sent": outcome.bytes_sent, "bytes_received": outcome.bytes_received,
+            "exchanges": outcome.exchanges, "server_eval": _compact(ev), "federated_eval": fed_ev,
+            "per_node": {r.name: {"status": r.status, **{k: r.metrics.get(k) for k in (
+                "num-examples", "train-loss", "epsilon", "seconds")}} for r in outcome.replies},
+        }
+        return record, new, ev
+
+    def _federated_eval(self, grid: Grid, rnd: int, arrays: dict, connected: list[int]) -> dict | None:
+        f = self.cfg.fed
+        if f.fraction_evaluate <= 0 or not connected:
+            return None
+        k = max(1, math.ceil(f.fraction_evaluate * len(connected)))
+        nodes = sorted(random.Random(f"{self.cfg.train.seed}-{rnd}-eval").sample(connected, k))
+        conf = {"server-round": rnd, "job": self.rd.path.name, "run-dir": str(self.rd.path.resolve())}
+        replies = exchange(grid, node_ids=nodes, message_type="evaluate", timeout=f.round_timeout,
+                           group=f"eval-{rnd}", names=self.names,
+                           content={"arrays": array_record(arrays), "config": config_record(conf)})
+        per = {r.name: r.metrics for r in replies if r.ok}
+        accs = {n: m["accuracy"] for n, m in per.items() if "accuracy" in m}
+        n = sum(int(m.get("num-examples", 0)) for m in per.values())
+        return {"nodes": len(per), "failed": [r.name for r in replies if not r.ok],
+                "loss": sum(float(m["loss"]) * int(m["num-examples"]) for m in per.values()) / n if n else None,
+                "accuracy": sum(a * int(per[k]["num-examples"]) for k, a in accs.items()) / n if accs and n else None,
+                "worst_accuracy": min(accs.values()) if accs else None,
+                "worst_node": min(accs, key=accs.get) if accs else None, "per_node": per}
+
+    # -- privacy bookkeeping ----------------------------------------------------
+    def _note_privacy(self, r: NodeReply, rnd: int) -> None:
+        p = self.privacy.setdefault(r.name, {"rounds": [], "steps": 0})
+        p["rounds"].append(rnd)
+        p["steps"] += int(r.metrics.get("steps", 0))
+        for k in ("epsilon", "noise-multiplier", "sample-rate", "delta"):
+            p[k.replace("-", "_")] = r.metrics.get(k)
+
+    def _replay_privacy(self) -> None:
+        for rec in self.rd.rounds():
+            for name, m in rec.get("per_node", {}).items():
+                if m.get("status") == "ok":
+                    p = self.privacy.setdefault(name, {"rounds": [], "steps": 0})
+                    p["rounds"].append(rec["round"])
+                    p["epsilon"] = m.get("epsilon")
+
+    def _summary(self, final: dict | None, status: str) -> dict:
+        rounds = self.rd.rounds()
+        cfg = self.cfg
+        last_fed = next((r["federated_eval"] for r in reversed(rounds) if r.get("federated_eval")), None)
+        return {
+            "status": status, "rounds_completed": len(rounds), "rounds_planned": cfg.train.rounds,
+            "rounds_failed": [r["round"] for r in rounds if r["status"] != "ok"],
+            "final": _compact(final) if final else None,
+            "final_per_class": (final or {}).get("test", {}).get("per_class"),
+            "federated_eval": {k: v for k, v in (last_fed or {}).items() if k != "per_node"} or None,
+            "privacy": {"dp": cfg.privacy.enabled, "mechanism": "DP-SGD (Opacus), sample-level, per node dataset",
+                        "accountant": cfg.privacy.accountant, "max_grad_norm": cfg.privacy.max_grad_norm,
+                        "target_epsilon": cfg.privacy.target_epsilon, "secure_aggregation": self.agg.secure,
+                        "nodes": self.privacy},
+            "seconds": sum(r["seconds"] for r in rounds),
+        }
+
+
+def _compact(ev: dict | None) -> dict | None:
+    """Evaluation figures without the per-class table (kept in summary.json only)."""
+    if not ev:
+        return None
+    return {split: {k: v for k, v in m.items() if k != "per_class"} for split, m in ev.items()}
+
+
+def _progress_line(rec: dict, planned: int) -> str:
+    parts = [f"round {rec['round']}/{planned}: {rec['nodes_replied']}/{rec['nodes_asked']} nodes"]
+    if rec["status"] != "ok":
+        parts.append(f"FAILED ({rec['reason']})")
+    if rec.get("train_loss") is not None:
+        parts.append(f"train loss {rec['train_loss']:.4f}")
+    se = rec.get("server_eval") or {}
+    if "val" in se and "accuracy" in se["val"]:
+        parts.append(f"val acc {se['val']['accuracy']:.4f} test acc {se['test']['accuracy']:.4f}")
+    fe = rec.get("federated_eval") or {}
+    if fe.get("worst_accuracy") is not None:
+        parts.append(f"nodes acc {fe['accuracy']:.3f} (worst {fe['worst_accuracy']:.3f})")
+    if rec.get("epsilon_max") is not None:
+        parts.append(f"max epsilon {rec['epsilon_max']:.2f}")
+    for fl in rec["failures"]:
+        parts.append(f"[{fl['node']} {fl['status']}: {fl['reason'][:120]}]")
+    parts.append(f"{rec['seconds']:.1f}s")
+    return ", ".join(parts)

@@ -1,0 +1,93 @@
+"""Message exchange helpers for the server: send to nodes, sort replies into ok / failed / dropped."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from common.errors import FedtuneError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class NodeReply:
+    """One node's answer to a request (or the lack of one)."""
+
+    node_id: int
+    name: str
+    status: str  # ok | refused | error | dropped
+    reason: str = ""
+    metrics: dict = field(default_factory=dict)
+    content: RecordDict | None = None
+    bytes: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+def array_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+def wait_for_nodes(grid: Grid, *, wanted: int, minimum: int, timeout: float) -> list[int]:
+    """Connected node ids: waits up to ``timeout`` for ``wanted`` (Flower may report none at first),
+    then settles for ``minimum``; fewer than that is an error."""
+    deadline = time.monotonic() + timeout
+    while True:
+        ids = sorted(grid.get_node_ids())
+        if len(ids) >= wanted:
+            return ids
+        if time.monotonic() > deadline:
+            if len(ids) >= minimum:
+                log.warning("only %d of %d nodes connected after %.0fs; continuing", len(ids), wanted, timeout)
+                return ids
+            raise FedtuneError(f"only {len(ids)} node(s) connected after {timeout:.0f}s; {minimum} needed",
+                               "start more SuperNodes, lower fed.min-nodes, or raise fed.node-wait-timeout")
+        time.sleep(0.2)
+
+
+def exchange(grid: Grid, *, node_ids: Iterable[int], message_type: str, content: dict, timeout: float,
+             group: str, names: dict[int, str] | None = None) -> list[NodeReply]:
+    """Send the same ``content`` to every node and classify the replies (missing ones are 'dropped')."""
+    node_ids = list(node_ids)
+    msgs = [Message(RecordDict(dict(content)), dst_node_id=nid, message_type=message_type, group_id=group)
+            for nid in node_ids]
+    replies = {r.metadata.src_node_id: r for r in grid.send_and_receive(msgs, timeout=timeout)}
+    out = []
+    for nid in node_ids:
+        name = (names or {}).get(nid, str(nid))
+        r = replies.get(nid)
+        if r is None:
+            out.append(NodeReply(nid, name, "dropped", f"no reply within {timeout:.0f}s"))
+            continue
+        if r.has_error():
+            reason = str(r.error.reason).strip().splitlines()
+            out.append(NodeReply(nid, name, "error", _last_line(reason)))
+            continue
+        info = r.content.config_records.get("info") or ConfigRecord({})
+        name = str(info.get("node", name))
+        status = str(info.get("status", "ok"))
+        metrics = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                   for rec in r.content.metric_records.values() for k, v in rec.items()}
+        nbytes = sum(a.count_bytes() for a in r.content.array_records.values())
+        out.append(NodeReply(nid, name, status, str(info.get("reason", "")), metrics, r.content, nbytes))
+    return out
+
+
+def _last_line(lines: list[str]) -> str:
+    """The informative line of a remote traceback (its last non-empty line)."""
+    lines = [ln.strip(" '\"<>") for ln in lines if ln.strip(" '\"<>")]
+    return (lines[-1] if lines else "unknown error")[:500]
+
+
+def config_record(values: dict) -> ConfigRecord:
+    return ConfigRecord({k: v for k, v in values.items() if v is not None})

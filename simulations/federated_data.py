@@ -1,0 +1,58 @@
+"""The records of a simulated federation: one global split, the train pool partitioned across nodes.
+
+The server evaluates on the global validation/test splits; node ``i`` trains on
+partition ``i`` of the global train split and keeps ``sim.local-test-fraction``
+of it for local evaluation. Everything is a pure function of the config, so the
+server and every virtual node compute the same partitions independently.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+
+from common import data
+from common.config import JobConfig, load_config
+from simulations.partition import partition
+
+
+def global_splits(cfg: JobConfig) -> data.Splits:
+    return _global_splits(_data_key(cfg))
+
+
+def _data_key(cfg: JobConfig) -> str:
+    keep = {k: v for k, v in cfg.to_flat().items() if k.startswith(("data.", "model.task", "sim."))}
+    return json.dumps(keep, sort_keys=True)
+
+
+@functools.lru_cache(maxsize=4)
+def _global_splits(key: str) -> data.Splits:
+    cfg = load_config(json.loads(key))
+    d = cfg.data
+    return data.load_splits(path=d.path, text_column=d.text_column, label_column=d.label_column, labels=d.label_list,
+                            task=cfg.model.task, val_fraction=d.val_fraction, test_fraction=d.test_fraction,
+                            seed=d.seed, max_records=d.max_records)
+
+
+@functools.lru_cache(maxsize=4)
+def _partitions(key: str, num_nodes: int) -> list[list[int]]:
+    cfg = load_config(json.loads(key))
+    s = cfg.sim
+    pool = _global_splits(key).train
+    return partition(pool.labels or [""] * len(pool), num_partitions=num_nodes, kind=s.partitioner, alpha=s.alpha,
+                     labels_per_node=s.labels_per_node, seed=s.seed)
+
+
+def node_splits(cfg: JobConfig, node_index: int, num_nodes: int) -> data.Splits:
+    """Node ``node_index``'s own records: train and local test from its partition (no validation split)."""
+    key = _data_key(cfg)
+    g = _global_splits(key)
+    part = g.train.subset(_partitions(key, num_nodes)[node_index])
+    train, _, test = data.split(part, val_fraction=0.0, test_fraction=cfg.sim.local_test_fraction,
+                                seed=cfg.sim.seed + node_index)
+    empty = part.subset([])
+    return data.Splits(train=train, val=empty, test=test, labels=g.labels, dataset_id=part.fingerprint())
+
+
+def partition_sizes(cfg: JobConfig, num_nodes: int) -> list[int]:
+    return [len(p) for p in _partitions(_data_key(cfg), num_nodes)]

@@ -1,0 +1,71 @@
+"""Splitting one dataset across simulated organizations (Flower Datasets' partitioners).
+
+``iid`` shuffles then shards evenly; ``dirichlet`` draws each node's label mix
+from Dirichlet(alpha) (small alpha = skewed); ``label`` gives each node only
+``labels_per_node`` labels (pathological label skew). Partitions are lists of
+record indices and depend only on the inputs and the seed.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import numpy as np
+
+from common.errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+def partition(labels: Sequence[str], *, num_partitions: int, kind: str, alpha: float = 1.0,
+              labels_per_node: int = 2, seed: int = 0, min_size: int = 2) -> list[list[int]]:
+    """Indices of each partition; together they cover every record exactly once (``label`` may drop none).
+
+    Raises:
+        DataError: when the records cannot be split that way (too few records or labels).
+    """
+    import datasets
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner
+
+    datasets.disable_progress_bars()
+    n = len(labels)
+    if num_partitions < 1 or n < num_partitions * min_size:
+        raise DataError(f"cannot split {n} records into {num_partitions} partitions of at least {min_size}",
+                        "use fewer nodes (fed.num-nodes) or more records")
+    if kind != "iid" and not any(labels):
+        raise DataError(f"sim.partitioner={kind} needs labels, and this data has none (causal LM?)",
+                        "use sim.partitioner=iid")
+    order = np.random.default_rng(seed).permutation(n)
+    table = datasets.Dataset.from_dict({"idx": order.tolist(), "label": [labels[i] for i in order]})
+    if kind == "iid":
+        part = IidPartitioner(num_partitions=num_partitions)
+    elif kind == "dirichlet":
+        part = DirichletPartitioner(num_partitions=num_partitions, partition_by="label", alpha=alpha,
+                                    min_partition_size=min_size, self_balancing=False, shuffle=True, seed=seed)
+    elif kind == "label":
+        n_labels = len(set(labels))
+        if labels_per_node > n_labels:
+            raise DataError(f"sim.labels-per-node={labels_per_node} but the data has only {n_labels} labels",
+                            f"set sim.labels-per-node to at most {n_labels}")
+        part = PathologicalPartitioner(num_partitions=num_partitions, partition_by="label",
+                                       num_classes_per_partition=labels_per_node,
+                                       class_assignment_mode="first-deterministic", shuffle=True, seed=seed)
+    else:
+        raise DataError(f"unknown partitioner {kind!r}", "use sim.partitioner=iid, dirichlet or label")
+    part.dataset = table
+    try:
+        parts = [sorted(int(i) for i in part.load_partition(p)["idx"]) for p in range(num_partitions)]
+    except ValueError as e:
+        raise DataError(f"cannot partition {n} records into {num_partitions} {kind} partitions: {e}",
+                        "raise sim.alpha, use fewer nodes, or use sim.partitioner=iid") from None
+    small = [i for i, p in enumerate(parts) if len(p) < min_size]
+    if small:
+        raise DataError(f"{kind} partitioning left node(s) {small[:5]} with fewer than {min_size} records",
+                        "raise sim.alpha, use fewer nodes, or change sim.seed")
+    return parts
+
+
+def label_counts(labels: Sequence[str], parts: list[list[int]], label_set: Sequence[str]) -> list[dict[str, int]]:
+    """Per partition, how many records of each label (for reports)."""
+    return [{lab: sum(1 for i in p if labels[i] == lab) for lab in label_set} for p in parts]

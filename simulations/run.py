@@ -1,0 +1,112 @@
+"""Run a federated job with Flower's simulation engine, in this process, and write its report.
+
+    fedtune simulate simulations/scenarios/demo.toml fed.num-nodes=10 privacy.target-epsilon=4
+
+Virtual nodes run as Ray workers on this machine (a private Ray temp dir, a
+private local cluster, shut down at the end), each with its partition of the
+data; the server writes the run directory and this driver adds ``report.md``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+import time
+import tomllib
+from pathlib import Path
+from typing import Any, Callable
+
+from common.config import JobConfig, load_config
+from common.errors import ConfigError, FedtuneError
+
+log = logging.getLogger(__name__)
+SCENARIOS = Path(__file__).resolve().parent / "scenarios"
+
+
+def read_scenario(path: str | Path) -> dict[str, Any]:
+    """Flat settings from a scenario TOML file (tables become dotted keys)."""
+    p = Path(path)
+    if not p.is_file() and (SCENARIOS / f"{path}.toml").is_file():
+        p = SCENARIOS / f"{path}.toml"
+    if not p.is_file():
+        known = ", ".join(sorted(x.stem for x in SCENARIOS.glob("*.toml")))
+        raise FedtuneError(f"scenario {path} not found", f"give a TOML file path or one of: {known}")
+    try:
+        raw = tomllib.loads(p.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError([f"{p}: not valid TOML ({e})"]) from None
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, node: dict) -> None:
+        for k, v in node.items():
+            if isinstance(v, dict):
+                walk(f"{prefix}{k}.", v)
+            else:
+                flat[f"{prefix}{k}"] = v
+
+    walk("", raw)
+    return flat
+
+
+@contextlib.contextmanager
+def _private_runtime(run_dir: Path):
+    """Ray and Flower confined to private temp dirs, no telemetry; restored afterwards."""
+    tmp = Path(tempfile.mkdtemp(prefix="fedtune-ray-"))
+    env = {"RAY_ADDRESS": "local", "RAY_TMPDIR": str(tmp), "FLWR_TELEMETRY_ENABLED": "0",
+           "FLWR_HOME": str(tmp / "flwr"), "RAY_DEDUP_LOGS": "0", "TOKENIZERS_PARALLELISM": "false",
+           "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield tmp
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def simulate(cfg: JobConfig, *, out: Callable[[str], None] = print, report: bool = True) -> dict:
+    """Run ``cfg`` as a Flower simulation; returns {"summary", "run_dir", "seconds"}."""
+    from flwr.simulation import run_simulation
+
+    from client.app import make_client_app
+    from server.app import make_server_app
+
+    run_dir = Path(cfg.fed.run_dir or Path("runs") / time.strftime("sim-%Y%m%d-%H%M%S")).resolve()
+    settings = cfg.to_flat()
+    settings["fed.run-dir"] = str(run_dir)
+    if not cfg.train.threads:
+        settings["train.threads"] = cfg.sim.cpus_per_node
+    cfg = load_config(settings)
+    from simulations.federated_data import partition_sizes
+
+    sizes = partition_sizes(cfg, cfg.fed.num_nodes)  # fail early, with a clear message, on impossible splits
+    out(f"fedtune simulate: {cfg.fed.num_nodes} virtual nodes ({cfg.sim.partitioner} partitions of "
+        f"{min(sizes)}-{max(sizes)} records), {cfg.train.rounds} rounds, "
+        f"{'DP-SGD at epsilon ' + format(cfg.privacy.target_epsilon, 'g') if cfg.privacy.enabled else 'NO DP'}, "
+        f"{'FFA-LoRA' if cfg.lora.ffa else 'LoRA'} r={cfg.lora.r}; run directory {run_dir}")
+    result: dict = {}
+    t0 = time.perf_counter()
+    cores = os.cpu_count() or 1
+    with _private_runtime(run_dir):
+        logging.getLogger("flwr").setLevel(logging.WARNING)
+        run_simulation(server_app=make_server_app(settings, result=result), client_app=make_client_app(settings),
+                       num_supernodes=cfg.fed.num_nodes,
+                       backend_config={"client_resources": {"num_cpus": cfg.sim.cpus_per_node, "num_gpus": 0.0},
+                                       "init_args": {"num_cpus": cores, "include_dashboard": False}})
+    if "summary" not in result:
+        raise FedtuneError(f"the simulation ended without a result; see the log above and {run_dir}",
+                           "fix the error reported above and run again")
+    result["seconds"] = time.perf_counter() - t0
+    if report:
+        from simulations.report import write_report
+
+        path = write_report(run_dir)
+        out(f"report: {path}")
+    return result
