@@ -64,6 +64,14 @@ class RunDir:
     def final_adapter(self) -> Path:
         return self.path / "adapter"
 
+    @property
+    def stop_file(self) -> Path:
+        """An operator creates this file to stop the run after the current round (resumable)."""
+        return self.path / "STOP"
+
+    def stop_requested(self) -> bool:
+        return self.stop_file.exists()
+
     def node_dir(self, name: str) -> Path:
         return self.path / "nodes" / name
 
@@ -81,6 +89,7 @@ class RunDir:
                 raise RunDirError(f"cannot resume {self.path}: settings differ from the original run: "
                                   f"{', '.join(changed[:8])}",
                                   "resume with the original settings (only train.rounds may grow)")
+            self.stop_file.unlink(missing_ok=True)
             self.set_status("running", planned_rounds=planned_rounds)
             return
         if (self.path / "run.json").exists():

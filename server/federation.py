@@ -99,6 +99,10 @@ class Federation:
                 server.save(global_arrays, self.rd.checkpoint(rnd))  # checkpoint before the round line
             self.rd.append_round(record)
             self.out(_progress_line(record, cfg.train.rounds))
+            if self.rd.stop_requested():
+                status = "stopped"
+                self.out(f"stopped by request after round {rnd} (resume with fed.resume=true)")
+                break
             score = _metric(ev, f.early_stop_metric)
             if score is not None and f.early_stop_patience:
                 better = best is None or (score < best if f.early_stop_metric == "loss" else score > best)

@@ -1,0 +1,81 @@
+"""Baselines on the same split as a federated run, for comparison in its report.
+
+- centralized, no DP:   one node holding every organization's training records
+- centralized, DP:      the same with DP-SGD at the job's target epsilon
+- local only, DP:       each organization alone on its own records (mean and worst)
+- federated, DP / no DP: the federated job itself (from the run directory / a second simulation)
+
+Centralized and local runs do the same number of passes over their records as a
+federated node does over its own (rounds x local epochs).
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from typing import Callable
+
+from common import data
+from common.config import JobConfig
+from common.node import evaluate_split, prepare, train_round
+from simulations.federated_data import global_splits, node_splits
+
+
+def _train_eval(cfg: JobConfig, splits: data.Splits, *, dp: bool, label: str,
+                out: Callable[[str], None]) -> dict:
+    epochs = cfg.train.rounds * cfg.train.local_epochs
+    job = cfg.replace(**{"train.rounds": 1, "train.local-epochs": epochs, "privacy.enabled": dp,
+                         "train.local-steps": 0})
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as state:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            node = prepare(job, state_dir=state, max_epsilon=cfg.privacy.target_epsilon if dp else math.inf,
+                           splits=splits)
+        res = train_round(node, job=label, round=1)
+        m = evaluate_split(node, "test")
+    return {"accuracy": m.get("accuracy"), "macro_f1": m.get("macro_f1"), "loss": m.get("loss"),
+            "epsilon": res.epsilon_spent if dp else None, "seconds": time.perf_counter() - t0,
+            "steps": res.stats.steps}
+
+
+def centralized(cfg: JobConfig, *, dp: bool, out: Callable[[str], None] = print) -> dict:
+    g = global_splits(cfg)
+    name = f"centralized, {'DP' if dp else 'no DP'}"
+    out(f"baseline: {name} ({len(g.train)} records) ...")
+    r = _train_eval(cfg, g, dp=dp, label=name, out=out)
+    out(f"  {name}: accuracy {r['accuracy']:.4f} in {r['seconds']:.0f}s")
+    return {"name": name, **r}
+
+
+def local_only(cfg: JobConfig, *, out: Callable[[str], None] = print) -> dict:
+    """Each node alone (DP as configured); accuracy on the server's test split and on its own."""
+    g = global_splits(cfg)
+    per, own, t0 = [], [], time.perf_counter()
+    dp = cfg.privacy.enabled
+    for i in range(cfg.fed.num_nodes):
+        ns = node_splits(cfg, i, cfg.fed.num_nodes)
+        # train on the node's records; test on the shared held-out split
+        splits = data.Splits(train=ns.train, val=ns.val, test=g.test, labels=ns.labels, dataset_id=ns.dataset_id)
+        out(f"baseline: local only, node-{i} ({len(ns.train)} records) ...")
+        r = _train_eval(cfg, splits, dp=dp, label=f"local-{i}", out=out)
+        per.append(r["accuracy"])
+        own.append(r)
+    mean = sum(per) / len(per)
+    out(f"  local only: mean accuracy {mean:.4f}, worst {min(per):.4f}")
+    return {"name": f"local only, {'DP' if dp else 'no DP'} (mean of nodes)", "accuracy": mean,
+            "macro_f1": sum(r["macro_f1"] for r in own) / len(own), "worst_accuracy": min(per),
+            "epsilon": max((r["epsilon"] or 0) for r in own) if dp else None,
+            "seconds": time.perf_counter() - t0}
+
+
+def federated_row(summary: dict, *, name: str, seconds: float) -> dict:
+    final = (summary.get("final") or {}).get("test") or {}
+    fe = summary.get("federated_eval") or {}
+    nodes = (summary.get("privacy") or {}).get("nodes") or {}
+    eps = [p.get("epsilon") for p in nodes.values() if p.get("epsilon") is not None]
+    return {"name": name, "accuracy": final.get("accuracy"), "macro_f1": final.get("macro_f1"),
+            "worst_accuracy": fe.get("worst_accuracy"), "epsilon": max(eps) if eps else None, "seconds": seconds}

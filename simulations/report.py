@@ -1,0 +1,134 @@
+"""``report.md`` with PNG plots for a run directory (accuracy, loss and epsilon per round, baselines)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from common.rundir import RunDir
+
+
+def _plot(path: Path, title: str, ylabel: str, series: dict[str, tuple[list, list]]) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = {k: v for k, v in series.items() if v[0]}
+    if not series:
+        return False
+    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
+    for name, (x, y) in series.items():
+        ax.plot(x, y, marker="o", label=name)
+    ax.set_title(title)
+    ax.set_xlabel("round")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def _xy(rounds: list[dict], get) -> tuple[list, list]:
+    xs, ys = [], []
+    for r in rounds:
+        try:
+            v = get(r)
+        except (KeyError, TypeError):
+            v = None
+        if v is not None:
+            xs.append(r["round"])
+            ys.append(v)
+    return xs, ys
+
+
+def _fmt(v, nd=4) -> str:
+    return "-" if v is None else (f"{v:.{nd}f}" if isinstance(v, float) else str(v))
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write ``report.md`` and ``plots/*.png`` into the run directory; returns the report's path."""
+    rd = RunDir(run_dir)
+    rounds, summary, cfg = rd.rounds(), rd.summary() or {}, rd.read_config()
+    plots = rd.path / "plots"
+    plots.mkdir(exist_ok=True)
+    made = []
+    if _plot(plots / "accuracy.png", "Accuracy per round", "accuracy", {
+        "server val": _xy(rounds, lambda r: r["server_eval"]["val"]["accuracy"]),
+        "server test": _xy(rounds, lambda r: r["server_eval"]["test"]["accuracy"]),
+        "nodes (mean)": _xy(rounds, lambda r: r["federated_eval"]["accuracy"]),
+        "worst node": _xy(rounds, lambda r: r["federated_eval"]["worst_accuracy"]),
+    }):
+        made.append(("Accuracy", "accuracy.png"))
+    if _plot(plots / "loss.png", "Loss per round", "loss", {
+        "train (nodes)": _xy(rounds, lambda r: r["train_loss"]),
+        "server val": _xy(rounds, lambda r: r["server_eval"]["val"]["loss"]),
+    }):
+        made.append(("Loss", "loss.png"))
+    names = sorted({n for r in rounds for n in (r.get("epsilon_per_node") or {})})
+    if _plot(plots / "epsilon.png", "Privacy spent per node (epsilon)", "epsilon", {
+        n: _xy(rounds, lambda r, n=n: r["epsilon_per_node"][n]) for n in names}):
+        made.append(("Epsilon", "epsilon.png"))
+
+    lines = [f"# fedtune run `{rd.path.name}`", ""]
+    info = rd.read_run()
+    lines += [f"- status: **{info.get('status')}**, rounds {len(rounds)}/{info.get('planned_rounds')}, "
+              f"wall time {summary.get('seconds', 0):.0f}s of rounds",
+              f"- nodes: {cfg.get('fed.num-nodes')} ({cfg.get('sim.partitioner')} partitions, "
+              f"alpha {cfg.get('sim.alpha')}), aggregation {cfg.get('fed.aggregation')}, "
+              f"secure aggregation {'on' if (summary.get('privacy') or {}).get('secure_aggregation') else 'off'}",
+              f"- model: {cfg.get('model.path') or 'all-MiniLM-L6-v2'}, "
+              f"{'FFA-LoRA' if cfg.get('lora.ffa') else 'LoRA'} r={cfg.get('lora.r')}, max length "
+              f"{cfg.get('model.max-length')}",
+              f"- privacy: {'DP-SGD, target epsilon ' + str(cfg.get('privacy.target-epsilon')) if cfg.get('privacy.enabled') else '**no differential privacy**'}, "
+              f"clip {cfg.get('privacy.max-grad-norm')}, accountant {cfg.get('privacy.accountant')}", ""]
+    final = summary.get("final") or {}
+    if final.get("test"):
+        t = final["test"]
+        lines += ["## Final global adapter (server held-out test split)", "",
+                  f"accuracy **{_fmt(t.get('accuracy'))}**, macro-F1 {_fmt(t.get('macro_f1'))}, "
+                  f"loss {_fmt(t.get('loss'))}, n={t.get('n')}", ""]
+    fe = summary.get("federated_eval") or {}
+    if fe.get("worst_accuracy") is not None:
+        lines += [f"Nodes' own test data: mean accuracy {_fmt(fe.get('accuracy'))}, worst node "
+                  f"{fe.get('worst_node')} {_fmt(fe.get('worst_accuracy'))}", ""]
+    baselines = rd.path / "baselines.json"
+    if baselines.exists():
+        lines += ["## Baselines (same data split)", "", *baseline_table(json.loads(baselines.read_text())), ""]
+    lines += ["## Rounds", "", "| round | status | nodes | train loss | val acc | test acc | worst node acc | "
+              "max epsilon | MB in | seconds |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rounds:
+        se, fe_r = r.get("server_eval") or {}, r.get("federated_eval") or {}
+        lines.append(f"| {r['round']} | {r['status']} | {r['nodes_replied']}/{r['nodes_asked']} | "
+                     f"{_fmt(r.get('train_loss'))} | {_fmt((se.get('val') or {}).get('accuracy'))} | "
+                     f"{_fmt((se.get('test') or {}).get('accuracy'))} | {_fmt(fe_r.get('worst_accuracy'))} | "
+                     f"{_fmt(r.get('epsilon_max'), 3)} | {r['bytes_received'] / 1e6:.2f} | {r['seconds']:.1f} |")
+    failures = [(r["round"], f) for r in rounds for f in r.get("failures", [])]
+    if failures:
+        lines += ["", "## Failures", ""] + [f"- round {k}: {f['node']} {f['status']}: {f['reason']}"
+                                            for k, f in failures]
+    nodes = (summary.get("privacy") or {}).get("nodes") or {}
+    if nodes:
+        lines += ["", "## Privacy spent per node", "", "| node | epsilon | delta | noise multiplier | sample rate | "
+                  "steps | rounds |", "|---|---|---|---|---|---|---|"]
+        for n, p in sorted(nodes.items()):
+            lines.append(f"| {n} | {_fmt(p.get('epsilon'), 3)} | {_fmt(p.get('delta'), 7)} | "
+                         f"{_fmt(p.get('noise_multiplier'), 3)} | {_fmt(p.get('sample_rate'), 4)} | "
+                         f"{p.get('steps')} | {len(p.get('rounds', []))} |")
+    if made:
+        lines += ["", "## Plots", ""] + [f"![{t}](plots/{f})" for t, f in made]
+    out = rd.path / "report.md"
+    out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return out
+
+
+def baseline_table(results: list[dict]) -> list[str]:
+    """Markdown rows: one per baseline (accuracy, macro-F1, worst node accuracy, epsilon, seconds)."""
+    rows = ["| setting | test accuracy | macro-F1 | worst node accuracy | epsilon | seconds |",
+            "|---|---|---|---|---|---|"]
+    for b in results:
+        rows.append(f"| {b['name']} | {_fmt(b.get('accuracy'))} | {_fmt(b.get('macro_f1'))} | "
+                    f"{_fmt(b.get('worst_accuracy'))} | {_fmt(b.get('epsilon'), 2)} | {b.get('seconds', 0):.0f} |")
+    return rows

@@ -1,0 +1,53 @@
+"""Exact FedAvg arithmetic on tiny arrays (weighted, uniform, FFA-LoRA's exchanged subset)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from common import adapter, aggregate
+
+
+def test_weighted_fedavg_exact():
+    g = {"a": np.array([1.0, 2.0], np.float32), "b": np.array([[0.0]], np.float32)}
+    u1 = {"a": np.array([1.0, 0.0], np.float32), "b": np.array([[3.0]], np.float32)}
+    u2 = {"a": np.array([-1.0, 4.0], np.float32), "b": np.array([[0.0]], np.float32)}
+    w = [aggregate.node_weight(30, "weighted"), aggregate.node_weight(10, "weighted")]
+    new = aggregate.fedavg(g, [u1, u2], w)
+    # a: 1 + (30*1 + 10*-1)/40 = 1.5 ; 2 + (0 + 40)/40 = 3 ; b: 0 + 90/40 = 2.25
+    np.testing.assert_array_equal(new["a"], np.array([1.5, 3.0], np.float32))
+    np.testing.assert_array_equal(new["b"], np.array([[2.25]], np.float32))
+    assert new["a"].dtype == np.float32
+
+
+def test_uniform_fedavg_exact():
+    g = {"a": np.zeros(3, np.float32)}
+    ups = [{"a": np.array([3.0, 0.0, 1.0], np.float32)}, {"a": np.array([0.0, 3.0, 2.0], np.float32)},
+           {"a": np.array([0.0, 0.0, 3.0], np.float32)}]
+    w = [aggregate.node_weight(n, "uniform") for n in (100, 1, 7)]
+    np.testing.assert_array_equal(aggregate.fedavg(g, ups, w)["a"], np.array([1.0, 1.0, 2.0], np.float32))
+
+
+def test_update_then_fedavg_of_one_node_is_that_node():
+    received = {"k": np.array([0.5, -0.5], np.float32)}
+    trained = {"k": np.array([0.75, -1.0], np.float32)}
+    up = aggregate.update(trained, received)
+    np.testing.assert_array_equal(up["k"], np.array([0.25, -0.5], np.float32))
+    np.testing.assert_array_equal(aggregate.fedavg(received, [up], [5.0])["k"], trained["k"])
+
+
+def test_ffa_aggregates_only_exchanged_tensors():
+    keys = ["m.lora_A.weight", "m.lora_B.weight", "m.classifier.weight"]
+    assert [k for k in keys if adapter.exchanged(k, ffa=True)] == ["m.lora_B.weight", "m.classifier.weight"]
+    assert [k for k in keys if adapter.exchanged(k, ffa=False)] == keys
+    g = {k: np.ones(2, np.float32) for k in keys if adapter.exchanged(k, ffa=True)}
+    ups = [{k: np.full(2, v, np.float32) for k in g} for v in (1.0, 3.0)]
+    new = aggregate.fedavg(g, ups, [1, 1])
+    assert set(new) == set(g) and all((v == 3.0).all() for v in new.values())
+
+
+def test_mismatched_updates_are_rejected():
+    with pytest.raises(ValueError):
+        aggregate.fedavg({"a": np.zeros(1)}, [{"a": np.zeros(1)}, {"b": np.zeros(1)}], [1, 1])
+    with pytest.raises(ValueError):
+        aggregate.fedavg({"a": np.zeros(1)}, [], [])

@@ -1,0 +1,122 @@
+"""End to end through Flower's simulation engine with the real MiniLM on tiny slices."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from common.config import load_config
+from common.ledger import PrivacyLedger
+from simulations.federated_data import node_splits
+from simulations.run import read_scenario, simulate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = {"data.max-records": 240, "model.max-length": 16, "train.local-steps": 2, "train.batch-size": 8,
+        "sim.partitioner": "iid", "fed.node-wait-timeout": 120, "fed.round-timeout": 300}
+
+
+def _ledger(run_dir: Path, cfg, index: int) -> PrivacyLedger:
+    ds = node_splits(cfg, index, cfg.fed.num_nodes).dataset_id
+    return PrivacyLedger(run_dir / "nodes" / f"node-{index}", dataset_id=ds, n_records=1, max_epsilon=1e9)
+
+
+@pytest.mark.slow
+def test_simulation_writes_run_dir_and_skips_a_spent_node(tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    # Prepare: 3 organizations; node-2 has already spent its whole budget on its data
+    run_dir = tmp_path / "run"
+    cfg = load_config({**TINY, "fed.num-nodes": 3, "fed.min-nodes": 2, "train.rounds": 2,
+                       "fed.run-dir": str(run_dir), "sim.node-max-epsilon": 8})
+    spent = _ledger(run_dir, cfg, 2)
+    spent.record(job="earlier", round=1, noise_multiplier=0.3, sample_rate=0.5, steps=50)
+    assert spent.spent() > 8
+    # Execute
+    res = simulate(cfg, out=lambda s: None)
+    # Assert: every artifact of the run directory
+    rounds = [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [1, 2]
+    for r in rounds:
+        assert r["status"] == "ok" and r["nodes_asked"] == 3 and r["nodes_replied"] == 2
+        assert [(f["node"], f["status"]) for f in r["failures"]] == [("node-2", "refused")]
+        assert "budget exceeded" in r["failures"][0]["reason"]
+        assert r["bytes_received"] > 0 and r["seconds"] > 0 and r["train_loss"] > 0
+        assert set(r["epsilon_per_node"]) == {"node-0", "node-1"}
+        assert r["server_eval"]["test"]["n"] > 0 and r["federated_eval"]["nodes"] == 3
+    assert rounds[1]["epsilon_max"] > rounds[0]["epsilon_max"]
+    for k in (1, 2):
+        assert (run_dir / "checkpoints" / f"round-{k}" / "adapter_model.safetensors").is_file()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary == res["summary"] and summary["status"] == "finished"
+    nodes = summary["privacy"]["nodes"]
+    assert set(nodes) == {"node-0", "node-1"}
+    for p in nodes.values():
+        assert p["rounds"] == [1, 2] and 0 < p["epsilon"] <= 8 and p["noise_multiplier"] > 0
+        assert 0 < p["sample_rate"] < 1 and p["steps"] == 4 and 0 < p["delta"] < 1e-4
+    assert json.loads((run_dir / "config.json").read_text())["fed.num-nodes"] == 3
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "finished"
+    report = (run_dir / "report.md").read_text()
+    assert "## Rounds" in report and (run_dir / "plots" / "accuracy.png").stat().st_size > 1000
+    # the spent node's ledger did not move; the others hold exactly two releases
+    assert len(_ledger(run_dir, cfg, 2).entries) == 1
+    assert [e.round for e in _ledger(run_dir, cfg, 0).entries] == [1, 2]
+    # the final adapter loads in stock PEFT and matches the server's final evaluation
+    from common.assets import default_model_dir
+
+    base = AutoModelForSequenceClassification.from_pretrained(str(default_model_dir()), num_labels=5)
+    model = PeftModel.from_pretrained(base, str(run_dir / "adapter"))
+    assert sum(p.numel() for n, p in model.named_parameters() if "lora_B" in n) > 0
+
+
+@pytest.mark.slow
+def test_resume_continues_without_respending(tmp_path):
+    run_dir = tmp_path / "run"
+    base = {**TINY, "fed.num-nodes": 2, "fed.min-nodes": 2, "fed.run-dir": str(run_dir), "fed.fraction-evaluate": 0}
+    cfg1 = load_config({**base, "train.rounds": 2})
+
+    def stop_after_round_1(line: str) -> None:  # the operator's stop request (a STOP file in the run dir)
+        if line.startswith("round 1/"):
+            (run_dir / "STOP").touch()
+
+    # Execute: the server stops after round 1 of 2 ...
+    first = simulate(cfg1, out=stop_after_round_1, report=False)
+    assert first["summary"]["status"] == "stopped" and first["summary"]["rounds_completed"] == 1
+    eps_after_1 = [_ledger(run_dir, cfg1, i).spent() for i in range(2)]
+    # ... and is resumed with the same settings
+    res = simulate(cfg1.replace(**{"fed.resume": True}), out=lambda s: None, report=False)
+    # Assert
+    rounds = [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert res["summary"]["rounds_completed"] == 2 and res["summary"]["status"] == "finished"
+    assert not (run_dir / "STOP").exists()
+    for i in range(2):
+        entries = _ledger(run_dir, cfg1, i).entries
+        assert [e.round for e in entries] == [1, 2]  # round 1 was not trained (or spent) again
+        assert entries[0].epsilon_after == pytest.approx(eps_after_1[i])
+
+
+def test_resume_refuses_changed_settings(tmp_path):
+    from common.rundir import RunDir, RunDirError
+
+    rd = RunDir(tmp_path / "r")
+    rd.create(config={"a": 1, "train.rounds": 2}, planned_rounds=2, resume=False)
+    with pytest.raises(RunDirError, match="already holds a run"):
+        rd.create(config={"a": 1}, planned_rounds=2, resume=False)
+    with pytest.raises(RunDirError, match="settings differ"):
+        rd.create(config={"a": 2, "train.rounds": 3}, planned_rounds=3, resume=True)
+    rd.create(config={"a": 1, "train.rounds": 3}, planned_rounds=3, resume=True)  # more rounds is fine
+
+
+def test_flower_app_config_is_the_demo_job():
+    """`flwr run .` runs the default demo: pyproject's run config equals the demo scenario's settings."""
+    py = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    app = py["tool"]["flwr"]["app"]
+    assert app["components"] == {"serverapp": "server.app:app", "clientapp": "client.app:app"}
+    demo = load_config(read_scenario(ROOT / "simulations" / "scenarios" / "demo.toml"))
+    assert load_config(app["config"]) == demo
+    assert set(app["config"]) == set(demo.to_flat())

@@ -1,0 +1,54 @@
+"""Partitioners: sizes add up, Dirichlet with small alpha is skewed, seeds reproduce."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from common.errors import DataError
+from simulations.partition import label_counts, partition
+
+LABELS = [lab for lab in "abcde" for _ in range(200)]  # 1,000 records, 5 balanced labels
+
+
+@pytest.mark.parametrize("kind", ["iid", "dirichlet", "label"])
+def test_partitions_cover_every_record_once(kind):
+    parts = partition(LABELS, num_partitions=7, kind=kind, alpha=1.0, labels_per_node=2, seed=3)
+    flat = [i for p in parts for i in p]
+    assert len(parts) == 7 and sorted(flat) == list(range(len(LABELS)))
+
+
+def test_seeds_reproduce_and_differ():
+    a = partition(LABELS, num_partitions=5, kind="dirichlet", alpha=0.5, seed=1)
+    b = partition(LABELS, num_partitions=5, kind="dirichlet", alpha=0.5, seed=1)
+    c = partition(LABELS, num_partitions=5, kind="dirichlet", alpha=0.5, seed=2)
+    assert a == b and a != c
+
+
+def _skew(parts) -> float:
+    """Mean over partitions of the largest label's share (0.2 = balanced, 1.0 = one label)."""
+    counts = label_counts(LABELS, parts, list("abcde"))
+    return float(np.mean([max(c.values()) / max(1, sum(c.values())) for c in counts]))
+
+
+def test_small_alpha_dirichlet_is_skewed_and_iid_is_not():
+    iid = partition(LABELS, num_partitions=5, kind="iid", seed=0)
+    skewed = partition(LABELS, num_partitions=5, kind="dirichlet", alpha=0.1, seed=0)
+    mild = partition(LABELS, num_partitions=5, kind="dirichlet", alpha=100.0, seed=0)
+    assert _skew(iid) < 0.3
+    assert _skew(mild) < 0.35
+    assert _skew(skewed) > 0.45 and _skew(skewed) > 2 * _skew(iid)
+    assert max(len(p) for p in iid) - min(len(p) for p in iid) <= 1
+
+
+def test_label_skew_gives_each_node_its_labels_only():
+    parts = partition(LABELS, num_partitions=5, kind="label", labels_per_node=2, seed=0)
+    for c in label_counts(LABELS, parts, list("abcde")):
+        assert sum(1 for v in c.values() if v) <= 2
+
+
+def test_impossible_partitioning_is_a_clear_error():
+    with pytest.raises(DataError, match="fewer nodes"):
+        partition(LABELS[:10], num_partitions=8, kind="iid")
+    with pytest.raises(DataError, match="labels-per-node"):
+        partition(LABELS, num_partitions=5, kind="label", labels_per_node=9)
