@@ -214,6 +214,7 @@ class SimConfig:
     local_test_fraction: float = _f(0.2, "share of each node's partition kept for its local evaluation")
     node_max_epsilon: float = _f(10.0, "privacy ceiling of every simulated node")
     cpus_per_node: int = _f(1, "CPUs Ray gives each virtual node (nodes run in parallel up to cores / this)")
+    baseline_epochs: float = _f(2.0, "epochs of the centralized and local-only baselines")
 
     def problems(self) -> list[str]:
         out = []
@@ -227,6 +228,8 @@ class SimConfig:
             out.append(f"sim.local-test-fraction: expected 0 <= fraction < 0.9, got {self.local_test_fraction}")
         if self.node_max_epsilon <= 0:
             out.append(f"sim.node-max-epsilon: expected > 0, got {self.node_max_epsilon}")
+        if self.baseline_epochs <= 0:
+            out.append(f"sim.baseline-epochs: expected > 0, got {self.baseline_epochs}")
         if self.cpus_per_node < 1:
             out.append(f"sim.cpus-per-node: expected >= 1, got {self.cpus_per_node}")
         return out

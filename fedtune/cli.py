@@ -254,7 +254,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value words may follow options (`fedtune simulate demo --run-dir X lora.r=4`)
+    stray = [w for w in extra if "=" not in w or w.startswith("-")]
+    if stray or (extra and not hasattr(args, "settings")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.settings = [*args.settings, *extra]
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:

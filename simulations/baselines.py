@@ -5,8 +5,8 @@
 - local only, DP:       each organization alone on its own records (mean and worst)
 - federated, DP / no DP: the federated job itself (from the run directory / a second simulation)
 
-Centralized and local runs do the same number of passes over their records as a
-federated node does over its own (rounds x local epochs).
+Centralized and local runs make ``sim.baseline-epochs`` passes over their records
+with the job's optimizer and privacy settings (DP calibrated to the same target).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from simulations.federated_data import global_splits, node_splits
 
 def _train_eval(cfg: JobConfig, splits: data.Splits, *, dp: bool, label: str,
                 out: Callable[[str], None]) -> dict:
-    epochs = cfg.train.rounds * cfg.train.local_epochs
+    epochs = cfg.sim.baseline_epochs
     job = cfg.replace(**{"train.rounds": 1, "train.local-epochs": epochs, "privacy.enabled": dp,
                          "train.local-steps": 0})
     t0 = time.perf_counter()

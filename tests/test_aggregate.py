@@ -51,3 +51,42 @@ def test_mismatched_updates_are_rejected():
         aggregate.fedavg({"a": np.zeros(1)}, [{"a": np.zeros(1)}, {"b": np.zeros(1)}], [1, 1])
     with pytest.raises(ValueError):
         aggregate.fedavg({"a": np.zeros(1)}, [], [])
+
+
+# -- the server's aggregation step (message exchange replaced by canned replies) ---------------
+def _reply(name: str, update: dict | None, n: int = 10, status: str = "ok"):
+    from flwr.app import ArrayRecord, MetricRecord, RecordDict
+
+    from server.messages import NodeReply, array_record
+
+    content = RecordDict({"metrics": MetricRecord({"num-examples": n})})
+    if update is not None:
+        content["update"] = array_record(update)
+    return NodeReply(node_id=hash(name) & 0xFFFF, name=name, status=status, metrics={"num-examples": n},
+                     content=content if status == "ok" else None)
+
+
+def _run_round(monkeypatch, replies, min_nodes=2):
+    import server.aggregation as agg
+
+    monkeypatch.setattr(agg, "exchange", lambda *a, **k: replies)
+    g = {"w": np.zeros(2, np.float32)}
+    return agg.PlainFedAvg(weighting="weighted", min_nodes=min_nodes, timeout=1).run_round(
+        None, server_round=1, node_ids=[r.node_id for r in replies], global_arrays=g, config={}, names={})
+
+
+def test_round_aggregates_the_good_replies_and_records_the_rest(monkeypatch):
+    replies = [_reply("a", {"w": np.array([1.0, 1.0], np.float32)}, n=30),
+               _reply("b", {"w": np.array([5.0, -3.0], np.float32)}, n=10),
+               _reply("c", None, status="refused"),
+               _reply("d", {"w": np.zeros(3, np.float32)})]  # wrong shape: rejected, not averaged
+    out = _run_round(monkeypatch, replies)
+    np.testing.assert_array_equal(out.new_arrays["w"], np.array([2.0, 0.0], np.float32))
+    assert [(r.name, r.status) for r in out.replies if not r.ok] == [("c", "refused"), ("d", "error")]
+    assert "malformed update" in out.replies[3].reason
+
+
+def test_round_with_too_few_results_fails_and_keeps_the_model(monkeypatch):
+    replies = [_reply("a", {"w": np.ones(2, np.float32)}), _reply("b", None, status="dropped")]
+    out = _run_round(monkeypatch, replies, min_nodes=2)
+    assert out.new_arrays is None and "only 1 of 2 nodes" in out.reason
