@@ -13,6 +13,7 @@ import time
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client import secure_node
 from client.node_config import NodeSettings, node_settings
 from client.runtime import get_node
 from common import adapter, aggregate
@@ -38,22 +39,58 @@ def make_client_app(settings: dict | None = None) -> ClientApp:
 
     def _setup(msg: Message, context: Context):
         cfg = load_config(settings if settings is not None else dict(context.run_config))
-        ns = node_settings(context.node_config, context.node_id, cfg, msg.content["config"])
+        conf = msg.content.config_records.get("config") or msg.content.config_records.get("secagg") or {}
+        ns = node_settings(context.node_config, context.node_id, cfg, conf)
         return cfg, ns
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         cfg, ns = _setup(msg, context)
         conf = msg.content["config"]
+        job, rnd = str(conf["job"]), int(conf["server-round"])
+        secure = "epoch" in conf
         try:
+            keys = None
+            if secure:  # refuse a reused round before spending any privacy budget on it
+                keys = secure_node.load_keys(context)
+                secure_node.check_round(keys, ns.state_dir, job, rnd)
             node = get_node(cfg, ns)
             received = {k: a.numpy() for k, a in msg.content["arrays"].items()}
-            result = node_train(node, received, job=str(conf["job"]), round_=int(conf["server-round"]))
+            update, metrics = node_train(node, received, job=job, round_=rnd)
+            if keys is not None:
+                masked, shares = secure_node.mask_update(context, keys, conf, update, metrics["num-examples"])
+                secure_node.record_round(ns.state_dir, job, rnd)
         except FedtuneError as err:
             return _refusal(msg, ns, err)
-        update, metrics = result
-        return Message(RecordDict({"update": ArrayRecord({k: Array(v) for k, v in update.items()}),
-                                   "metrics": MetricRecord(metrics), "info": _info(ns, "ok")}), reply_to=msg)
+        if keys is None:
+            return Message(RecordDict({"update": ArrayRecord({k: Array(v) for k, v in update.items()}),
+                                       "metrics": MetricRecord(metrics), "info": _info(ns, "ok")}), reply_to=msg)
+        # under secure aggregation: nothing derived from the update, and not the record count, in the clear
+        metrics.pop("num-examples")
+        return Message(RecordDict({"masked": ArrayRecord({"masked": Array(masked)}),
+                                   "secagg": ConfigRecord(shares), "metrics": MetricRecord(metrics),
+                                   "info": _info(ns, "ok")}), reply_to=msg)
+
+    def _secagg_query(msg: Message, context: Context, step) -> Message:
+        cfg, ns = _setup(msg, context)
+        try:
+            out = step(context, msg.content["secagg"])
+        except FedtuneError as err:
+            return _refusal(msg, ns, err)
+        return Message(RecordDict({"secagg": ConfigRecord(out), "info": _info(ns, "ok")}), reply_to=msg)
+
+    @app.query("secagg_keys")
+    def secagg_keys(msg: Message, context: Context) -> Message:
+        return _secagg_query(msg, context, lambda ctx, rec: secure_node.advertise(
+            ctx, epoch=int(rec["epoch"]), index=int(rec["index"])))
+
+    @app.query("secagg_join")
+    def secagg_join(msg: Message, context: Context) -> Message:
+        return _secagg_query(msg, context, secure_node.join)
+
+    @app.query("secagg_unmask")
+    def secagg_unmask(msg: Message, context: Context) -> Message:
+        return _secagg_query(msg, context, secure_node.reveal)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:

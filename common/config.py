@@ -178,6 +178,12 @@ class FedConfig:
     early_stop_metric: str = _f("accuracy", f"validation metric for early stopping: {', '.join(METRICS)}")
     round_timeout: float = _f(900.0, "seconds to wait for replies in a round; late nodes count as dropped")
     node_wait_timeout: float = _f(300.0, "seconds to wait for enough nodes to connect before failing the run")
+    secure_aggregation: bool = _f(True, "nodes send only masked updates; the server learns only their sum")
+    secagg_clip: float = _f(1.0, "secure aggregation: each update value is clipped to [-clip, clip] before quantizing")
+    secagg_max_weight: int = _f(100000, "secure aggregation: largest per-node FedAvg weight (record count)")
+    secagg_threshold: float = _f(0.5, "secure aggregation: Shamir threshold as a share of a node's neighbours (t-1)/k")
+    secagg_degree: int = _f(0, "secure aggregation: neighbours per node (0 = complete graph up to ~20 nodes, "
+                               "then O(log n))")
     run_dir: str = _f("", "run directory the server writes; empty = runs/<time>")
     resume: bool = _f(False, "continue the run in fed.run-dir from its last completed round")
 
@@ -199,6 +205,14 @@ class FedConfig:
             out.append(f"fed.early-stop-metric: expected one of {', '.join(METRICS)}, got {self.early_stop_metric!r}")
         if self.early_stop_patience < 0:
             out.append(f"fed.early-stop-patience: expected >= 0, got {self.early_stop_patience}")
+        if self.secagg_clip <= 0:
+            out.append(f"fed.secagg-clip: expected > 0, got {self.secagg_clip}")
+        if self.secagg_max_weight < 1:
+            out.append(f"fed.secagg-max-weight: expected >= 1, got {self.secagg_max_weight}")
+        if not 0 <= self.secagg_threshold < 1:
+            out.append(f"fed.secagg-threshold: expected 0 <= fraction < 1, got {self.secagg_threshold}")
+        if self.secagg_degree < 0:
+            out.append(f"fed.secagg-degree: expected >= 0, got {self.secagg_degree}")
         for name, v in (("round-timeout", self.round_timeout), ("node-wait-timeout", self.node_wait_timeout)):
             if v <= 0:
                 out.append(f"fed.{name}: expected > 0 seconds, got {v}")

@@ -24,6 +24,7 @@ masks and learns only the sum.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import random
 import secrets
@@ -183,6 +184,34 @@ class NodeKeys:
         return cls(epoch=epoch, index=index, s_sk=s.private_bytes(*raw), c_sk=c.private_bytes(*raw),
                    s_pk=_raw(s.public_key()), c_pk=_raw(c.public_key()))
 
+    def dumps(self) -> bytes:
+        """JSON (never pickle) for the node's own state store."""
+        return json.dumps({
+            "epoch": self.epoch, "index": self.index, "s_sk": self.s_sk.hex(), "c_sk": self.c_sk.hex(),
+            "s_pk": self.s_pk.hex(), "c_pk": self.c_pk.hex(), "threshold": self.threshold,
+            "last_round": self.last_round, "neighbours": self.neighbours,
+            "roster": {str(i): [a.hex(), b.hex()] for i, (a, b) in self.roster.items()},
+            "revealed": {str(r): {str(p): k for p, k in d.items()} for r, d in self.revealed.items()},
+            "b_seeds": {str(r): b.hex() for r, b in self.b_seeds.items()},
+        }).encode()
+
+    @classmethod
+    def loads(cls, raw: bytes) -> NodeKeys:
+        d = json.loads(raw)
+        return cls(epoch=d["epoch"], index=d["index"], s_sk=bytes.fromhex(d["s_sk"]), c_sk=bytes.fromhex(d["c_sk"]),
+                   s_pk=bytes.fromhex(d["s_pk"]), c_pk=bytes.fromhex(d["c_pk"]), threshold=d["threshold"],
+                   last_round=d["last_round"], neighbours=list(d["neighbours"]),
+                   roster={int(i): (bytes.fromhex(a), bytes.fromhex(b)) for i, (a, b) in d["roster"].items()},
+                   revealed={int(r): {int(p): k for p, k in v.items()} for r, v in d["revealed"].items()},
+                   b_seeds={int(r): bytes.fromhex(b) for r, b in d["b_seeds"].items()})
+
+    def check_round(self, round_: int) -> None:
+        """Refuse, before any training, a round this node cannot mask (already used)."""
+        if round_ <= self.last_round:
+            raise SecAggError(f"refusing to mask round {round_}: this node already masked round {self.last_round}",
+                              "a round number may be used once per node (a repeat would expose the difference of "
+                              "two updates); the server must move on to a new round")
+
     def _share_key(self, peer: int) -> bytes:
         a, b = sorted((self.index, peer))
         return agree(self.c_sk, self.roster[peer][1], f"share|{self.epoch}|{a}|{b}".encode())
@@ -211,10 +240,7 @@ class NodeKeys:
         Raises:
             SecAggError: if asked to mask a second update for a round at or below the last one.
         """
-        if round_ <= self.last_round:
-            raise SecAggError(f"refusing to mask round {round_}: this node already masked round {self.last_round}",
-                              "a round number may be used once per node (a repeat would expose the difference of "
-                              "two updates); the server must move on to a new round")
+        self.check_round(round_)
         if self.index not in participants:
             raise SecAggError("this node is not among the round's participants", "check the server's roster")
         self.last_round = round_

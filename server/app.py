@@ -13,11 +13,26 @@ from common.config import load_config
 from common.rundir import RunDir
 from server.aggregation import PlainFedAvg
 from server.federation import Federation
+from server.secure import SecureFedAvg
 
 log = logging.getLogger(__name__)
 
 
-def make_server_app(settings: dict | None = None, *, result: dict | None = None) -> ServerApp:
+def make_aggregator(cfg):
+    """Secure aggregation unless the job turns it off (then warn loudly)."""
+    f = cfg.fed
+    if f.secure_aggregation:
+        return SecureFedAvg(weighting=f.aggregation, min_nodes=f.min_nodes, timeout=f.round_timeout,
+                            clip=f.secagg_clip, max_weight=f.secagg_max_weight, threshold=f.secagg_threshold,
+                            degree=f.secagg_degree, seed=cfg.train.seed)
+    msg = ("SECURE AGGREGATION IS OFF (fed.secure-aggregation=false): the server sees every node's individual "
+           "adapter update. Use this only when the server is trusted with each update.")
+    log.warning(msg)
+    print(f"WARNING: {msg}")
+    return PlainFedAvg(weighting=f.aggregation, min_nodes=f.min_nodes, timeout=f.round_timeout)
+
+
+def make_server_app(settings: dict | None = None, *, result: dict | None = None, out=print) -> ServerApp:
     """A ServerApp for the job in ``settings`` (None: Flower's run config); ``result`` receives the summary."""
     app = ServerApp()
 
@@ -25,9 +40,8 @@ def make_server_app(settings: dict | None = None, *, result: dict | None = None)
     def main(grid: Grid, context: Context) -> None:
         cfg = load_config(settings if settings is not None else dict(context.run_config))
         run_dir = RunDir(cfg.fed.run_dir or Path("runs") / time.strftime("fed-%Y%m%d-%H%M%S"))
-        aggregator = PlainFedAvg(weighting=cfg.fed.aggregation, min_nodes=cfg.fed.min_nodes,
-                                 timeout=cfg.fed.round_timeout)
-        summary = Federation(cfg, run_dir, aggregator).run(grid)
+        aggregator = make_aggregator(cfg)
+        summary = Federation(cfg, run_dir, aggregator, out=out).run(grid)
         if result is not None:
             result.update(summary=summary, run_dir=str(run_dir.path))
 

@@ -140,9 +140,10 @@ class Federation:
         ev = server.evaluate(new if new is not None else global_arrays) if f.server_eval else {}
         fed_ev = self._federated_eval(grid, rnd, new if new is not None else global_arrays, connected)
         ok = [r for r in outcome.replies if r.ok]
-        n_ex = sum(int(r.metrics.get("num-examples", 0)) for r in ok)
-        loss = (sum(float(r.metrics.get("train-loss", 0)) * int(r.metrics.get("num-examples", 0)) for r in ok)
-                / n_ex) if n_ex else None
+        n_ex = sum(int(r.metrics.get("num-examples") or 0) for r in ok)
+        losses = [float(r.metrics["train-loss"]) for r in ok if r.metrics.get("train-loss") is not None]
+        loss = (sum(float(r.metrics.get("train-loss") or 0) * int(r.metrics.get("num-examples") or 0) for r in ok)
+                / n_ex) if n_ex else (sum(losses) / len(losses) if losses else None)
         eps = {r.name: r.metrics.get("epsilon") for r in ok}
         record = {
             "round": rnd, "status": "ok" if new is not None else "failed", "reason": outcome.reason,
@@ -154,6 +155,7 @@ class Federation:
             "epsilon_per_node": eps, "epsilon_max": max((e for e in eps.values() if e is not None), default=None),
             "bytes_sent": outcome.bytes_sent, "bytes_received": outcome.bytes_received,
             "exchanges": outcome.exchanges, "server_eval": _compact(ev), "federated_eval": fed_ev,
+            "secagg": outcome.extra or None,
             "per_node": {r.name: {"status": r.status, **{k: r.metrics.get(k) for k in (
                 "num-examples", "train-loss", "epsilon", "seconds")}} for r in outcome.replies},
         }

@@ -55,11 +55,13 @@ def wait_for_nodes(grid: Grid, *, wanted: int, minimum: int, timeout: float) -> 
         time.sleep(0.2)
 
 
-def exchange(grid: Grid, *, node_ids: Iterable[int], message_type: str, content: dict, timeout: float,
+def exchange(grid: Grid, *, node_ids: Iterable[int], message_type: str, content, timeout: float,
              group: str, names: dict[int, str] | None = None) -> list[NodeReply]:
-    """Send the same ``content`` to every node and classify the replies (missing ones are 'dropped')."""
+    """Send ``content`` (a dict, or a function of the node id giving one) to every node and classify the
+    replies (missing ones are 'dropped')."""
     node_ids = list(node_ids)
-    msgs = [Message(RecordDict(dict(content)), dst_node_id=nid, message_type=message_type, group_id=group)
+    make = content if callable(content) else (lambda nid: content)
+    msgs = [Message(RecordDict(dict(make(nid))), dst_node_id=nid, message_type=message_type, group_id=group)
             for nid in node_ids]
     replies = {r.metadata.src_node_id: r for r in grid.send_and_receive(msgs, timeout=timeout)}
     out = []
@@ -78,7 +80,9 @@ def exchange(grid: Grid, *, node_ids: Iterable[int], message_type: str, content:
         status = str(info.get("status", "ok"))
         metrics = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                    for rec in r.content.metric_records.values() for k, v in rec.items()}
-        nbytes = sum(a.count_bytes() for a in r.content.array_records.values())
+        nbytes = sum(a.count_bytes() for a in r.content.array_records.values()) + sum(
+            len(b) for rec in r.content.config_records.values() for v in rec.values()
+            for b in (v if isinstance(v, list) else [v]) if isinstance(b, bytes))
         out.append(NodeReply(nid, name, status, str(info.get("reason", "")), metrics, r.content, nbytes))
     return out
 

@@ -29,9 +29,10 @@ def test_simulation_writes_run_dir_and_skips_a_spent_node(tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
-    # Prepare: 3 organizations; node-2 has already spent its whole budget on its data
+    # Prepare: 4 organizations; node-2 has already spent its whole budget on its data. With secure
+    # aggregation (on by default; 4 nodes: 3 neighbours each, threshold 2) one refusal is tolerated.
     run_dir = tmp_path / "run"
-    cfg = load_config({**TINY, "fed.num-nodes": 3, "fed.min-nodes": 2, "train.rounds": 2,
+    cfg = load_config({**TINY, "fed.num-nodes": 4, "fed.min-nodes": 2, "train.rounds": 2,
                        "fed.run-dir": str(run_dir), "sim.node-max-epsilon": 8})
     spent = _ledger(run_dir, cfg, 2)
     spent.record(job="earlier", round=1, noise_multiplier=0.3, sample_rate=0.5, steps=50)
@@ -42,23 +43,26 @@ def test_simulation_writes_run_dir_and_skips_a_spent_node(tmp_path):
     rounds = [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [1, 2]
     for r in rounds:
-        assert r["status"] == "ok" and r["nodes_asked"] == 3 and r["nodes_replied"] == 2
+        assert r["status"] == "ok" and r["nodes_asked"] == 4 and r["nodes_replied"] == 3, r["reason"]
         assert [(f["node"], f["status"]) for f in r["failures"]] == [("node-2", "refused")]
         assert "budget exceeded" in r["failures"][0]["reason"]
         assert r["bytes_received"] > 0 and r["seconds"] > 0 and r["train_loss"] > 0
-        assert set(r["epsilon_per_node"]) == {"node-0", "node-1"}
-        assert r["server_eval"]["test"]["n"] > 0 and r["federated_eval"]["nodes"] == 3
+        assert set(r["epsilon_per_node"]) == {"node-0", "node-1", "node-3"}
+        assert r["server_eval"]["test"]["n"] > 0 and r["federated_eval"]["nodes"] == 4
+        assert r["aggregation"] == "secagg+" and r["secure_aggregation"]
+        # node-2's mask key had to be reconstructed, so every round starts a fresh key epoch
+        assert r["exchanges"] == 4 and r["secagg"]["epoch"] == r["round"]
     assert rounds[1]["epsilon_max"] > rounds[0]["epsilon_max"]
     for k in (1, 2):
         assert (run_dir / "checkpoints" / f"round-{k}" / "adapter_model.safetensors").is_file()
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary == res["summary"] and summary["status"] == "finished"
     nodes = summary["privacy"]["nodes"]
-    assert set(nodes) == {"node-0", "node-1"}
+    assert set(nodes) == {"node-0", "node-1", "node-3"}
     for p in nodes.values():
         assert p["rounds"] == [1, 2] and 0 < p["epsilon"] <= 8 and p["noise_multiplier"] > 0
         assert 0 < p["sample_rate"] < 1 and p["steps"] == 4 and 0 < p["delta"] < 1e-4
-    assert json.loads((run_dir / "config.json").read_text())["fed.num-nodes"] == 3
+    assert json.loads((run_dir / "config.json").read_text())["fed.num-nodes"] == 4
     assert json.loads((run_dir / "run.json").read_text())["status"] == "finished"
     report = (run_dir / "report.md").read_text()
     assert "## Rounds" in report and (run_dir / "plots" / "accuracy.png").stat().st_size > 1000
@@ -120,3 +124,37 @@ def test_flower_app_config_is_the_demo_job():
     demo = load_config(read_scenario(ROOT / "simulations" / "scenarios" / "demo.toml"))
     assert load_config(app["config"]) == demo
     assert set(app["config"]) == set(demo.to_flat())
+
+
+@pytest.mark.slow
+def test_secure_aggregation_matches_plain_fedavg(tmp_path):
+    """Same job with and without secure aggregation (DP off, so training is deterministic)."""
+    from common.adapter import read_adapter_file
+
+    base = {**TINY, "fed.num-nodes": 3, "fed.min-nodes": 3, "train.rounds": 2, "privacy.enabled": False,
+            "sim.node-max-epsilon": float("inf"), "fed.fraction-evaluate": 0, "fed.secagg-max-weight": 1000,
+            "train.optimizer": "sgd", "train.lr": 0.5}  # SGD: Adam would amplify rounding differences
+    results = {}
+    for secure in (True, False):
+        run_dir = tmp_path / ("secure" if secure else "plain")
+        cfg = load_config({**base, "fed.secure-aggregation": secure, "fed.run-dir": str(run_dir)})
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            simulate(cfg, out=lambda s: None, report=False)
+        results[secure] = read_adapter_file(run_dir / "adapter")
+        results[(secure, 1)] = read_adapter_file(run_dir / "checkpoints" / "round-1")
+        rounds = [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines()]
+        assert all(r["status"] == "ok" and r["nodes_replied"] == 3 for r in rounds)
+        assert rounds[0]["aggregation"] == ("secagg+" if secure else "fedavg")
+        if secure:  # key set-up once, then one extra exchange per round
+            assert [r["exchanges"] for r in rounds] == [4, 2]
+    # quantization step: clip / L with L = (2^31 - 1) // (3 nodes * 1000); errors of both rounds add up
+    step = 1.0 / ((2**31 - 1) // 3000)
+    first = max(float(abs(results[(True, 1)][k] - results[(False, 1)][k]).max()) for k in results[False])
+    assert first <= step * 1.01  # one aggregation: within one quantization step per coordinate
+    diffs = {k: float(abs(results[True][k] - results[False][k]).max()) for k in results[False]}
+    moved = {k: float(abs(results[False][k]).max()) for k in results[False] if "lora_B" in k}
+    assert max(moved.values()) > 1e-3  # training really changed B, so the comparison means something
+    assert max(diffs.values()) <= 4 * step, max(diffs.items(), key=lambda kv: kv[1])
