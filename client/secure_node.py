@@ -69,14 +69,10 @@ def join(context: Context, rec: ConfigRecord) -> dict:
     return {"to": list(sealed), "blob": list(sealed.values())}
 
 
-def flatten(arrays: dict[str, np.ndarray]) -> np.ndarray:
-    return np.concatenate([np.asarray(arrays[k], np.float32).ravel() for k in sorted(arrays)])
-
-
 def mask_update(context: Context, keys: sa.NodeKeys, conf, update: dict[str, np.ndarray],
                 num_examples: int) -> tuple[np.ndarray, dict]:
     weight = 1 if str(conf["weighting"]) == "uniform" else min(int(num_examples), int(conf["max-weight"]))
-    masked, sealed = keys.mask(int(conf["server-round"]), flatten(update), weight=weight,
+    masked, sealed = keys.mask(int(conf["server-round"]), sa.flatten(update), weight=weight,
                                participants=[int(p) for p in conf["participants"]], clip=float(conf["clip"]),
                                levels_=int(conf["levels"]))
     save_keys(context, keys)

@@ -106,6 +106,21 @@ def combine_secret(shares: Sequence[bytes]) -> bytes:
     return Shamir.combine(lo, ssss=False) + Shamir.combine(hi, ssss=False)
 
 
+# -- the update as one vector ---------------------------------------------------------------------
+def flatten(arrays: Mapping[str, np.ndarray]) -> np.ndarray:
+    """Exchanged tensors as one float32 vector, in sorted-name order (the same on every node and the server)."""
+    return np.concatenate([np.asarray(arrays[k], np.float32).ravel() for k in sorted(arrays)])
+
+
+def unflatten(vec: np.ndarray, like: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    out, i = {}, 0
+    for k in sorted(like):
+        n = like[k].size
+        out[k] = vec[i:i + n].reshape(like[k].shape)
+        i += n
+    return out
+
+
 # -- quantization ----------------------------------------------------------------------------
 def levels(*, n_nodes: int, max_weight: int) -> int:
     """Integer levels per unit clip range so that a sum of n weighted values cannot wrap around 2^32."""

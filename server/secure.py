@@ -23,19 +23,6 @@ from server.messages import NodeReply, array_record, config_record, exchange
 log = logging.getLogger(__name__)
 
 
-def flatten(arrays: dict[str, np.ndarray]) -> np.ndarray:
-    return np.concatenate([np.asarray(arrays[k], np.float32).ravel() for k in sorted(arrays)])
-
-
-def unflatten(vec: np.ndarray, like: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    out, i = {}, 0
-    for k in sorted(like):
-        n = like[k].size
-        out[k] = vec[i:i + n].reshape(like[k].shape)
-        i += n
-    return out
-
-
 class SecureFedAvg:
     """FedAvg where the server learns only the (weighted) sum of the sampled nodes' updates."""
 
@@ -174,7 +161,7 @@ class SecureFedAvg:
         if weight <= 0:
             return RoundOutcome(None, all_replies, sent, received, exchanges, "secure aggregation: zero total weight")
         vec = sa.dequantize_sum(summed, clip=self.clip, levels_=L)
-        new = aggregate.apply(global_arrays, unflatten(vec, global_arrays), float(weight))
+        new = aggregate.apply(global_arrays, sa.unflatten(vec, global_arrays), float(weight))
         extra = {"dropped_after_upload": [names.get(by_index[i], str(i)) for i in plan.uploaded
                                           if i not in revealed], "weight_sum": weight, "levels": L,
                  "epoch": self.epoch.number}
