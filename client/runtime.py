@@ -55,7 +55,7 @@ def get_node(cfg: JobConfig, ns: NodeSettings) -> Node:
                                   seed=d.seed, max_records=d.max_records)
     model = shared_model(cfg, splits.labels)
     node = prepare(cfg, state_dir=ns.state_dir, max_epsilon=ns.max_epsilon, delta=ns.delta, model=model,
-                   splits=splits)
+                   splits=splits, cache_dir=None if ns.partition is not None else ns.state_dir / "cache")
     _NODES[key] = node
     while len(_NODES) > MAX_NODES:
         _NODES.popitem(last=False)

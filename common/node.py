@@ -57,7 +57,7 @@ class RoundResult:
 
 def prepare(cfg: JobConfig, *, state_dir: str | Path, max_epsilon: float, delta: float = 0.0,
             data_path: str | None = None, model: LoraModel | None = None, for_training: bool = True,
-            splits: data.Splits | None = None) -> Node:
+            splits: data.Splits | None = None, cache_dir: str | Path | None = None) -> Node:
     """Load data and model for ``cfg`` on this node and work out its DP parameters.
 
     Args:
@@ -69,6 +69,8 @@ def prepare(cfg: JobConfig, *, state_dir: str | Path, max_epsilon: float, delta:
         model: reuse an already built model (tests, simulations).
         for_training: False to only evaluate (no size check, no noise calibration).
         splits: already loaded records (simulated nodes get a partition); skips reading files.
+        cache_dir: keep tokenized data and the calibrated noise here, so a fresh process per
+            message (Flower's subprocess isolation) does not redo them.
 
     Raises:
         DataError, ModelError, PrivacyError, LedgerError: with what to fix.
@@ -87,8 +89,14 @@ def prepare(cfg: JobConfig, *, state_dir: str | Path, max_epsilon: float, delta:
                                  alpha=lc.alpha, dropout=lc.dropout, target_modules=lc.target_module_list,
                                  ffa=lc.ffa, seed=lc.seed)
     tok = model.tokenizer
-    sets = [data.tokenize(s, tok, label_set=splits.labels, max_length=cfg.model.max_length)
-            for s in (splits.train, splits.val, splits.test)]
+    key = _cache_key(splits.dataset_id, cfg.data.__dict__, str(model.base_path), cfg.model.max_length,
+                     cfg.model.task, splits.labels, len(splits.train), len(splits.val), len(splits.test))
+    sets = _cached_tokens(cache_dir, key) if cache_dir else None
+    if sets is None:
+        sets = [data.tokenize(s, tok, label_set=splits.labels, max_length=cfg.model.max_length)
+                for s in (splits.train, splits.val, splits.test)]
+        if cache_dir:
+            _store_tokens(cache_dir, key, sets)
     n_total = len(splits.train) + len(splits.val) + len(splits.test)
     ledger = PrivacyLedger(state_dir, dataset_id=splits.dataset_id, n_records=n_total, delta=delta,
                            max_epsilon=max_epsilon, accountant=cfg.privacy.accountant)
@@ -99,9 +107,12 @@ def prepare(cfg: JobConfig, *, state_dir: str | Path, max_epsilon: float, delta:
     if not for_training:
         pass
     elif cfg.privacy.enabled:
-        noise = cfg.privacy.noise_multiplier or privacy.calibrate_noise(
-            target_epsilon=min(cfg.privacy.target_epsilon, max_epsilon), delta=ledger.delta, plan=plan,
-            kind=cfg.privacy.accountant)
+        target = min(cfg.privacy.target_epsilon, max_epsilon)  # the job may ask less, never more than the node
+        nkey = _cache_key(target, ledger.delta, plan.__dict__, cfg.privacy.accountant)
+        noise = cfg.privacy.noise_multiplier or _cached_noise(cache_dir, nkey) or privacy.calibrate_noise(
+            target_epsilon=target, delta=ledger.delta, plan=plan, kind=cfg.privacy.accountant)
+        if cache_dir and not cfg.privacy.noise_multiplier:
+            _store_noise(cache_dir, nkey, noise)
     else:
         privacy.warn_dp_off()
     return Node(cfg=cfg, lora=model, splits=splits, train_set=sets[0], val_set=sets[1], test_set=sets[2],
@@ -162,3 +173,55 @@ def planned_epsilon(node: Node) -> float:
         return math.inf
     return privacy.epsilon([(node.noise_multiplier, node.plan.sample_rate, node.plan.total_steps)],
                            delta=node.ledger.delta, kind=node.ledger.accountant)
+
+
+# -- a node's disk cache (derived data only: safe to delete) -----------------------------------
+def _cache_key(*parts) -> str:
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def _cached_tokens(cache_dir, key: str) -> list[TensorDataset] | None:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(cache_dir) / f"tokens-{key}.safetensors"
+    if not path.is_file():
+        return None
+    try:
+        t = load_file(str(path))
+    except (SafetensorError, OSError):
+        return None  # a damaged cache is rebuilt
+    names = sorted({k.split("/")[0] for k in t})
+    return [TensorDataset(*[t[f"{n}/{i}"] for i in range(sum(1 for k in t if k.startswith(n + "/")))])
+            for n in names]
+
+
+def _store_tokens(cache_dir, key: str, sets: list[TensorDataset]) -> None:
+    from safetensors.torch import save_file
+
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    tensors = {f"{n}/{i}": t.contiguous() for n, ds in zip(("0train", "1val", "2test"), sets)
+               for i, t in enumerate(ds.tensors)}
+    tmp = Path(cache_dir) / f"tokens-{key}.tmp"
+    save_file(tensors, str(tmp))
+    tmp.replace(Path(cache_dir) / f"tokens-{key}.safetensors")
+
+
+def _cached_noise(cache_dir, key: str) -> float | None:
+    import json
+
+    path = Path(cache_dir) / f"noise-{key}.json" if cache_dir else None
+    try:
+        return float(json.loads(path.read_text())["noise_multiplier"]) if path and path.is_file() else None
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _store_noise(cache_dir, key: str, noise: float) -> None:
+    import json
+
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    (Path(cache_dir) / f"noise-{key}.json").write_text(json.dumps({"noise_multiplier": noise}))

@@ -201,6 +201,28 @@ def cmd_baselines(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    """Make a federation's CA + SuperLink certificate, and/or SuperNode key pairs."""
+    from common import pki
+
+    out = Path(args.out)
+    made = []
+    if args.action == "init":
+        made += pki.make_ca(out, force=args.force)
+        made += pki.make_server_cert(out, hosts=args.host or ["127.0.0.1", "localhost"], force=args.force)
+    for name in args.node or []:
+        made += pki.make_node_keys(out / "nodes", name, force=args.force)
+    for p in made:
+        mode = oct(p.stat().st_mode & 0o777)
+        print(f"wrote {p} ({mode})")
+    if args.action == "init":
+        print(f"SuperLink: --ssl-ca-certfile {out / 'ca.crt'} --ssl-certfile {out / 'server.crt'} "
+              f"--ssl-keyfile {out / 'server.key'}")
+        print(f"SuperNodes get {out / 'ca.crt'} (as --root-certificates) and their own nodes/<name>.key; "
+              f"the operator registers nodes/<name>.pub with `flwr supernode register`")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     from common.config import describe
 
@@ -247,6 +269,16 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--full", action="store_true", help="also run federated without DP")
         sp.add_argument("settings", nargs="*", help="overrides as key=value")
         sp.set_defaults(func=cmd_simulate if name == "simulate" else cmd_baselines)
+
+    kp = sub.add_parser("keys", help="make TLS certificates and SuperNode authentication keys")
+    kp.add_argument("action", choices=["init", "node"], help="init: CA + SuperLink certificate (+ --node keys); "
+                    "node: only SuperNode key pairs")
+    kp.add_argument("--out", required=True, help="directory for the files (private keys are written 0600)")
+    kp.add_argument("--host", action="append", help="SuperLink address for its certificate (repeatable; "
+                    "default 127.0.0.1 and localhost)")
+    kp.add_argument("--node", action="append", help="make a SuperNode key pair with this name (repeatable)")
+    kp.add_argument("--force", action="store_true", help="overwrite existing files")
+    kp.set_defaults(func=cmd_keys)
 
     cp = sub.add_parser("config", help="list every job setting with its type, default and meaning")
     cp.set_defaults(func=cmd_config)

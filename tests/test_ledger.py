@@ -81,3 +81,18 @@ def test_ledger_file_is_complete_json_after_each_record(tmp_path):
         assert len(on_disk["entries"]) == r + 1
     assert on_disk["delta"] == pytest.approx(1e-5)
     assert not list(lg.path.parent.glob("*.tmp*"))
+
+
+def test_disk_cache_gives_the_same_node(tmp_path, easy_csv, fresh_easy):
+    """A fresh process per message reuses tokenized data and the calibrated noise from the node's disk."""
+    cfg = _cfg(easy_csv)
+    cache = tmp_path / "cache"
+    a = node.prepare(cfg, state_dir=tmp_path, max_epsilon=10, model=fresh_easy, cache_dir=cache)
+    assert len(list(cache.glob("tokens-*.safetensors"))) == 1 and len(list(cache.glob("noise-*.json"))) == 1
+    b = node.prepare(cfg, state_dir=tmp_path, max_epsilon=10, model=fresh_easy, cache_dir=cache)
+    assert b.noise_multiplier == a.noise_multiplier
+    for x, y in zip((a.train_set, a.val_set, a.test_set), (b.train_set, b.val_set, b.test_set)):
+        assert all((s == t).all() for s, t in zip(x.tensors, y.tensors))
+    # a lower ceiling on the node changes the calibration: not served from the cache
+    c = node.prepare(cfg, state_dir=tmp_path, max_epsilon=2, model=fresh_easy, cache_dir=cache)
+    assert c.noise_multiplier > a.noise_multiplier

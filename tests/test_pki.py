@@ -1,0 +1,45 @@
+"""Keys and certificates for a deployment: formats Flower reads, 0600 private keys, no silent overwrite."""
+
+from __future__ import annotations
+
+import stat
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+
+from common import pki
+from fedtune.cli import main
+
+
+def test_init_makes_a_ca_a_server_cert_with_sans_and_node_keys(tmp_path, capsys):
+    assert main(["keys", "init", "--out", str(tmp_path), "--host", "127.0.0.1", "--host", "fl.example.org",
+                 "--node", "org-a"]) == 0
+    for f in ("ca.key", "server.key", "nodes/org-a.key"):
+        assert stat.S_IMODE((tmp_path / f).stat().st_mode) == 0o600, f
+    assert pki.check_server_cert(tmp_path, "127.0.0.1") and pki.check_server_cert(tmp_path, "fl.example.org")
+    assert not pki.check_server_cert(tmp_path, "10.9.9.9")
+    cert = x509.load_pem_x509_certificate((tmp_path / "server.crt").read_bytes())
+    assert not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    # SuperNode keys: what flower-supernode (load_ssh_private_key) and `flwr supernode register` read
+    priv = load_ssh_private_key((tmp_path / "nodes" / "org-a.key").read_bytes(), password=None)
+    pub = load_ssh_public_key((tmp_path / "nodes" / "org-a.pub").read_bytes().rsplit(b" ", 1)[0])
+    assert isinstance(priv, ec.EllipticCurvePrivateKey) and priv.curve.name == "secp384r1"
+    assert priv.public_key().public_numbers() == pub.public_numbers()
+
+
+def test_existing_keys_are_never_overwritten_without_force(tmp_path, capsys):
+    assert main(["keys", "node", "--out", str(tmp_path), "--node", "org-a"]) == 0
+    before = (tmp_path / "nodes" / "org-a.key").read_bytes()
+    code = main(["keys", "node", "--out", str(tmp_path), "--node", "org-a"])
+    err = capsys.readouterr().err
+    assert code == 2 and "refusing to overwrite" in err and "--force" in err
+    assert (tmp_path / "nodes" / "org-a.key").read_bytes() == before
+    assert main(["keys", "node", "--out", str(tmp_path), "--node", "org-a", "--force"]) == 0
+    assert (tmp_path / "nodes" / "org-a.key").read_bytes() != before
+
+
+def test_server_cert_needs_the_ca(tmp_path):
+    with pytest.raises(pki.KeyFileError, match="fedtune keys init"):
+        pki.make_server_cert(tmp_path, hosts=["127.0.0.1"])
