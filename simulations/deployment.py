@@ -1,0 +1,152 @@
+"""A real deployment on this machine: one TLS SuperLink with node authentication and SuperNodes as
+separate processes, each organization with its own data and state directory (loopback only).
+
+Used by the integration test and the deployment benchmark; the guide in docs/deployment.md
+gives the same steps as commands. Every process started here is stopped by its PID.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common import pki
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f}s")
+
+
+@dataclass
+class LocalFederation:
+    """Start/stop a SuperLink and SuperNodes under ``base`` (keys, logs, FLWR_HOME, node state)."""
+
+    base: Path
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    port: int = 0
+
+    def __post_init__(self) -> None:
+        self.base = Path(self.base)
+        self.keys = self.base / "keys"
+        self.logs = self.base / "logs"
+        self.home = self.base / "flwr-home"
+        self.logs.mkdir(parents=True, exist_ok=True)
+
+    def env(self) -> dict:
+        env = dict(os.environ, FLWR_HOME=str(self.home), FLWR_TELEMETRY_ENABLED="0",
+                   FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", PYTHONUNBUFFERED="1",
+                   TOKENIZERS_PARALLELISM="false")
+        env.pop("RAY_ADDRESS", None)
+        return env
+
+    def start(self, name: str, cmd: list[str]) -> subprocess.Popen:
+        log = open(self.logs / f"{name}.log", "wb")
+        p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env(), cwd=self.base,
+                             start_new_session=True)
+        self.procs[name] = p
+        return p
+
+    def make_keys(self, nodes: list[str]) -> None:
+        pki.make_ca(self.keys)
+        pki.make_server_cert(self.keys, hosts=["127.0.0.1", "localhost"])
+        for n in nodes:
+            pki.make_node_keys(self.keys / "nodes", n)
+
+    def start_superlink(self, timeout: float = 60) -> None:
+        self.port = free_port()
+        self.start("superlink", [
+            "flower-superlink", "--ssl-ca-certfile", str(self.keys / "ca.crt"),
+            "--ssl-certfile", str(self.keys / "server.crt"), "--ssl-keyfile", str(self.keys / "server.key"),
+            "--enable-supernode-auth", "--database", str(self.base / "superlink.db"), "--isolation", "subprocess",
+            "--host", "127.0.0.1", "--port", str(self.port), "--disable-runtime-dependency-installation"])
+        wait_port(self.port, timeout)
+        self.home.mkdir(parents=True, exist_ok=True)
+        (self.home / "config.toml").write_text(
+            '[superlink]\ndefault = "local-tls"\n\n[superlink.local-tls]\n'
+            f'address = "127.0.0.1:{self.port}"\nroot-certificates = "{self.keys / "ca.crt"}"\n')
+
+    def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run(["flwr", *args], capture_output=True, text=True, env=self.env(), cwd=self.base,
+                              timeout=timeout)
+
+    def register(self, name: str) -> None:
+        r = self.flwr("supernode", "register", str(self.keys / "nodes" / f"{name}.pub"), "local-tls",
+                      "--format", "json")
+        if r.returncode != 0:
+            raise RuntimeError(f"registering {name} failed: {r.stdout} {r.stderr}")
+
+    def start_supernode(self, name: str, node_config: dict) -> subprocess.Popen:
+        conf = " ".join(f'{k}="{v}"' if isinstance(v, str) else f"{k}={v}" for k, v in node_config.items())
+        return self.start(name, [
+            "flower-supernode", "--superlink", f"127.0.0.1:{self.port}",
+            "--root-certificates", str(self.keys / "ca.crt"),
+            "--auth-supernode-private-key", str(self.keys / "nodes" / f"{name}.key"),
+            "--node-config", conf, "--isolation", "subprocess", "--host", "127.0.0.1", "--port", str(free_port()),
+            "--max-retries", "3", "--max-wait-time", "30"])
+
+    def run(self, run_config: dict, *, timeout: float) -> dict:
+        """``flwr run`` this project against the SuperLink; wait for the run to end; its ``flwr ls`` entry."""
+        conf = " ".join(f'{k}="{v}"' if isinstance(v, str) else
+                        f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in run_config.items())
+        r = self.flwr("run", str(ROOT), "local-tls", "--run-config", conf, "--format", "json")
+        if r.returncode != 0:
+            raise RuntimeError(f"flwr run failed: {r.stdout} {r.stderr}")
+        out = json.loads(r.stdout)
+        if "run-id" not in out:
+            raise RuntimeError(f"flwr run did not start a run: {out}")
+        run_id = out["run-id"]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            ls = self.flwr("ls", "local-tls", "--run-id", str(run_id), "--format", "json")
+            if ls.returncode == 0:
+                info = json.loads(ls.stdout)["runs"][0]
+                if info["status"].startswith("finished"):
+                    return info
+            time.sleep(2)
+        raise TimeoutError(f"run {run_id} did not finish within {timeout:.0f}s")
+
+    def stop(self) -> None:
+        """Stop every process started here (their process groups, so their ClientApp children too)."""
+        for p in self.procs.values():
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + 15
+        for p in self.procs.values():
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+    def log(self, name: str) -> str:
+        return (self.logs / f"{name}.log").read_text(errors="replace")
+
+
+def have_flower_cli() -> bool:
+    return all(shutil.which(c) for c in ("flower-superlink", "flower-supernode", "flwr"))
