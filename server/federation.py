@@ -72,6 +72,7 @@ class Federation:
         self.cfg, self.rd, self.agg, self.out = cfg, run_dir, aggregator, out
         self.names: dict[int, str] = {}
         self.privacy: dict[str, dict] = {}  # node name -> last reported privacy figures
+        self.benched: dict[int, float] = {}  # node id -> first round it may be asked again
 
     def run(self, grid: Grid) -> dict:
         cfg, f = self.cfg, self.cfg.fed
@@ -126,9 +127,14 @@ class Federation:
         first = not self.names
         connected = wait_for_nodes(grid, wanted=f.num_nodes if first else f.min_nodes, minimum=f.min_nodes,
                                    timeout=f.node_wait_timeout)
-        k = min(len(connected), max(f.min_nodes, math.ceil(f.fraction_train * len(connected))))
+        # nodes that refused (spent budget: it never comes back) or failed last round are not asked again
+        # (failed ones skip one round), unless too few would be left
+        eligible = [n for n in connected if self.benched.get(n, 0) <= rnd]
+        if len(eligible) < f.min_nodes:
+            eligible = connected
+        k = min(len(eligible), max(f.min_nodes, math.ceil(f.fraction_train * len(eligible))))
         # python's sampler: node ids are 64-bit unsigned and numpy would turn mixed ones into floats
-        asked = sorted(random.Random(f"{cfg.train.seed}-{rnd}").sample(connected, k))
+        asked = sorted(random.Random(f"{cfg.train.seed}-{rnd}").sample(eligible, k))
         conf = {"server-round": rnd, "job": self.rd.path.name, "run-dir": str(self.rd.path.resolve())}
         outcome = self.agg.run_round(grid, server_round=rnd, node_ids=asked, global_arrays=global_arrays,
                                      config=conf, names=self.names)
@@ -136,6 +142,10 @@ class Federation:
             self.names[r.node_id] = r.name
             if r.ok:
                 self._note_privacy(r, rnd)
+            elif r.status == "refused":
+                self.benched[r.node_id] = math.inf
+            elif r.status == "error":
+                self.benched[r.node_id] = rnd + 2
         new = outcome.new_arrays
         ev = server.evaluate(new if new is not None else global_arrays) if f.server_eval else {}
         fed_ev = self._federated_eval(grid, rnd, new if new is not None else global_arrays, connected)
@@ -150,6 +160,7 @@ class Federation:
             "started": started, "seconds": round(time.perf_counter() - t0, 3),
             "aggregation": self.agg.name, "secure_aggregation": self.agg.secure,
             "nodes_connected": len(connected), "nodes_asked": len(asked), "nodes_replied": len(ok),
+            "nodes_benched": sorted(self.names.get(n, str(n)) for n in connected if n not in asked),
             "failures": [{"node": r.name, "status": r.status, "reason": r.reason} for r in outcome.replies if not r.ok],
             "train_loss": loss, "examples": n_ex,
             "epsilon_per_node": eps, "epsilon_max": max((e for e in eps.values() if e is not None), default=None),

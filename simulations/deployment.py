@@ -105,7 +105,7 @@ class LocalFederation:
             "--node-config", conf, "--isolation", "subprocess", "--host", "127.0.0.1", "--port", str(free_port()),
             "--max-retries", "3", "--max-wait-time", "30"])
 
-    def run(self, run_config: dict, *, timeout: float) -> dict:
+    def run(self, run_config: dict, *, timeout: float, while_waiting=None) -> dict:
         """``flwr run`` this project against the SuperLink; wait for the run to end; its ``flwr ls`` entry."""
         conf = " ".join(f'{k}="{v}"' if isinstance(v, str) else
                         f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in run_config.items())
@@ -118,6 +118,8 @@ class LocalFederation:
         run_id = out["run-id"]
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            if while_waiting is not None:
+                while_waiting()
             ls = self.flwr("ls", "local-tls", "--run-id", str(run_id), "--format", "json")
             if ls.returncode == 0:
                 info = json.loads(ls.stdout)["runs"][0]
@@ -126,8 +128,19 @@ class LocalFederation:
             time.sleep(2)
         raise TimeoutError(f"run {run_id} did not finish within {timeout:.0f}s")
 
+    def _descendants(self, p: subprocess.Popen) -> list:
+        import psutil
+
+        try:
+            return psutil.Process(p.pid).children(recursive=True)
+        except psutil.Error:
+            return []
+
     def stop(self) -> None:
-        """Stop every process started here (their process groups, so their ClientApp children too)."""
+        """Stop every process started here, and their children (SuperExec, ClientApp processes), by PID."""
+        import psutil
+
+        children = [c for p in self.procs.values() for c in self._descendants(p)]
         for p in self.procs.values():
             if p.poll() is None:
                 try:
@@ -143,6 +156,25 @@ class LocalFederation:
                     os.killpg(p.pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+        for c in children:  # SuperExec children live outside their parent's process group
+            try:
+                c.terminate()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(children, timeout=10)
+
+    def kill(self, name: str) -> None:
+        """Kill a process and its children abruptly, as a crash or power cut would."""
+        children = self._descendants(self.procs[name])
+        try:
+            os.killpg(self.procs[name].pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        for c in children:
+            try:
+                c.kill()
+            except Exception:  # noqa: BLE001 - already gone
+                pass
 
     def log(self, name: str) -> str:
         return (self.logs / f"{name}.log").read_text(errors="replace")

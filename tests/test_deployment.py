@@ -21,7 +21,7 @@ def test_tls_authenticated_federation_with_dp_and_secure_aggregation(tmp_path):
     from common.assets import default_model_dir
 
     fed = LocalFederation(tmp_path / "fed")
-    orgs = ["org-0", "org-1", "org-2", "org-bad"]
+    orgs = ["org-0", "org-1", "org-2", "org-3", "org-bad"]
     t0 = time.monotonic()
     timings = {}
     try:
@@ -41,30 +41,43 @@ def test_tls_authenticated_federation_with_dp_and_secure_aggregation(tmp_path):
         run_dir = tmp_path / "run"
         # Execute: a 2-round job with DP and secure aggregation through `flwr run`
         t1 = time.monotonic()
-        info = fed.run({"fed.run-dir": str(run_dir), "fed.num-nodes": 4, "fed.min-nodes": 2, "train.rounds": 2,
-                        "fed.node-wait-timeout": 120.0, "fed.round-timeout": 240.0, "fed.fraction-evaluate": 0.0,
+        killed = []
+
+        def kill_org3_after_round_1() -> None:  # org-3 crashes while the run goes on
+            if not killed and (run_dir / "rounds.jsonl").exists():
+                fed.kill("org-3")
+                killed.append(time.monotonic())
+
+        info = fed.run({"fed.run-dir": str(run_dir), "fed.num-nodes": 5, "fed.min-nodes": 2, "train.rounds": 3,
+                        "fed.node-wait-timeout": 120.0, "fed.round-timeout": 60.0, "fed.fraction-evaluate": 0.0,
                         "data.path": str(held_out), "data.labels": ",".join(EASY_LABELS), "data.max-records": 0,
                         "model.max-length": 16, "train.batch-size": 8, "train.local-steps": 2,
-                        "train.threads": 1, "sim.baseline-epochs": 1.0}, timeout=600)
+                        "train.threads": 1, "sim.baseline-epochs": 1.0}, timeout=900,
+                       while_waiting=kill_org3_after_round_1)
         timings["run"] = time.monotonic() - t1
         # Assert: the unregistered node was refused and never took part
         intruder.wait(timeout=60)
         assert intruder.returncode != 0
         assert info["status"] == "finished:completed", info
         rounds = [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines()]
-        assert [r["round"] for r in rounds] == [1, 2]
-        for r in rounds:
-            assert r["status"] == "ok" and r["aggregation"] == "secagg+", r["reason"]
-            assert r["nodes_asked"] == 4 and r["nodes_replied"] == 3
-            assert [(f["node"], f["status"]) for f in r["failures"]] == [("org-bad", "error")]
-            assert "does not exist" in r["failures"][0]["reason"]
-            assert set(r["epsilon_per_node"]) == {"org-0", "org-1", "org-2"}
+        assert [r["round"] for r in rounds] == [1, 2, 3] and killed
+        assert all(r["status"] == "ok" and r["aggregation"] == "secagg+" for r in rounds), [r["reason"] for r in rounds]
+        # round 1: the node with a wrong data path fails (recorded), the other four are aggregated
+        assert rounds[0]["nodes_asked"] == 5 and rounds[0]["nodes_replied"] == 4
+        assert [(f["node"], f["status"]) for f in rounds[0]["failures"]] == [("org-bad", "error")]
+        assert "does not exist" in rounds[0]["failures"][0]["reason"]
+        # round 2: org-bad sits out one round; org-3 was killed: the round completes from the survivors
+        assert "org-bad" in rounds[1]["nodes_benched"]
+        assert {"org-0", "org-1", "org-2"} <= set(rounds[1]["epsilon_per_node"]) and "org-3" not in rounds[1][
+            "epsilon_per_node"]
+        # round 3 goes on without org-3 (and with org-bad failing again)
+        assert set(rounds[2]["epsilon_per_node"]) == {"org-0", "org-1", "org-2"}
         summary = json.loads((run_dir / "summary.json").read_text())
         assert summary["status"] == "finished" and summary["privacy"]["secure_aggregation"]
         # each organization's ledger, on its own disk, holds exactly its two releases within its ceiling
         for o in ("org-0", "org-1", "org-2"):
             (ledger,) = open_all(tmp_path / "state" / o)
-            assert [e.round for e in ledger.entries] == [1, 2]
+            assert [e.round for e in ledger.entries] == [1, 2, 3]
             assert 0 < ledger.spent() <= 8
             assert ledger.spent() == pytest.approx(summary["privacy"]["nodes"][o]["epsilon"])
         assert not open_all(tmp_path / "state" / "org-bad")
@@ -74,3 +87,7 @@ def test_tls_authenticated_federation_with_dp_and_secure_aggregation(tmp_path):
         fed.stop()
         print(f"deployment timings (s): {timings}")
     assert all(p.poll() is not None for p in fed.procs.values())
+    import psutil
+
+    ours = [q for q in psutil.process_iter(["cmdline"]) if str(fed.base) in " ".join(q.info["cmdline"] or [])]
+    assert not ours, "processes left behind"

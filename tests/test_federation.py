@@ -42,16 +42,18 @@ def test_simulation_writes_run_dir_and_skips_a_spent_node(tmp_path):
     # Assert: every artifact of the run directory
     rounds = [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [1, 2]
+    # round 1: node-2 refuses (recorded) and the round completes with the other three; it is not asked again
+    assert [(f["node"], f["status"]) for f in rounds[0]["failures"]] == [("node-2", "refused")]
+    assert "budget exceeded" in rounds[0]["failures"][0]["reason"]
+    assert rounds[0]["nodes_asked"] == 4 and rounds[1]["nodes_asked"] == 3 and rounds[1]["nodes_benched"] == ["node-2"]
     for r in rounds:
-        assert r["status"] == "ok" and r["nodes_asked"] == 4 and r["nodes_replied"] == 3, r["reason"]
-        assert [(f["node"], f["status"]) for f in r["failures"]] == [("node-2", "refused")]
-        assert "budget exceeded" in r["failures"][0]["reason"]
+        assert r["status"] == "ok" and r["nodes_replied"] == 3, r["reason"]
         assert r["bytes_received"] > 0 and r["seconds"] > 0 and r["train_loss"] > 0
         assert set(r["epsilon_per_node"]) == {"node-0", "node-1", "node-3"}
         assert r["server_eval"]["test"]["n"] > 0 and r["federated_eval"]["nodes"] == 4
         assert r["aggregation"] == "secagg+" and r["secure_aggregation"]
-        # node-2's mask key had to be reconstructed, so every round starts a fresh key epoch
-        assert r["exchanges"] == 4 and r["secagg"]["epoch"] == r["round"]
+    # node-2's mask key had to be reconstructed in round 1, so round 2 starts a fresh key epoch
+    assert [r["exchanges"] for r in rounds] == [4, 4] and [r["secagg"]["epoch"] for r in rounds] == [1, 2]
     assert rounds[1]["epsilon_max"] > rounds[0]["epsilon_max"]
     for k in (1, 2):
         assert (run_dir / "checkpoints" / f"round-{k}" / "adapter_model.safetensors").is_file()
