@@ -122,6 +122,7 @@ def node_train(node, received: dict, *, job: str, round_: int) -> tuple[dict, di
     metrics = {"num-examples": result.num_examples, "train-loss": result.stats.mean_loss,
                "epsilon": result.epsilon_spent, "noise-multiplier": result.noise_multiplier,
                "sample-rate": result.sample_rate, "delta": result.delta, "steps": result.stats.steps,
+               "max-epsilon": node.ledger.max_epsilon,
                "seconds": time.perf_counter() - t0}
     return update, metrics
 

@@ -168,7 +168,7 @@ class Federation:
             "exchanges": outcome.exchanges, "server_eval": _compact(ev), "federated_eval": fed_ev,
             "secagg": outcome.extra or None,
             "per_node": {r.name: {"status": r.status, **{k: r.metrics.get(k) for k in (
-                "num-examples", "train-loss", "epsilon", "seconds")}} for r in outcome.replies},
+                "num-examples", "train-loss", "epsilon", "max-epsilon", "seconds")}} for r in outcome.replies},
         }
         return record, new, ev
 
@@ -196,7 +196,7 @@ class Federation:
         p = self.privacy.setdefault(r.name, {"rounds": [], "steps": 0})
         p["rounds"].append(rnd)
         p["steps"] += int(r.metrics.get("steps", 0))
-        for k in ("epsilon", "noise-multiplier", "sample-rate", "delta"):
+        for k in ("epsilon", "noise-multiplier", "sample-rate", "delta", "max-epsilon"):
             p[k.replace("-", "_")] = r.metrics.get(k)
 
     def _replay_privacy(self) -> None:

@@ -63,7 +63,7 @@ def test_simulation_writes_run_dir_and_skips_a_spent_node(tmp_path):
     assert set(nodes) == {"node-0", "node-1", "node-3"}
     for p in nodes.values():
         assert p["rounds"] == [1, 2] and 0 < p["epsilon"] <= 8 and p["noise_multiplier"] > 0
-        assert 0 < p["sample_rate"] < 1 and p["steps"] == 4 and 0 < p["delta"] < 1e-4
+        assert 0 < p["sample_rate"] < 1 and p["steps"] == 4 and 0 < p["delta"] < 1e-4 and p["max_epsilon"] == 8
     assert json.loads((run_dir / "config.json").read_text())["fed.num-nodes"] == 4
     assert json.loads((run_dir / "run.json").read_text())["status"] == "finished"
     report = (run_dir / "report.md").read_text()
