@@ -223,6 +223,17 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from common.monitoring import run_view, status_table
+
+    view = run_view(args.run_dir)
+    if args.json:
+        print(json.dumps({k: v for k, v in view.items() if k != "config"}, indent=2, default=str))
+    else:
+        print(status_table(view))
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     from common.config import describe
 
@@ -279,6 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
     kp.add_argument("--node", action="append", help="make a SuperNode key pair with this name (repeatable)")
     kp.add_argument("--force", action="store_true", help="overwrite existing files")
     kp.set_defaults(func=cmd_keys)
+
+    st = sub.add_parser("status", help="print a run's rounds and nodes (privacy spent vs ceiling) as tables")
+    st.add_argument("run_dir", help="a run directory written by the server")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    st.set_defaults(func=cmd_status)
 
     cp = sub.add_parser("config", help="list every job setting with its type, default and meaning")
     cp.set_defaults(func=cmd_config)

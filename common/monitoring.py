@@ -1,0 +1,89 @@
+"""What administrators watch: summaries of a run directory, read-only.
+
+``run_view`` turns a run directory into one dict (run status, a row per round, a row
+per node with its spend against its ceiling); ``status_table`` prints it for a terminal.
+Readers never write into the run directory.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from common.rundir import RunDir
+
+AMBER = 0.8  # share of a node's ceiling at which its budget bar turns amber
+
+
+def budget_state(epsilon: float | None, ceiling: float | None) -> str:
+    """"ok", "amber" (>= 80% of the ceiling) or "red" (at the ceiling); "unknown" without figures."""
+    if epsilon is None or ceiling is None or ceiling <= 0 or ceiling == float("inf"):
+        return "unknown" if epsilon is None else "ok"
+    share = epsilon / ceiling
+    return "red" if share >= 0.999 else "amber" if share >= AMBER else "ok"
+
+
+def run_view(run_dir: str | Path) -> dict:
+    """The run's status, rounds and nodes as plain data."""
+    rd = RunDir(run_dir)
+    info, cfg, rounds = rd.read_run(), rd.read_config(), rd.rounds()
+    end = info.get("finished") or (time.time() if info.get("status") == "running" else info.get("updated"))
+    rows = []
+    nodes: dict[str, dict] = {}
+    for r in rounds:
+        se = (r.get("server_eval") or {}).get("test") or {}
+        fe = r.get("federated_eval") or {}
+        rows.append({"round": r["round"], "status": r["status"], "reason": r.get("reason", ""),
+                     "asked": r["nodes_asked"], "replied": r["nodes_replied"], "failed": len(r.get("failures", [])),
+                     "failures": r.get("failures", []), "seconds": r["seconds"],
+                     "bytes_received": r["bytes_received"], "train_loss": r.get("train_loss"),
+                     "test_accuracy": se.get("accuracy"), "test_loss": se.get("loss"),
+                     "worst_node_accuracy": fe.get("worst_accuracy"), "epsilon_max": r.get("epsilon_max")})
+        for name, m in (r.get("per_node") or {}).items():
+            n = nodes.setdefault(name, {"name": name, "rounds": [], "epsilon": None, "max_epsilon": None,
+                                        "last_error": None, "last_error_round": None})
+            if m.get("status") == "ok":
+                n["rounds"].append(r["round"])
+                n["epsilon"] = m.get("epsilon", n["epsilon"])
+                if m.get("max-epsilon") is not None:
+                    n["max_epsilon"] = m["max-epsilon"]
+        for f in r.get("failures", []):
+            n = nodes.setdefault(f["node"], {"name": f["node"], "rounds": [], "epsilon": None, "max_epsilon": None,
+                                             "last_error": None, "last_error_round": None})
+            n["last_error"], n["last_error_round"] = f"{f['status']}: {f['reason']}", r["round"]
+    sim_ceiling = cfg.get("sim.node-max-epsilon")
+    for n in nodes.values():
+        if n["max_epsilon"] is None and sim_ceiling and (rd.path / "nodes" / n["name"]).is_dir():
+            n["max_epsilon"] = sim_ceiling  # a simulated node: the ceiling every simulated node had
+        n["budget"] = budget_state(n["epsilon"], n["max_epsilon"])
+    return {"name": rd.path.name, "status": info.get("status"), "planned_rounds": info.get("planned_rounds"),
+            "completed_rounds": len(rounds), "started": info.get("started"),
+            "duration": (end - info["started"]) if end and info.get("started") else None,
+            "secure_aggregation": any(r.get("secure_aggregation") for r in rounds) if rounds else
+            cfg.get("fed.secure-aggregation"), "dp": cfg.get("privacy.enabled"),
+            "rounds": rows, "nodes": sorted(nodes.values(), key=lambda n: n["name"]), "config": cfg}
+
+
+def _f(v, nd: int = 4) -> str:
+    return "-" if v is None else f"{v:.{nd}f}" if isinstance(v, float) else str(v)
+
+
+def status_table(view: dict) -> str:
+    """The run as text tables (for operators without a browser)."""
+    lines = [f"run {view['name']}: {view['status']}, rounds {view['completed_rounds']}/{view['planned_rounds']}, "
+             f"{_f(view['duration'], 0)}s; DP {'on' if view['dp'] else 'OFF'}, secure aggregation "
+             f"{'on' if view['secure_aggregation'] else 'OFF'}", "",
+             f"{'round':>5} {'status':<7} {'nodes':>7} {'failed':>6} {'train loss':>10} {'test acc':>8} "
+             f"{'worst node':>10} {'max eps':>8} {'MB in':>7} {'secs':>6}"]
+    for r in view["rounds"]:
+        lines.append(f"{r['round']:>5} {r['status']:<7} {r['replied']:>3}/{r['asked']:<3} {r['failed']:>6} "
+                     f"{_f(r['train_loss']):>10} {_f(r['test_accuracy']):>8} {_f(r['worst_node_accuracy']):>10} "
+                     f"{_f(r['epsilon_max'], 2):>8} {r['bytes_received'] / 1e6:>7.2f} {r['seconds']:>6.1f}")
+        if r["status"] != "ok":
+            lines.append(f"      failed: {r['reason']}")
+    lines += ["", f"{'node':<16} {'rounds':>6} {'epsilon':>8} {'ceiling':>8} {'budget':<8} last error"]
+    for n in view["nodes"]:
+        err = f"round {n['last_error_round']}: {n['last_error'][:70]}" if n["last_error"] else ""
+        lines.append(f"{n['name']:<16} {len(n['rounds']):>6} {_f(n['epsilon'], 3):>8} {_f(n['max_epsilon'], 2):>8} "
+                     f"{n['budget']:<8} {err}")
+    return "\n".join(lines)
