@@ -234,6 +234,22 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from server.dashboard import create_app
+
+    root = Path(args.root)
+    if not root.is_dir():
+        raise FedtuneError(f"{root} is not a directory", "give a run directory or the directory holding runs")
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"WARNING: the dashboard listens on {args.host}: anyone who can reach it sees run figures "
+              "(it has no login); put it behind your own authentication")
+    print(f"fedtune dashboard on http://{args.host}:{args.port}/ over {root.resolve()} (read-only; Ctrl-C stops)")
+    uvicorn.run(create_app(root), host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     from common.config import describe
 
@@ -295,6 +311,12 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("run_dir", help="a run directory written by the server")
     st.add_argument("--json", action="store_true", help="machine-readable output")
     st.set_defaults(func=cmd_status)
+
+    dp = sub.add_parser("dashboard", help="serve a read-only web dashboard and /metrics over run directories")
+    dp.add_argument("root", nargs="?", default="runs", help="a run directory or a directory of runs (default runs)")
+    dp.add_argument("--host", default="127.0.0.1", help="address to listen on (default localhost only)")
+    dp.add_argument("--port", type=int, default=8050)
+    dp.set_defaults(func=cmd_dashboard)
 
     cp = sub.add_parser("config", help="list every job setting with its type, default and meaning")
     cp.set_defaults(func=cmd_config)
