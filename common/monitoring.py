@@ -44,6 +44,7 @@ def run_view(run_dir: str | Path) -> dict:
                                         "last_error": None, "last_error_round": None})
             if m.get("status") == "ok":
                 n["rounds"].append(r["round"])
+                n["delta"] = m.get("delta", n.get("delta"))
                 n["epsilon"] = m.get("epsilon", n["epsilon"])
                 if m.get("max-epsilon") is not None:
                     n["max_epsilon"] = m["max-epsilon"]
@@ -61,6 +62,8 @@ def run_view(run_dir: str | Path) -> dict:
             "duration": (end - info["started"]) if end and info.get("started") else None,
             "secure_aggregation": any(r.get("secure_aggregation") for r in rounds) if rounds else
             cfg.get("fed.secure-aggregation"), "dp": cfg.get("privacy.enabled"),
+            "accountant": cfg.get("privacy.accountant"), "max_grad_norm": cfg.get("privacy.max-grad-norm"),
+            "delta": max((n["delta"] for n in nodes.values() if n.get("delta") is not None), default=None),
             "rounds": rows, "nodes": sorted(nodes.values(), key=lambda n: n["name"]), "config": cfg}
 
 

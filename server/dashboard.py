@@ -59,7 +59,8 @@ def nodes_table(view: dict) -> str:
     for n in view["nodes"]:
         cap, eps = n["max_epsilon"], n["epsilon"]
         pct = 0 if not eps or not cap or cap == float("inf") else min(100, 100 * eps / cap)
-        rows.append(f"<tr data-node='{_e(n['name'])}'><td class=l>{_e(n['name'])}</td><td>{len(n['rounds'])}</td>"
+        rows.append(f"<tr data-node='{_e(n['name'])}'><td class=l>{_e(n['name'])}</td>"
+                    f"<td title='rounds {_e(','.join(map(str, n['rounds'])))}'>{len(n['rounds'])}</td>"
                     f"<td>{_e(eps, 3)}</td><td>{_e(cap, 2)}</td><td class=l><span class=bar>"
                     f"<span class='fill {_e(n['budget'])}' style='width:{pct:.0f}%'></span></span> {_e(n['budget'])}"
                     f"</td><td class=l>{_e(n['last_error'] or '')}</td></tr>")
@@ -157,9 +158,10 @@ def create_app(root: str | Path, *, poll_ms: int = 2000) -> FastAPI:
     def head(v: dict) -> str:
         return (f"<p id=head>status <b>{_e(v['status'])}</b> &middot; rounds {v['completed_rounds']}/"
                 f"{_e(v['planned_rounds'])} &middot; {_e(v['duration'], 0)} s &middot; DP "
-                f"{'on' if v['dp'] else '<b class=failed>OFF</b>'} (sample-level DP-SGD per node dataset) &middot; "
+                f"{'on' if v['dp'] else '<b class=failed>OFF</b>'} (sample-level DP-SGD per node dataset, "
+                f"clip {_e(v['max_grad_norm'])}, accountant {_e(v['accountant'])}, delta {_e(v['delta'], 7)}) &middot; "
                 f"secure aggregation {'on' if v['secure_aggregation'] else '<b class=failed>OFF</b>'} &middot; "
-                "threat model: docs/secure-aggregation.md</p>")
+                "threat model: <code>docs/secure-aggregation.md</code> in the fedtune repository</p>")
 
     @app.get("/", response_class=HTMLResponse)
     def index() -> str:

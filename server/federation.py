@@ -168,7 +168,7 @@ class Federation:
             "exchanges": outcome.exchanges, "server_eval": _compact(ev), "federated_eval": fed_ev,
             "secagg": outcome.extra or None,
             "per_node": {r.name: {"status": r.status, **{k: r.metrics.get(k) for k in (
-                "num-examples", "train-loss", "epsilon", "max-epsilon", "seconds")}} for r in outcome.replies},
+                "num-examples", "train-loss", "epsilon", "max-epsilon", "delta", "seconds")}} for r in outcome.replies},
         }
         return record, new, ev
 

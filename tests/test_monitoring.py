@@ -20,7 +20,7 @@ def _round(k, *, status="ok", per_node, failures=(), reason=""):
 def _make_run(path, *, finished: bool):
     rd = RunDir(path)
     rd.create(config={"privacy.enabled": True, "fed.secure-aggregation": True}, planned_rounds=3, resume=False)
-    ok = lambda eps, cap=8.0: {"status": "ok", "epsilon": eps, "max-epsilon": cap}  # noqa: E731
+    ok = lambda eps, cap=8.0: {"status": "ok", "epsilon": eps, "max-epsilon": cap, "delta": 1e-5}  # noqa: E731
     rd.append_round(_round(1, per_node={"a": ok(3.0), "b": ok(6.6), "c": {"status": "refused"}},
                            failures=[{"node": "c", "status": "refused", "reason": "privacy budget exceeded"}]))
     rd.append_round(_round(2, status="failed", reason="secure aggregation failed: too many nodes dropped out",
@@ -37,6 +37,7 @@ def test_view_of_a_run_with_failures_skips_and_a_node_at_its_ceiling(tmp_path):
     before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in rd.path.rglob("*") if p.is_file()}
     view = run_view(rd.path)
     assert (view["status"], view["completed_rounds"], view["planned_rounds"]) == ("finished", 3, 3)
+    assert view["delta"] == 1e-5 and view["dp"] and view["secure_aggregation"]
     assert [(r["round"], r["status"], r["replied"], r["asked"], r["failed"]) for r in view["rounds"]] == [
         (1, "ok", 2, 3, 1), (2, "failed", 1, 2, 1), (3, "ok", 2, 2, 0)]
     nodes = {n["name"]: n for n in view["nodes"]}
