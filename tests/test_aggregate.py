@@ -55,7 +55,7 @@ def test_mismatched_updates_are_rejected():
 
 # -- the server's aggregation step (message exchange replaced by canned replies) ---------------
 def _reply(name: str, update: dict | None, n: int = 10, status: str = "ok"):
-    from flwr.app import ArrayRecord, MetricRecord, RecordDict
+    from flwr.app import MetricRecord, RecordDict
 
     from server.messages import NodeReply, array_record
 
