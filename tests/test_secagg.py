@@ -139,8 +139,8 @@ def test_one_dropout_too_many_fails_the_round_cleanly(stage):
 
 
 def test_tampered_or_replayed_shares_are_rejected():
-    keys, ep = setup(3)
-    vals, _w = _vals(3, d=8), {i: 1 for i in range(3)}
+    keys, _ = setup(3)
+    vals = _vals(3, d=8)
     up, bsh = {}, {}
     for i in range(3):
         up[i], bsh[i] = keys[i].mask(1, vals[i], weight=1, participants=[0, 1, 2], clip=CLIP, levels_=1000)
