@@ -67,3 +67,11 @@ class BudgetExceededError(PrivacyError):
 
 class LedgerError(PrivacyError):
     """Raised when a node's privacy ledger is unreadable or inconsistent."""
+
+
+class ExportError(FedtuneError):
+    """Raised when a run cannot be exported (unfinished run, missing checkpoint, existing output)."""
+
+
+class RegistryError(FedtuneError):
+    """Raised when a model registry or one of its versions is missing, inconsistent or corrupted."""

