@@ -3,6 +3,10 @@
     fedtune local [--data FILE] [--state-dir DIR] [--out DIR] [key=value ...]
     fedtune evaluate --adapter DIR [--data FILE] [key=value ...]
     fedtune ledger [--state-dir DIR] [--json]
+    fedtune export RUN_DIR --out DIR [--round K]
+    fedtune registry add|list|show|compare|promote|rollback|verify ... [--registry DIR]
+    fedtune predict [FILE|-] (--model DIR | --registry DIR [--version V]) [--out FILE]
+    fedtune drift --data FILE (--model DIR | --registry DIR)
     fedtune config
 """
 
@@ -12,6 +16,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -250,12 +255,187 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     return 0
 
 
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from common.export import export_run
+
+    rec = export_run(args.run_dir, args.out, round=args.round, name_nodes=args.name_nodes, base_model=args.base_model,
+                     progress=_say)
+    _print_export_summary(rec, Path(args.out))
+    return 0
+
+
+def _print_export_summary(rec: dict, where: Path) -> None:
+    from common.modelcard import privacy_summary
+
+    test = rec["metrics"].get("test") or {}
+    ps = privacy_summary(rec)
+    print(f"{where}: model of run {rec['source']['run']} after round {rec['source']['round']} "
+          f"({rec['source']['checkpoint']})")
+    if "accuracy" in test:
+        print(f"  test accuracy {test['accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f} (n={test['n']})")
+    if ps["dp"]:
+        print(f"  privacy: sample-level DP per node dataset, epsilon <= {ps['epsilon_max']:.3f} at delta "
+              f"{ps['delta_max']:.3g} ({ps['accountant']}) over {ps['nodes']} nodes; secure aggregation "
+              f"{'on' if ps['secure_aggregation'] else 'off'}")
+    else:
+        print("  privacy: NO differential privacy (see the model card)")
+    print(f"  model card: {where / 'README.md'}; weights sha256 {rec['weights_sha256'][:16]}...")
+
+
+def _registry(args: argparse.Namespace):
+    from common.registry import Registry
+
+    return Registry(args.registry)
+
+
+def cmd_registry(args: argparse.Namespace) -> int:
+    from common.registry import compare
+
+    reg = _registry(args)
+    if args.action == "add":
+        if not args.version:
+            raise FedtuneError("registry add needs the run directory to export",
+                               "run `fedtune registry add RUN_DIR [--round K]`")
+        e = reg.add(args.version, round=args.round, name_nodes=args.name_nodes, base_model=args.base_model,
+                    note=args.note or "", progress=_say)
+        print(f"added {e['id']} (run {e['source_run']}, {e['checkpoint']}, round {e['source_round']}) to {reg.path}")
+        if args.promote:
+            reg.promote(e["id"])
+            print(f"promoted {e['id']} as current")
+        else:
+            print(f"promote it with `fedtune registry promote {e['id']} --registry {reg.path}`")
+        return 0
+    if args.action == "list":
+        vs = reg.versions()
+        if args.json:
+            print(json.dumps(vs, indent=2))
+            return 0
+        if not vs:
+            print(f"registry {reg.path} has no versions yet (add one with `fedtune registry add RUN_DIR`)")
+            return 0
+        print(f"{'':2}{'version':<8} {'created':<17} {'source':<28} {'test acc':>8} {'macro-F1':>8} "
+              f"{'worst node':>10} {'epsilon':>8} {'secagg':>6}  note")
+        for v in vs:
+            m, pr = v["metrics"], v["privacy"]
+            src = f"{v['source_run']}/{v['checkpoint']}"
+            print(f"{'*' if v['current'] else ' ':2}{v['id']:<8} "
+                  f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(v['created'])):<17} {src[:28]:<28} "
+                  f"{_num(m['test_accuracy']):>8} {_num(m['test_macro_f1']):>8} {_num(m['worst_node_accuracy']):>10} "
+                  f"{_num(pr['epsilon_max'], '.3f') if pr['dp'] else 'no DP':>8} "
+                  f"{'on' if pr['secure_aggregation'] else 'off':>6}  "
+                  f"{'rolled back' if v.get('rolled_back') and not v['current'] else ''}{v['note']}")
+        print("(* = current)")
+        return 0
+    if args.action == "show":
+        e = reg.entry(args.version)
+        print(json.dumps(e, indent=2))
+        return 0
+    if args.action == "compare":
+        if not (args.version and args.other):
+            raise FedtuneError("registry compare needs two versions", "run `fedtune registry compare v1 v2`")
+        a, b = reg.entry(args.version), reg.entry(args.other)
+        rows = compare(a, b)
+        if args.json:
+            print(json.dumps([{"metric": k, args.version: x, args.other: y, "delta": d} for k, x, y, d in rows],
+                             indent=2))
+            return 0
+        print(f"{'metric':<26} {a['id']:>10} {b['id']:>10} {'delta':>9}")
+        for k, x, y, d in rows:
+            print(f"{k:<26} {_num(x):>10} {_num(y):>10} {'' if d is None else format(d, '+.4f'):>9}")
+        return 0
+    if args.action == "promote":
+        if not args.version:
+            raise FedtuneError("registry promote needs a version", "run `fedtune registry promote VERSION`")
+        st = reg.promote(args.version)
+        prev = st["history"][-1] if st["history"] else None
+        print(f"current version: {st['current']}" + (f" (was {prev}; `fedtune registry rollback` restores it)"
+                                                     if prev and prev != st["current"] else ""))
+        return 0
+    if args.action == "rollback":
+        st = reg.rollback()
+        print(f"rolled back: current version is {st['current']} again")
+        return 0
+    if args.action == "verify":
+        ids = [args.version] if args.version else [v["id"] for v in reg.versions()]
+        for vid in ids:
+            reg.verify(vid)
+            print(f"{vid}: every file matches its recorded sha256")
+        return 0
+    raise AssertionError(args.action)
+
+
+def _num(x, spec: str = ".4f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def _classifier(args: argparse.Namespace):
+    from common.inference import Classifier
+
+    if bool(args.model) == bool(args.registry):
+        raise FedtuneError("say which model to use: --model DIR or --registry DIR (not both)",
+                           "pass --model with an exported directory, or --registry (current version, or --version V)")
+    kw = {"batch_size": args.batch_size, "max_length": args.max_length}
+    if args.registry:
+        return Classifier.from_registry(args.registry, args.version, **kw)
+    return Classifier(args.model, **kw)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from common.inference import format_predictions, label_inputs, progress_printer, read_inputs, write_output
+
+    inputs = read_inputs(args.input, text_column=args.text_column, on_bad_bytes=args.on_bad_bytes)
+    fmt = args.format or ("jsonl" if args.out and Path(args.out).suffix.lower() in (".jsonl", ".json") else "csv")
+    t0 = time.perf_counter()
+    clf = _classifier(args)
+    _say(f"loaded {clf.directory} ({len(clf.labels)} labels) in {time.perf_counter() - t0:.1f}s; labelling "
+         f"{sum(i.text is not None for i in inputs)} of {len(inputs)} inputs in batches of {clf.batch_size}")
+    t1 = time.perf_counter()
+    preds = label_inputs(clf, inputs, None if args.quiet else progress_printer())
+    took = time.perf_counter() - t1
+    write_output(format_predictions(inputs, preds, clf.labels, fmt=fmt, include_text=args.include_text), args.out)
+    counts: dict[str, int] = {}
+    for p in preds:
+        counts[p.status] = counts.get(p.status, 0) + 1
+    n = counts.get("ok", 0) + counts.get("replaced-bytes", 0)
+    _say(f"labelled {n} texts in {took:.1f}s ({n / took if took > 0 else 0:.0f}/s); statuses: "
+         + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + (f"; written to {args.out}" if args.out else ""))
+    return 0
+
+
+def cmd_drift(args: argparse.Namespace) -> int:
+    from common import drift
+
+    clf = _classifier(args)
+    records = drift.read_labelled(args.data, clf, text_column=args.text_column, label_column=args.label_column)
+    report = drift.check(clf, records.texts, records.labels, threshold=args.threshold)
+    if args.report:
+        from common.inference import write_output
+
+        write_output(json.dumps(report, indent=2) + "\n", args.report)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print("\n".join(drift.report_lines(report)))
+    return 4 if report["verdict"] == "drift" else 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     from common.config import describe
 
     for key, typ, default, help_ in describe():
         print(f"{key:<28} {typ:<6} {default!s:<10} {help_}")
     return 0
+
+
+def _export_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--round", type=int, help="export this round's checkpoint instead of the final adapter")
+    p.add_argument("--name-nodes", action="store_true", help="name the participating nodes in the model card "
+                   "(default: counts only)")
+    p.add_argument("--base-model", help="the base model directory on this machine, if not the run's model.path")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -317,6 +497,52 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--host", default="127.0.0.1", help="address to listen on (default localhost only)")
     dp.add_argument("--port", type=int, default=8050)
     dp.set_defaults(func=cmd_dashboard)
+
+    xp = sub.add_parser("export", help="export a run's model: merged model + PEFT adapter + model card")
+    xp.add_argument("run_dir", help="run directory written by the server")
+    xp.add_argument("--out", required=True, help="new directory to write (never overwritten)")
+    _export_options(xp)
+    xp.set_defaults(func=cmd_export)
+
+    rp = sub.add_parser("registry", help="versions of exported models: add, list, compare, promote, rollback, verify")
+    rp.add_argument("action", choices=["add", "list", "show", "compare", "promote", "rollback", "verify"])
+    rp.add_argument("version", nargs="?", help="add: the run directory; show/promote/verify: a version id; "
+                    "compare: the first version")
+    rp.add_argument("other", nargs="?", help="compare: the second version")
+    rp.add_argument("--registry", default=os.environ.get("FEDTUNE_REGISTRY", "registry"),
+                    help="registry directory (default $FEDTUNE_REGISTRY or ./registry)")
+    _export_options(rp)
+    rp.add_argument("--note", help="add: a note kept with the version")
+    rp.add_argument("--promote", action="store_true", help="add: promote the new version at once")
+    rp.add_argument("--json", action="store_true", help="list/compare: machine-readable output")
+    rp.set_defaults(func=cmd_registry)
+
+    for name, text in (("predict", "label texts (file, or - for stdin) with an exported model or registry version"),
+                       ("drift", "evaluate the model on fresh local labelled data; compare with its export figures")):
+        pp = sub.add_parser(name, help=text)
+        if name == "predict":
+            pp.add_argument("input", nargs="?", default="-", help="text file (one text per line), .csv/.jsonl/"
+                            ".parquet with --text-column, or - for stdin (default)")
+            pp.add_argument("--out", help="output file (default stdout); .jsonl/.json -> JSON Lines")
+            pp.add_argument("--format", choices=["csv", "jsonl"], help="output format (default from --out, else csv)")
+            pp.add_argument("--on-bad-bytes", default="error", choices=["error", "replace", "skip"],
+                            help="a line that is not UTF-8: stop (default), label it with U+FFFD, or leave it unlabelled")
+            pp.add_argument("--include-text", action="store_true", help="repeat each text in the output")
+            pp.add_argument("--quiet", action="store_true", help="no progress lines")
+        else:
+            pp.add_argument("--data", required=True, help="CSV, JSONL or Parquet file of labelled records")
+            pp.add_argument("--label-column", default="label")
+            pp.add_argument("--threshold", type=float, default=0.05,
+                            help="absolute drop in accuracy or macro-F1 reported as drift (default 0.05)")
+            pp.add_argument("--json", action="store_true", help="print the report as JSON")
+            pp.add_argument("--report", help="also write the JSON report to this local file")
+        pp.add_argument("--model", help="an exported model directory")
+        pp.add_argument("--registry", help="a registry directory (uses its current version unless --version)")
+        pp.add_argument("--version", help="with --registry: this version instead of the current one")
+        pp.add_argument("--text-column", default="text", help="column holding the text (table inputs)")
+        pp.add_argument("--batch-size", type=int, default=32)
+        pp.add_argument("--max-length", type=int, help="tokens per text (default: as trained)")
+        pp.set_defaults(func=cmd_predict if name == "predict" else cmd_drift)
 
     cp = sub.add_parser("config", help="list every job setting with its type, default and meaning")
     cp.set_defaults(func=cmd_config)
