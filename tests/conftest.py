@@ -116,3 +116,39 @@ def tiny_gpt2_dir(tmp_path_factory) -> Path:
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
+
+
+# -- a real (tiny) federated run and its exports, shared by the export, registry and inference tests ------------
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """A finished 3-node, 2-round federated run (DP + secure aggregation) through Flower's simulation engine."""
+    from simulations.run import simulate
+
+    run_dir = tmp_path_factory.mktemp("tiny-run") / "run"
+    cfg = load_config({"data.max-records": 240, "model.max-length": 16, "train.local-steps": 2,
+                       "train.batch-size": 8, "sim.partitioner": "iid", "fed.num-nodes": 3, "fed.min-nodes": 2,
+                       "train.rounds": 2, "fed.run-dir": str(run_dir), "fed.node-wait-timeout": 120})
+    simulate(cfg, out=lambda s: None, report=False)
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_run, tmp_path_factory) -> Path:
+    """The run's final model exported (merged model + adapter + card); tests must not modify it."""
+    from common.export import export_run
+
+    out = tmp_path_factory.mktemp("tiny-export") / "final"
+    export_run(tiny_run, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_registry(tiny_run, tmp_path_factory) -> Path:
+    """A registry holding v1 = round 1 and v2 = the final model, neither promoted; tests copy it."""
+    from common.registry import Registry
+
+    reg = Registry(tmp_path_factory.mktemp("tiny-registry") / "registry")
+    reg.add(tiny_run, round=1)
+    reg.add(tiny_run)
+    return reg.path

@@ -1,0 +1,190 @@
+"""Export of a real federated run: merged model == base + adapter, stock loading without fedtune,
+a model card whose numbers are the run directory's, and clear refusals."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.assets import default_model_dir
+from common.export import EXPORT_FILE, export_run, read_record
+from fedtune.cli import main
+
+TEXTS = ["Shares in the bank fell after it reported lower profits.",
+         "The striker scored twice as the club won the cup final.",
+         "The minister announced a new election date.",
+         "A new smartphone chip promises longer battery life."]
+# Float32 matrix products summed in a different order (W x + B A x vs (W + B A) x) differ by rounding only.
+LOGIT_TOLERANCE = 1e-4
+
+STOCK_LOADER = r"""
+import json, sys
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+d, max_length, texts = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
+tok = AutoTokenizer.from_pretrained(d, local_files_only=True)
+model = AutoModelForSequenceClassification.from_pretrained(d, local_files_only=True).eval()
+with torch.no_grad():
+    logits = model(**tok(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")).logits
+leaked = sorted(m for m in sys.modules if m.split(".")[0] in ("fedtune", "common", "peft", "opacus", "flwr"))
+print(json.dumps({"logits": logits.tolist(), "id2label": model.config.id2label, "leaked": leaked}))
+"""
+
+
+def _stock_logits(directory: Path, max_length: int) -> dict:
+    proc = subprocess.run([sys.executable, "-c", STOCK_LOADER, str(directory), str(max_length), json.dumps(TEXTS)],
+                          capture_output=True, text=True, cwd=directory, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_merged_export_equals_base_plus_adapter_and_loads_without_fedtune(tiny_run, tiny_export):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    record = read_record(tiny_export)
+    labels, max_length = record["model"]["labels"], record["model"]["max_length"]
+    # Reference: the packaged base model + the run's final adapter, through stock PEFT (unmerged)
+    base = AutoModelForSequenceClassification.from_pretrained(str(default_model_dir()), num_labels=len(labels))
+    peft_model = PeftModel.from_pretrained(base, str(tiny_run / "adapter")).eval()
+    tok = AutoTokenizer.from_pretrained(str(default_model_dir()))
+    with torch.no_grad():
+        ref = peft_model(**tok(TEXTS, padding=True, truncation=True, max_length=max_length,
+                               return_tensors="pt")).logits
+    # Execute: load the export with stock transformers in a fresh interpreter that never imports fedtune
+    out = _stock_logits(tiny_export, max_length)
+    # Assert
+    assert out["leaked"] == []
+    got = torch.tensor(out["logits"])
+    assert got.shape == (len(TEXTS), len(labels))
+    assert torch.max(torch.abs(got - ref)).item() < LOGIT_TOLERANCE
+    assert out["id2label"] == {str(i): lab for i, lab in enumerate(labels)}
+    # the merge really folded LoRA into the encoder: a targeted weight moved away from the base model's
+    from safetensors.torch import load_file
+
+    merged = load_file(str(tiny_export / "model.safetensors"))
+    original = load_file(str(default_model_dir() / "model.safetensors"))
+    key = next(k for k in merged if k.endswith("attention.self.query.weight"))
+    orig_key = next(k for k in original if k.endswith(key.split("bert.", 1)[-1]))
+    assert not torch.equal(merged[key], original[orig_key])
+    # the adapter alone is a standard PEFT directory equal to the run's
+    assert (tiny_export / "adapter" / "adapter_model.safetensors").read_bytes() == \
+        (tiny_run / "adapter" / "adapter_model.safetensors").read_bytes()
+
+
+def test_model_card_numbers_are_the_run_directorys(tiny_run, tiny_export):
+    from huggingface_hub import ModelCard
+
+    summary = json.loads((tiny_run / "summary.json").read_text())
+    rounds = [json.loads(x) for x in (tiny_run / "rounds.jsonl").read_text().splitlines()]
+    card = ModelCard.load(tiny_export / "README.md")
+    meta = card.data.to_dict()
+    # evaluation results (model-index) are the server's final test figures and the last federated evaluation
+    results = {(r.dataset_type, r.metric_type): r.metric_value for r in card.data.eval_results}
+    test = summary["final"]["test"]
+    assert results[("server-held-out", "accuracy")] == test["accuracy"]
+    assert results[("server-held-out", "f1")] == test["macro_f1"]
+    assert results[("server-held-out", "loss")] == test["loss"]
+    assert results[("federated-local-test", "accuracy")] == summary["federated_eval"]["accuracy"]
+    # the privacy block is the nodes' reported figures
+    nodes = summary["privacy"]["nodes"]
+    priv = meta["fedtune"]["privacy"]
+    assert priv["epsilon_max"] == max(n["epsilon"] for n in nodes.values())
+    assert priv["delta_max"] == max(n["delta"] for n in nodes.values())
+    assert priv["noise_multiplier_min"] == min(n["noise_multiplier"] for n in nodes.values())
+    assert priv["accountant"] == summary["privacy"]["accountant"] == "rdp"
+    assert priv["max_grad_norm"] == summary["privacy"]["max_grad_norm"]
+    assert priv["nodes"] == len(nodes) == 3 and priv["secure_aggregation"] is True and priv["dp"] is True
+    assert meta["base_model"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert meta["fedtune"]["labels"] == ["business", "entertainment", "politics", "sport", "tech"]
+    assert meta["fedtune"]["source_round"] == rounds[-1]["round"] == 2
+    # the text states them too
+    body = card.text
+    assert "sample-level (epsilon, delta)-differential privacy for each node's dataset" in body
+    assert f"**{priv['epsilon_max']:.3f}**" in body and "Poisson" in body and "**rdp**" in body
+    for n in nodes.values():
+        assert f"| {n['epsilon']:.4f} | {n['delta']:.3g} | {n['max_epsilon']:g} | {n['noise_multiplier']:.4f} | " \
+               f"{n['sample_rate']:.5f} | {n['steps']} | {len(n['rounds'])} |" in body
+    for lab, c in summary["final_per_class"].items():
+        assert f"| {lab} | {c['precision']:.4f} | {c['recall']:.4f} | {c['f1']:.4f} | {c['support']} |" in body
+    assert f"| test | {test['accuracy']:.4f} | {test['macro_f1']:.4f} | {test['loss']:.4f} | {test['n']} |" in body
+    assert "Participating nodes: 3" in body and "secure aggregation: **on**" in body
+    assert "## Known limitations" in body and "per record, not per person" in body
+    # identities are not disclosed unless asked
+    assert "node-0" not in card.content and "node 1" in body
+
+
+def test_round_checkpoint_export_uses_that_rounds_figures(tiny_run, tmp_path):
+    from huggingface_hub import ModelCard
+
+    out = tmp_path / "round1"
+    record = export_run(tiny_run, out, round=1, name_nodes=True)
+    r1 = json.loads((tiny_run / "rounds.jsonl").read_text().splitlines()[0])
+    assert record["source"]["checkpoint"] == "round-1" and record["metrics"]["test"] == r1["server_eval"]["test"]
+    assert record["metrics"]["per_class"] == r1["server_per_class"] and record["metrics"]["per_class"]
+    eps = {name: m["epsilon"] for name, m in r1["per_node"].items()}
+    assert {name: p["epsilon"] for name, p in record["privacy"]["nodes"].items()} == eps
+    assert all(p["steps"] == r1["per_node"][name]["steps"] for name, p in record["privacy"]["nodes"].items())
+    card = ModelCard.load(out / "README.md")
+    assert card.data.to_dict()["fedtune"]["privacy"]["epsilon_max"] == r1["epsilon_max"]
+    assert "node-0" in card.text  # --name-nodes
+    assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == \
+        (tiny_run / "checkpoints" / "round-1" / "adapter_model.safetensors").read_bytes()
+
+
+def _fails_cleanly(capsys, argv: list[str], *needles: str) -> str:
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("fedtune: error: ") and "fix:" in err and "Traceback" not in err, err
+    for n in needles:
+        assert n in err, err
+    return err
+
+
+def test_export_refusals_name_the_problem_and_leave_nothing(tiny_run, tiny_export, tmp_path, capsys):
+    out = tmp_path / "out"
+    _fails_cleanly(capsys, ["export", str(tiny_run), "--out", str(out), "--round", "7"], "no round 7",
+                   "rounds with a checkpoint: 1, 2")
+    _fails_cleanly(capsys, ["export", str(tmp_path), "--out", str(out)], "not a readable run directory")
+    _fails_cleanly(capsys, ["export", str(tiny_run), "--out", str(tiny_export)], "already exists")
+    # an unfinished run (no final adapter yet), a failed round, and a corrupted adapter
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_run, broken, ignore=shutil.ignore_patterns("nodes"))
+    shutil.rmtree(broken / "adapter")
+    _fails_cleanly(capsys, ["export", str(broken), "--out", str(out)], "has no final adapter yet", "--round K")
+    lines = (broken / "rounds.jsonl").read_text().splitlines()
+    first = json.loads(lines[0]) | {"status": "failed", "reason": "too many nodes dropped out"}
+    (broken / "rounds.jsonl").write_text("\n".join([json.dumps(first), *lines[1:]]) + "\n")
+    _fails_cleanly(capsys, ["export", str(broken), "--out", str(out), "--round", "1"], "round 1", "failed",
+                   "too many nodes dropped out")
+    ckpt = broken / "checkpoints" / "round-2" / "adapter_model.safetensors"
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    _fails_cleanly(capsys, ["export", str(broken), "--out", str(out), "--round", "2"], "corrupt")
+    assert not out.exists() and not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_export_record_hashes_every_file(tiny_export):
+    import hashlib
+
+    record = read_record(tiny_export)
+    files = {p.relative_to(tiny_export).as_posix() for p in tiny_export.rglob("*") if p.is_file()}
+    assert set(record["files"]) == files - {EXPORT_FILE}
+    for name, f in record["files"].items():
+        assert hashlib.sha256((tiny_export / name).read_bytes()).hexdigest() == f["sha256"]
+    assert record["weights_sha256"] == record["files"]["model.safetensors"]["sha256"]
+
+
+@pytest.mark.slow
+def test_export_cli_prints_the_guarantee(tiny_run, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "fedtune", "export", str(tiny_run), "--out", str(tmp_path / "x")],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "sample-level DP per node dataset, epsilon <=" in proc.stdout and "secure aggregation on" in proc.stdout
+    assert "exported in" in proc.stderr and (tmp_path / "x" / "README.md").is_file()

@@ -1,0 +1,160 @@
+"""The version registry: promote, compare, roll back; crashes mid-change; corrupted versions refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from common.errors import RegistryError
+from common.inference import Classifier
+from common.registry import Registry
+from fedtune.cli import main
+
+
+@pytest.fixture
+def reg(tiny_registry, tmp_path) -> Registry:
+    """A private copy of the session registry (v1 = round 1, v2 = final; none promoted)."""
+    dst = tmp_path / "registry"
+    shutil.copytree(tiny_registry, dst)
+    return Registry(dst)
+
+
+def _cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _crash(registry: Path, body: str) -> subprocess.CompletedProcess:
+    """Run ``body`` in a fresh interpreter with ``reg`` open; os._exit(9) in it is a hard crash (no cleanup)."""
+    script = "import os, sys\nfrom common.registry import Registry\nreg = Registry(sys.argv[1])\n" + textwrap.dedent(body)
+    return subprocess.run([sys.executable, "-c", script, str(registry)], capture_output=True, text=True, timeout=300,
+                          check=False)
+
+
+def test_promote_worse_version_then_rollback_restores_previous(reg, capsys):
+    # Prepare: v2 is current; v1 (round 1) is then promoted although it is worse on test accuracy or loss
+    code, out, err = _cli(capsys, "registry", "promote", "v2", "--registry", str(reg.path))
+    assert code == 0 and "current version: v2" in out
+    v1, v2 = reg.entry("v1"), reg.entry("v2")
+    code, out, _ = _cli(capsys, "registry", "compare", "v2", "v1", "--registry", str(reg.path), "--json")
+    rows = {r["metric"]: r for r in json.loads(out)}
+    assert rows["test_accuracy"]["delta"] == pytest.approx(v1["metrics"]["test_accuracy"] - v2["metrics"]["test_accuracy"])
+    assert rows["epsilon_max"]["delta"] < 0  # round 1 had spent less privacy than the final model
+    # Execute: promote v1, then roll back
+    assert _cli(capsys, "registry", "promote", "v1", "--registry", str(reg.path))[0] == 0
+    assert reg.state()["current"] == "v1"
+    code, out, _ = _cli(capsys, "registry", "rollback", "--registry", str(reg.path))
+    # Assert: v2 is current again, and what serving loads is v2's weights
+    assert code == 0 and "current version is v2" in out
+    st = reg.state()
+    assert st["current"] == "v2" and st["history"] == [] and st["versions"]["v1"].get("rolled_back")
+    assert Classifier.from_registry(reg.path).record["weights_sha256"] == v2["weights_sha256"]
+    code, out, _ = _cli(capsys, "registry", "list", "--registry", str(reg.path))
+    assert "* v2" in out and "rolled back" in out
+    # nothing left to roll back to: a clear refusal, state unchanged
+    code, _, err = _cli(capsys, "registry", "rollback", "--registry", str(reg.path))
+    assert code == 2 and "nothing to roll back to" in err and "fix:" in err
+    assert reg.state()["current"] == "v2"
+    actions = [json.loads(x)["action"] for x in (reg.path / "log.jsonl").read_text().splitlines()]
+    assert actions[-3:] == ["promote", "promote", "rollback"]
+
+
+def test_crash_during_promotion_leaves_registry_consistent(reg):
+    reg.promote("v1")
+    before = reg.state_file.read_bytes()
+    # a hard crash right before the new state replaces the old one (the temporary file is fully written)
+    proc = _crash(reg.path, """
+        real = os.replace
+        os.replace = lambda a, b: os._exit(9)
+        reg.promote("v2")
+    """)
+    assert proc.returncode == 9, proc.stderr
+    assert reg.state_file.read_bytes() == before and reg.state()["current"] == "v1"
+    assert list(reg.path.glob(".registry.json.tmp*"))  # the crashed writer's leftover
+    # a crash half-way through writing the temporary state file
+    proc = _crash(reg.path, """
+        import json
+        real_dump = json.dump
+        def torn(obj, f, **kw):
+            f.write(json.dumps(obj)[:40]); f.flush(); os._exit(9)
+        json.dump = torn
+        reg.promote("v2")
+    """)
+    assert proc.returncode == 9 and reg.state()["current"] == "v1"
+    assert reg.verify() == reg.version_dir("v1")
+    # the next writer cleans up and works
+    reg.promote("v2")
+    assert reg.state()["current"] == "v2" and reg.state()["history"] == ["v1"]
+    assert not list(reg.path.glob(".registry.json.tmp*"))
+
+
+def test_crash_while_adding_a_version_leaves_no_trace(reg, tiny_run):
+    proc = _crash(reg.path, f"""
+        import common.export as ex
+        ex.os.rename = lambda a, b: os._exit(9)  # all files written, not yet renamed into place
+        reg.add({str(tiny_run)!r})
+    """)
+    assert proc.returncode == 9, proc.stderr
+    assert [v["id"] for v in reg.versions()] == ["v1", "v2"]
+    assert list((reg.path / "versions").glob(".v3.partial-*"))
+    e = reg.add(tiny_run, round=2)
+    assert e["id"] == "v3" and not list((reg.path / "versions").glob(".*.partial-*"))
+    assert reg.verify("v3") == reg.version_dir("v3")
+
+
+def test_corrupted_version_is_refused(reg, capsys):
+    reg.promote("v1")
+    weights = reg.version_dir("v2") / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one flipped bit in the weights
+    weights.write_bytes(bytes(data))
+    code, _, err = _cli(capsys, "registry", "promote", "v2", "--registry", str(reg.path))
+    assert code == 2 and "Traceback" not in err
+    assert "version v2 is corrupted" in err and "model.safetensors" in err and "fix:" in err
+    assert reg.state()["current"] == "v1"
+    code, out, err = _cli(capsys, "registry", "verify", "--registry", str(reg.path))
+    assert code == 2 and "v1: every file matches" in out and "v2 is corrupted" in err
+    # a corrupted current version is not served, and is not a rollback target either
+    reg2 = Registry(reg.path)
+    st = reg2.state()
+    st["current"], st["history"] = "v2", ["v1"]
+    reg2._write_state(st)
+    with pytest.raises(RegistryError, match="v2 is corrupted"):
+        Classifier.from_registry(reg.path)
+    texts = reg.path.parent / "texts.txt"
+    texts.write_text("the bank raised rates\n")
+    code, _, err = _cli(capsys, "predict", str(texts), "--registry", str(reg.path))
+    assert code == 2 and "v2 is corrupted" in err
+    assert reg2.rollback()["current"] == "v1"
+    # swapping in another version's record does not fool the check (the registry keeps its own hash)
+    shutil.copy(reg.version_dir("v1") / "fedtune-export.json", reg.version_dir("v2") / "fedtune-export.json")
+    with pytest.raises(RegistryError, match="registry recorded"):
+        reg.verify("v2")
+
+
+def test_registry_refuses_unknown_versions_and_concurrent_writers(reg, capsys):
+    code, _, err = _cli(capsys, "registry", "promote", "v9", "--registry", str(reg.path))
+    assert code == 2 and "no version 'v9'" in err and "v1, v2" in err
+    texts = reg.path.parent / "texts.txt"
+    texts.write_text("the bank raised rates\n")
+    code, _, err = _cli(capsys, "predict", str(texts), "--registry", str(reg.path))
+    assert code == 2 and "no current version" in err
+    import fcntl
+
+    with open(reg.path / ".lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(RegistryError, match="another fedtune process"):
+            reg.promote("v1")
+    assert reg.state()["current"] is None
+    not_reg = reg.path.parent / "elsewhere"
+    not_reg.mkdir()
+    (not_reg / "notes.txt").write_text("x")
+    code, _, err = _cli(capsys, "registry", "list", "--registry", str(not_reg))
+    assert code == 2 and "not a fedtune registry" in err
