@@ -372,12 +372,16 @@ def _num(x, spec: str = ".4f") -> str:
     return "-" if x is None else format(x, spec)
 
 
-def _classifier(args: argparse.Namespace):
-    from common.inference import Classifier
-
+def _check_model_args(args: argparse.Namespace) -> None:
     if bool(args.model) == bool(args.registry):
         raise FedtuneError("say which model to use: --model DIR or --registry DIR (not both)",
                            "pass --model with an exported directory, or --registry (current version, or --version V)")
+
+
+def _classifier(args: argparse.Namespace):
+    from common.inference import Classifier
+
+    _check_model_args(args)
     kw = {"batch_size": args.batch_size, "max_length": args.max_length}
     if args.registry:
         return Classifier.from_registry(args.registry, args.version, **kw)
@@ -387,6 +391,7 @@ def _classifier(args: argparse.Namespace):
 def cmd_predict(args: argparse.Namespace) -> int:
     from common.inference import format_predictions, label_inputs, progress_printer, read_inputs, write_output
 
+    _check_model_args(args)
     inputs = read_inputs(args.input, text_column=args.text_column, on_bad_bytes=args.on_bad_bytes)
     fmt = args.format or ("jsonl" if args.out and Path(args.out).suffix.lower() in (".jsonl", ".json") else "csv")
     t0 = time.perf_counter()
