@@ -203,6 +203,7 @@ def cmd_baselines(args: argparse.Namespace) -> int:
     print()
     print("\n".join(baseline_table(rows)))
     print(f"\nall done in {time.perf_counter() - t0:.0f}s; report: {report}")
+    print(f"next: ship it with `fedtune registry add {run_dir} --registry models --promote` (docs/serving.md)")
     return 0
 
 
