@@ -66,7 +66,8 @@ def check(clf: Classifier, texts: list[str], gold_labels: list[str], *, threshol
                   "accuracy_ci95": [float(ci.low), float(ci.high)]},
         "recorded": {"accuracy": ref.get("accuracy"), "macro_f1": ref.get("macro_f1"), "n": ref.get("n")},
         "drop": drops, "per_class": per_class,
-        "classes_dropped": sorted(lab for lab, c in per_class.items() if c["drop"] is not None and c["drop"] > threshold),
+        "classes_dropped": sorted(lab for lab, c in per_class.items()
+                                  if c["drop"] is not None and c["drop"] > threshold),
         "small_sample": n < SMALL_SAMPLE,
         "version": {"directory": str(clf.directory), "source_run": clf.record["source"]["run"],
                     "round": clf.record["source"]["round"], "weights_sha256": clf.record.get("weights_sha256")},
@@ -79,7 +80,8 @@ def report_lines(r: dict) -> list[str]:
              f"{r['version']['round']}) on {r['n']} fresh records, threshold {r['threshold']:g}:",
              f"  accuracy  recorded {rec['accuracy']:.4f}  fresh {f['accuracy']:.4f} (95% CI "
              f"{f['accuracy_ci95'][0]:.3f}-{f['accuracy_ci95'][1]:.3f})  drop {r['drop']['accuracy']:+.4f}",
-             f"  macro-F1  recorded {rec['macro_f1']:.4f}  fresh {f['macro_f1']:.4f}  drop {r['drop']['macro_f1']:+.4f}"]
+             f"  macro-F1  recorded {rec['macro_f1']:.4f}  fresh {f['macro_f1']:.4f}  "
+             f"drop {r['drop']['macro_f1']:+.4f}"]
     for lab, c in r["per_class"].items():
         mark = "  <- dropped" if lab in r["classes_dropped"] else ""
         recf = "-" if c["recorded_f1"] is None else f"{c['recorded_f1']:.3f}"

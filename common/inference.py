@@ -124,9 +124,10 @@ class Classifier:
         keep = [i for i, t in enumerate(texts) if t is not None and str(t).strip()]
         probs = self.predict_proba([str(texts[i]) for i in keep], progress)
         out: list[Prediction] = [Prediction(None, None, {}, "empty")] * len(texts)
-        for row, i in zip(probs, keep):
+        for row, i in zip(probs, keep, strict=True):
             j = int(row.argmax())
-            out[i] = Prediction(self.labels[j], float(row[j]), {lab: float(p) for lab, p in zip(self.labels, row)})
+            out[i] = Prediction(self.labels[j], float(row[j]),
+                                {lab: float(p) for lab, p in zip(self.labels, row, strict=True)})
         return out
 
     __call__ = predict
@@ -209,7 +210,7 @@ def label_inputs(clf: Classifier, inputs: list[InputText],
     """A prediction per input (unlabelled entries keep their status)."""
     preds = clf.predict([i.text or "" for i in inputs], progress)
     return [Prediction(None, None, {}, i.status) if i.text is None or p.label is None
-            else Prediction(p.label, p.score, p.probabilities, i.status) for p, i in zip(preds, inputs)]
+            else Prediction(p.label, p.score, p.probabilities, i.status) for p, i in zip(preds, inputs, strict=True)]
 
 
 def format_predictions(inputs: list[InputText], preds: list[Prediction], labels: list[str], *, fmt: str,
@@ -221,12 +222,12 @@ def format_predictions(inputs: list[InputText], preds: list[Prediction], labels:
     if fmt == "csv":
         w = csv.writer(buf, lineterminator="\n")
         w.writerow(["line", "status", "label", "score", *[f"p_{lab}" for lab in labels]] + (["text"] * include_text))
-        for i, p in zip(inputs, preds):
+        for i, p in zip(inputs, preds, strict=True):
             probs = [f"{p.probabilities[lab]:.6f}" for lab in labels] if p.label is not None else [""] * len(labels)
             w.writerow([i.line, p.status, p.label or "", "" if p.score is None else f"{p.score:.6f}", *probs]
                        + ([i.text or ""] if include_text else []))
     else:
-        for i, p in zip(inputs, preds):
+        for i, p in zip(inputs, preds, strict=True):
             row = {"line": i.line, "status": p.status, "label": p.label, "score": p.score,
                    "probabilities": p.probabilities or None}
             if include_text:

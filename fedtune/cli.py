@@ -532,7 +532,8 @@ def build_parser() -> argparse.ArgumentParser:
             pp.add_argument("--out", help="output file (default stdout); .jsonl/.json -> JSON Lines")
             pp.add_argument("--format", choices=["csv", "jsonl"], help="output format (default from --out, else csv)")
             pp.add_argument("--on-bad-bytes", default="error", choices=["error", "replace", "skip"],
-                            help="a line that is not UTF-8: stop (default), label it with U+FFFD, or leave it unlabelled")
+                            help="a line that is not UTF-8: stop (default), label it with U+FFFD, "
+                            "or leave it unlabelled")
             pp.add_argument("--include-text", action="store_true", help="repeat each text in the output")
             pp.add_argument("--quiet", action="store_true", help="no progress lines")
         else:

@@ -188,3 +188,38 @@ def test_export_cli_prints_the_guarantee(tiny_run, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "sample-level DP per node dataset, epsilon <=" in proc.stdout and "secure aggregation on" in proc.stdout
     assert "exported in" in proc.stderr and (tmp_path / "x" / "README.md").is_file()
+
+
+@pytest.mark.slow
+def test_causal_lm_run_exports_and_is_not_served_as_a_classifier(tiny_gpt2_dir, tmp_path, capsys):
+    from huggingface_hub import ModelCard
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from common.config import load_config
+    from simulations.run import simulate
+
+    run_dir = tmp_path / "run"
+    simulate(load_config({"model.path": str(tiny_gpt2_dir), "model.task": "causal-lm", "model.max-length": 16,
+                          "data.max-records": 120, "train.local-steps": 2, "train.batch-size": 8,
+                          "sim.partitioner": "iid", "fed.num-nodes": 2, "fed.min-nodes": 2, "train.rounds": 1,
+                          "fed.run-dir": str(run_dir), "fed.node-wait-timeout": 120}), out=lambda s: None,
+             report=False)
+    out = tmp_path / "export"
+    record = export_run(run_dir, out)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    # merged == base + adapter, through stock classes
+    ids = torch.tensor([[1, 5, 9, 30, 2, 7]])
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_gpt2_dir))
+    ref = PeftModel.from_pretrained(base, str(run_dir / "adapter")).eval()(input_ids=ids).logits
+    got = AutoModelForCausalLM.from_pretrained(str(out)).eval()(input_ids=ids).logits
+    assert torch.max(torch.abs(got - ref)).item() < LOGIT_TOLERANCE
+    card = ModelCard.load(out / "README.md")
+    assert card.data.pipeline_tag == "text-generation" and record["model"]["labels"] == []
+    results = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    assert results["perplexity"] == summary["final"]["test"]["perplexity"]
+    assert "causal language model" in card.text and "AutoModelForCausalLM" in card.text
+    texts = tmp_path / "t.txt"
+    texts.write_text("hello\n")
+    assert main(["predict", str(texts), "--model", str(out)]) == 2
+    assert "only classifiers label texts" in capsys.readouterr().err

@@ -48,7 +48,7 @@ def test_api_predictions_match_the_stock_model(clf, tiny_export):
     assert seen == [(2, 5), (4, 5), (5, 5)]
     preds = clf.predict(["", "   ", *TEXTS])
     assert [p.status for p in preds[:2]] == ["empty", "empty"] and preds[0].label is None
-    for p, row in zip(preds[2:], expected):
+    for p, row in zip(preds[2:], expected, strict=True):
         assert p.label == clf.labels[int(row.argmax())] and p.score == pytest.approx(float(row.max()), abs=1e-5)
         assert sum(p.probabilities.values()) == pytest.approx(1.0, abs=1e-5)
     assert clf.max_length == json.loads((tiny_export / "fedtune-export.json").read_text())["model"]["max_length"]
@@ -80,7 +80,7 @@ def test_predict_file_edge_cases_as_documented(clf, tiny_export, tmp_path, capsy
     assert rows[4]["text"] == "Caf\ufffd owners cheered the minister"
     assert rows[1]["label"] == "" and rows[1]["score"] == ""
     expected = clf.predict([TEXTS[0], TEXTS[1], rows[4]["text"], TEXTS[2]])
-    for r, p in zip([rows[0], rows[3], rows[4], rows[5]], expected):
+    for r, p in zip([rows[0], rows[3], rows[4], rows[5]], expected, strict=True):
         assert r["label"] == p.label and float(r["score"]) == pytest.approx(p.score, abs=1e-5)
         assert sum(float(r[f"p_{lab}"]) for lab in clf.labels) == pytest.approx(1.0, abs=1e-4)
     # skip: the bad line keeps its row, unlabelled; JSON Lines chosen from the suffix
@@ -131,7 +131,7 @@ def _labelled_csv(path, texts, labels):
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["text", "label"])
-        w.writerows(zip(texts, labels))
+        w.writerows(zip(texts, labels, strict=True))
     return path
 
 

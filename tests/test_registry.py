@@ -33,7 +33,8 @@ def _cli(capsys, *argv: str) -> tuple[int, str, str]:
 
 def _crash(registry: Path, body: str) -> subprocess.CompletedProcess:
     """Run ``body`` in a fresh interpreter with ``reg`` open; os._exit(9) in it is a hard crash (no cleanup)."""
-    script = "import os, sys\nfrom common.registry import Registry\nreg = Registry(sys.argv[1])\n" + textwrap.dedent(body)
+    script = ("import os, sys\nfrom common.registry import Registry\nreg = Registry(sys.argv[1])\n"
+              + textwrap.dedent(body))
     return subprocess.run([sys.executable, "-c", script, str(registry)], capture_output=True, text=True, timeout=300,
                           check=False)
 
@@ -45,7 +46,8 @@ def test_promote_worse_version_then_rollback_restores_previous(reg, capsys):
     v1, v2 = reg.entry("v1"), reg.entry("v2")
     code, out, _ = _cli(capsys, "registry", "compare", "v2", "v1", "--registry", str(reg.path), "--json")
     rows = {r["metric"]: r for r in json.loads(out)}
-    assert rows["test_accuracy"]["delta"] == pytest.approx(v1["metrics"]["test_accuracy"] - v2["metrics"]["test_accuracy"])
+    want = v1["metrics"]["test_accuracy"] - v2["metrics"]["test_accuracy"]
+    assert rows["test_accuracy"]["delta"] == pytest.approx(want)
     assert rows["epsilon_max"]["delta"] < 0  # round 1 had spent less privacy than the final model
     # Execute: promote v1, then roll back
     assert _cli(capsys, "registry", "promote", "v1", "--registry", str(reg.path))[0] == 0
