@@ -219,7 +219,11 @@ def export_run(run_dir: str | Path, out: str | Path, *, round: int | None = None
         cfg = cfg.replace(**{"model.path": base_model})
     src = Path(record["source"]["adapter_dir"])
     adapter.read_adapter_file(src)  # fail fast on a corrupt adapter, before loading the model
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ExportError(f"cannot create {out.parent}: {e.strerror or e}", "choose a directory you can write to") \
+            from None
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
@@ -249,8 +253,11 @@ def export_run(run_dir: str | Path, out: str | Path, *, round: int | None = None
         progress(f"exported in {time.perf_counter() - t0:.1f}s: merged model "
                  f"{record['files'][WEIGHTS_FILE]['size'] / 1e6:.1f} MB, adapter "
                  f"{record['files']['adapter/' + adapter.ADAPTER_FILE]['size'] / 1e3:.1f} kB -> {out}")
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise ExportError(f"cannot write the export to {out}: {e.strerror or e}",
+                              "choose a directory you can write to, with room for about 100 MB") from None
         raise
     return record
 

@@ -243,13 +243,21 @@ def write_output(content: str, out: str | None) -> None:
         sys.stdout.flush()
         return
     path = Path(out).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8", newline="") as f:
-        f.write(content)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            f.write(content)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise DataError(f"cannot write {path}: {e.strerror or e}",
+                        "choose an output path you can write to (or leave out --out for stdout)") from None
 
 
 def progress_printer(stream=sys.stderr, every: float = 2.0) -> Callable[[int, int], None]:

@@ -114,6 +114,11 @@ def test_predict_table_input_and_input_errors(tiny_export, tmp_path, capsys):
     assert code == 2 and "not an exported model directory" in err
     code, _, err = _cli(capsys, "predict", str(table))
     assert code == 2 and "--model DIR or --registry DIR" in err
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    code, _, err = _cli(capsys, "predict", str(table), "--text-column", "body", "--model", str(tiny_export),
+                        "--out", str(blocker / "labels.csv"), "--quiet")
+    assert code == 2 and "cannot write" in err and "Traceback" not in err
 
 
 @pytest.mark.slow
