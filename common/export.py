@@ -241,6 +241,10 @@ def export_run(run_dir: str | Path, out: str | Path, *, round: int | None = None
         card = model_card(record)
         (staging / "README.md").write_text(card, encoding="utf-8")
         (staging / "adapter" / "README.md").write_text(card, encoding="utf-8")
+        umask = os.umask(0)
+        os.umask(umask)
+        for f in staging.rglob("*"):  # ordinary permissions, whatever the writers chose (safetensors: 0600)
+            f.chmod((0o777 if f.is_dir() else 0o666) & ~umask)
         record["files"] = manifest(staging)
         record["weights_sha256"] = record["files"][WEIGHTS_FILE]["sha256"]
         record["adapter_sha256"] = record["files"][f"adapter/{adapter.ADAPTER_FILE}"]["sha256"]

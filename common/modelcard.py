@@ -126,7 +126,7 @@ def _body(record: dict) -> str:
         + ("**on**: the server received only masked updates and learned only their sum" if p.get("secure_aggregation")
            else "**off**: the server saw each node's (differentially private) update"),
         f"- Local training per round: {tr['optimizer']} lr {tr['lr']:g}, expected batch {tr['batch_size']}, "
-        + (f"{tr['local_steps']} steps" if tr["local_steps"] else f"{tr['local_epochs']:g} epochs"),
+        + (f"{tr['local_steps']} steps" if tr["local_steps"] else f"{tr['local_epochs']:g} local epoch(s)"),
     ]
     if tr.get("partitioner"):
         lines.append(f"- Simulation: {tr['num_nodes']} virtual nodes, partitioner {tr['partitioner']}"

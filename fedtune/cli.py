@@ -328,7 +328,8 @@ def cmd_registry(args: argparse.Namespace) -> int:
                   f"{_num(m['test_accuracy']):>8} {_num(m['test_macro_f1']):>8} {_num(m['worst_node_accuracy']):>10} "
                   f"{_num(pr['epsilon_max'], '.3f') if pr['dp'] else 'no DP':>8} "
                   f"{'on' if pr['secure_aggregation'] else 'off':>6}  "
-                  f"{'rolled back' if v.get('rolled_back') and not v['current'] else ''}{v['note']}")
+                  + "; ".join(x for x in ("rolled back" if v.get("rolled_back") and not v["current"] else "",
+                                          v["note"]) if x))
         print("(* = current)")
         return 0
     if args.action == "show":

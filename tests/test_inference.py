@@ -171,3 +171,23 @@ def test_drift_check_compares_with_the_export_figures(clf, tiny_export, tmp_path
     bad = _labelled_csv(tmp_path / "bad.csv", texts[:2], ["weather", "sport"])
     code, _, err = _cli(capsys, "drift", "--data", str(bad), "--model", str(tiny_export))
     assert code == 2 and "'weather'" in err and "model's label set" in err and "Traceback" not in err
+
+
+def test_drift_on_the_servers_test_split_reproduces_the_recorded_figures(clf, tiny_run, tmp_path):
+    """The merged model served by fedtune scores the run's own test split as the server's PEFT model did."""
+    from common import data
+    from common.config import load_config
+    from common.drift import check
+    from common.rundir import RunDir
+
+    cfg = load_config(RunDir(tiny_run).read_config())
+    d = cfg.data
+    splits = data.load_splits(path=d.path, text_column=d.text_column, label_column=d.label_column,
+                              labels=d.label_list, task=cfg.model.task, val_fraction=d.val_fraction,
+                              test_fraction=d.test_fraction, seed=d.seed, max_records=d.max_records)
+    report = check(clf, splits.test.texts, splits.test.labels, threshold=0.05)
+    n = len(splits.test)
+    assert report["n"] == report["recorded"]["n"] == n
+    # equal up to a near-tie flipping under float32 rounding (padding differs: batch-longest vs max-length)
+    assert abs(report["fresh"]["accuracy"] - report["recorded"]["accuracy"]) <= 1 / n
+    assert report["verdict"] == "ok"
