@@ -160,3 +160,29 @@ def test_registry_refuses_unknown_versions_and_concurrent_writers(reg, capsys):
     (not_reg / "notes.txt").write_text("x")
     code, _, err = _cli(capsys, "registry", "list", "--registry", str(not_reg))
     assert code == 2 and "not a fedtune registry" in err
+
+
+@pytest.mark.slow
+def test_newcomer_flow_through_the_command_line(tiny_run, tmp_path):
+    """docs/serving.md's walk-through as a user types it: add + promote, label a file, promote, roll back."""
+    env_reg = str(tmp_path / "models")
+
+    def fedtune(*argv: str) -> subprocess.CompletedProcess:
+        proc = subprocess.run([sys.executable, "-m", "fedtune", *argv, *(["--registry", env_reg]
+                              if argv[0] == "registry" else [])], capture_output=True, text=True, timeout=300,
+                              check=False, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        return proc
+
+    assert "promoted v1 as current" in fedtune("registry", "add", str(tiny_run), "--promote").stdout
+    fedtune("registry", "add", str(tiny_run), "--round", "1", "--note", "earlier round")
+    card = (tmp_path / "models" / "versions" / "v1" / "README.md").read_text()
+    assert "## Privacy guarantee" in card and "sample-level (epsilon, delta)-differential privacy" in card
+    (tmp_path / "texts.txt").write_text("The bank cut rates\n\nThe striker scored\n")
+    fedtune("predict", "texts.txt", "--registry", env_reg, "--out", "labels.csv")
+    rows = (tmp_path / "labels.csv").read_text().splitlines()
+    assert rows[0].startswith("line,status,label,score,p_business") and len(rows) == 4
+    fedtune("registry", "promote", "v2")
+    assert "current version is v1 again" in fedtune("registry", "rollback").stdout
+    listing = fedtune("registry", "list").stdout
+    assert "* v1" in listing and "rolled back; earlier round" in listing
