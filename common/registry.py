@@ -147,6 +147,9 @@ class Registry:
             if record.get("weights_sha256") != e["weights_sha256"]:
                 raise AdapterError(f"its fedtune-export.json records weights {str(record.get('weights_sha256'))[:12]}"
                                    f"... but the registry recorded {e['weights_sha256'][:12]}...", "")
+            if e.get("files_sha256") and _files_hash(record) != e["files_sha256"]:
+                raise AdapterError("its file list (fedtune-export.json) differs from the one the registry recorded",
+                                   "")
             export.verify(d, record)
         except (AdapterError, ExportError) as err:
             raise RegistryError(f"version {e['id']} is corrupted and will not be used: {err.problem}",
@@ -212,6 +215,13 @@ class Registry:
             return st
 
 
+def _files_hash(record: dict) -> str:
+    """One sha256 over every file's name, size and sha256: the registry's own copy of the manifest."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(record.get("files") or {}, sort_keys=True).encode()).hexdigest()
+
+
 def _entry(vid: str, record: dict, note: str) -> dict:
     from common.modelcard import privacy_summary
 
@@ -223,6 +233,7 @@ def _entry(vid: str, record: dict, note: str) -> dict:
         "source_run": record["source"]["run"], "source_run_dir": record["source"]["run_dir"],
         "source_round": record["source"]["round"], "checkpoint": record["source"]["checkpoint"],
         "weights_sha256": record["weights_sha256"], "adapter_sha256": record["adapter_sha256"],
+        "files_sha256": _files_hash(record),
         "size_bytes": sum(f["size"] for f in record["files"].values()),
         "metrics": {"test_accuracy": test.get("accuracy"), "test_macro_f1": test.get("macro_f1"),
                     "test_loss": test.get("loss"), "test_n": test.get("n"),

@@ -139,6 +139,17 @@ def test_corrupted_version_is_refused(reg, capsys):
     shutil.copy(reg.version_dir("v1") / "fedtune-export.json", reg.version_dir("v2") / "fedtune-export.json")
     with pytest.raises(RegistryError, match="registry recorded"):
         reg.verify("v2")
+    # nor does a forged file list: change the label names and re-hash them in v1's record
+    cfg = reg.version_dir("v1") / "config.json"
+    cfg.write_text(cfg.read_text().replace('"sport"', '"weather"'))
+    forged = json.loads((reg.version_dir("v1") / "fedtune-export.json").read_text())
+    import hashlib
+
+    forged["files"]["config.json"] = {"sha256": hashlib.sha256(cfg.read_bytes()).hexdigest(),
+                                      "size": cfg.stat().st_size}
+    (reg.version_dir("v1") / "fedtune-export.json").write_text(json.dumps(forged))
+    with pytest.raises(RegistryError, match="file list"):
+        reg.verify("v1")
 
 
 def test_registry_refuses_unknown_versions_and_concurrent_writers(reg, capsys):
