@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import secagg as sa  # noqa: E402
+from common import secagg as sa
 
 
 def run_protocol(n: int, d: int, seed: int = 0) -> dict:

@@ -25,8 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-WORDS = {"sport": "match goal team coach cup league player score win final".split(),
-         "finance": "bank rate market shares profit bond inflation index price trade".split()}
+WORDS = {"sport": ["match", "goal", "team", "coach", "cup", "league", "player", "score", "win", "final"],
+         "finance": ["bank", "rate", "market", "shares", "profit", "bond", "inflation", "index", "price", "trade"]}
 
 
 def write_data(path: Path, n: int = 20_000) -> None:

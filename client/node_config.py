@@ -12,9 +12,10 @@ node (``partition-id`` set by Flower) gets its settings from the job's ``sim.*``
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from common.config import JobConfig
 from common.errors import ConfigError

@@ -10,8 +10,8 @@ standard PEFT directories (``adapter_config.json`` + safetensors) that stock
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 import torch
@@ -24,7 +24,7 @@ CONFIG_FILE = "adapter_config.json"
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The PEFT model inside an Opacus GradSampleModule (or the model itself)."""
-    while hasattr(model, "_module") and isinstance(getattr(model, "_module"), torch.nn.Module):
+    while hasattr(model, "_module") and isinstance(model._module, torch.nn.Module):
         model = model._module
     return model
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from common.errors import ConfigError
 
@@ -22,7 +23,7 @@ GRAD_SAMPLE_MODES = ("hooks", "ghost", "functorch", "ew")
 OPTIMIZERS = ("adamw", "sgd")
 
 
-def _f(default: Any, help: str) -> Any:  # noqa: A002 - "help" reads best here
+def _f(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -53,7 +53,11 @@ def evaluate(model: torch.nn.Module, dataset: TensorDataset, *, task: str, label
 
 def classification_metrics(gold: np.ndarray, pred: np.ndarray, labels: Sequence[str]) -> dict:
     """Accuracy, macro-F1 and per-class precision/recall/F1/support (scikit-learn's definitions)."""
-    from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
+    from sklearn.metrics import (
+        accuracy_score,
+        f1_score,
+        precision_recall_fscore_support,
+    )
 
     ids = list(range(len(labels)))
     p, r, f, s = precision_recall_fscore_support(gold, pred, labels=ids, zero_division=0)

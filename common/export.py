@@ -19,8 +19,8 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from common import adapter
 from common.assets import BBC_LABELS, DEFAULT_MODEL_NAME

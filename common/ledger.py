@@ -16,9 +16,9 @@ import json
 import math
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from common import privacy
 from common.errors import BudgetExceededError, LedgerError
@@ -136,7 +136,7 @@ class PrivacyLedger:
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
-    def record(self, *, job: str, round: int, noise_multiplier: float, sample_rate: float,  # noqa: A002
+    def record(self, *, job: str, round: int, noise_multiplier: float, sample_rate: float,
                steps: int) -> LedgerEntry:
         """Append a release durably (fsync'd) and return it. Re-reads under the lock first."""
         with self._locked():

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 import torch
@@ -119,7 +119,7 @@ def prepare(cfg: JobConfig, *, state_dir: str | Path, max_epsilon: float, delta:
                 plan=plan, noise_multiplier=noise, ledger=ledger)
 
 
-def train_round(node: Node, *, job: str, round: int, initial: Mapping[str, np.ndarray] | None = None,  # noqa: A002
+def train_round(node: Node, *, job: str, round: int, initial: Mapping[str, np.ndarray] | None = None,
                 progress: ProgressFn | None = None) -> RoundResult:
     """Train one round on this node and return the adapter update.
 

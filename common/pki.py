@@ -12,8 +12,8 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -57,7 +57,7 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
 def make_ca(out: Path, *, days: int = 3650, force: bool = False) -> tuple[Path, Path]:
     """A self-signed certificate authority: ``ca.key`` (0600) and ``ca.crt``."""
     key = ec.generate_private_key(CURVE())
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     cert = (x509.CertificateBuilder().subject_name(_name("fedtune CA")).issuer_name(_name("fedtune CA"))
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
@@ -93,7 +93,7 @@ def make_server_cert(out: Path, *, hosts: Sequence[str], days: int = 825, force:
         except ValueError:
             sans.append(x509.DNSName(h))
     key = ec.generate_private_key(CURVE())
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     cert = (x509.CertificateBuilder().subject_name(_name(hosts[0])).issuer_name(ca_cert.subject)
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))

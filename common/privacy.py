@@ -11,8 +11,8 @@ import logging
 import math
 import secrets
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import torch
 from torch.utils.data import DataLoader

@@ -21,9 +21,9 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
 
 from common import export
 from common.errors import AdapterError, ExportError, RegistryError

@@ -54,7 +54,8 @@ def cmd_local(args: argparse.Namespace) -> int:
             "pass --max-epsilon inf to allow non-private training on this data (the ledger then records an "
             "infinite spend for it), or keep DP on",
         )
-    from common import adapter, node as node_mod
+    from common import adapter
+    from common import node as node_mod
 
     t0 = time.perf_counter()
     print(f"fedtune local: loading data ({cfg.data.path or 'BBC News (packaged)'}) and model "
@@ -104,7 +105,8 @@ def cmd_local(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import tempfile
 
-    from common import adapter, node as node_mod
+    from common import adapter
+    from common import node as node_mod
     from common.config import load_config, parse_overrides
 
     cfg = load_config(parse_overrides(args.settings))
@@ -391,7 +393,13 @@ def _classifier(args: argparse.Namespace):
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from common.inference import format_predictions, label_inputs, progress_printer, read_inputs, write_output
+    from common.inference import (
+        format_predictions,
+        label_inputs,
+        progress_printer,
+        read_inputs,
+        write_output,
+    )
 
     _check_model_args(args)
     inputs = read_inputs(args.input, text_column=args.text_column, on_bad_bytes=args.on_bad_bytes)

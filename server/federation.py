@@ -11,7 +11,7 @@ import logging
 import math
 import random
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 from flwr.serverapp import Grid
@@ -21,7 +21,13 @@ from common.config import JobConfig
 from common.evaluate import evaluate
 from common.model import build_lora_model
 from common.rundir import RunDir
-from server.messages import NodeReply, array_record, config_record, exchange, wait_for_nodes
+from server.messages import (
+    NodeReply,
+    array_record,
+    config_record,
+    exchange,
+    wait_for_nodes,
+)
 
 log = logging.getLogger(__name__)
 

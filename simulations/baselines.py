@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import tempfile
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from common import data
 from common.config import JobConfig

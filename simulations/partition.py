@@ -9,7 +9,7 @@ record indices and depend only on the inputs and the seed.
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -26,7 +26,11 @@ def partition(labels: Sequence[str], *, num_partitions: int, kind: str, alpha: f
         DataError: when the records cannot be split that way (too few records or labels).
     """
     import datasets
-    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner
+    from flwr_datasets.partitioner import (
+        DirichletPartitioner,
+        IidPartitioner,
+        PathologicalPartitioner,
+    )
 
     datasets.disable_progress_bars()
     n = len(labels)

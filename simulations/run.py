@@ -16,8 +16,9 @@ import shutil
 import tempfile
 import time
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from common.config import JobConfig, load_config
 from common.errors import ConfigError, FedtuneError

@@ -95,7 +95,7 @@ def easy_csv(tmp_path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_gpt2_dir(tmp_path_factory) -> Path:
     """A tiny causal LM built from a config with a 512-token BPE trained on local text."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
     d = tmp_path_factory.mktemp("tiny-gpt2")

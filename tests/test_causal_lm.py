@@ -10,9 +10,9 @@ from common.config import load_config
 
 
 def test_causal_lm_trains_with_dp_and_reloads(tmp_path, tiny_gpt2_dir):
+    import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
-    import torch
 
     # Prepare: 200 short texts, text column only
     rows = [{"text": f"{s} on day {i}"} for i, s in enumerate((_SPORT + _FINANCE) * 13)][:200]
