@@ -80,7 +80,7 @@ def make_client_app(settings: dict | None = None) -> ClientApp:
                                    "info": _info(ns, "ok")}), reply_to=msg)
 
     def _secagg_query(msg: Message, context: Context, step) -> Message:
-        cfg, ns = _setup(msg, context)
+        _, ns = _setup(msg, context)
         try:
             out = step(context, msg.content["secagg"])
         except FedtuneError as err:

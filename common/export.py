@@ -105,10 +105,6 @@ def run_record(run_dir: str | Path, round: int | None = None, *, name_nodes: boo
                    "accountant": p.accountant, "max_grad_norm": p.max_grad_norm, "target_epsilon": p.target_epsilon,
                    "secure_aggregation": bool(rec.get("secure_aggregation"))}
         nodes = _node_privacy(rounds, upto)
-    for p in nodes.values():  # summary.json and round lines spell a few keys differently
-        for key in ("max-epsilon", "noise-multiplier", "sample-rate"):
-            if key in p:
-                p[key.replace("-", "_")] = p.pop(key)
     names = sorted(nodes)
     if not name_nodes:  # counts, not identities
         nodes = {f"node {i + 1}": nodes[n] for i, n in enumerate(names)}
@@ -283,8 +279,6 @@ def _merged_model(cfg: JobConfig, record: dict, src: Path):
         warnings.simplefilter("ignore")
         merged = lm.model.merge_and_unload()
     merged.eval()
-    if m["task"] == "seq-cls":
-        merged.config.id2label = dict(enumerate(m["labels"]))
-        merged.config.label2id = {lab: i for i, lab in enumerate(m["labels"])}
+    if m["task"] == "seq-cls":  # id2label / label2id were set when the base model was loaded
         merged.config.problem_type = "single_label_classification"
     return merged, lm.tokenizer

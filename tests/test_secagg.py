@@ -61,7 +61,7 @@ def test_quantization_error_within_bound():
 def test_masked_sum_equals_plaintext_sum_exactly():
     keys, ep = setup(5)
     vals, w = _vals(5), {i: 10 * (i + 1) for i in range(5)}
-    total, uploads, L, _ = run_round(keys, ep, 1, vals, w)
+    total, _, L, _ = run_round(keys, ep, 1, vals, w)
     # the plaintext the nodes would have sent, summed mod 2^32: reproduce with the same quantization by
     # checking the weight slot exactly and the values within the rounding bound
     summed, wsum = sa.split_sum(total)
@@ -94,7 +94,7 @@ def chi_square_bytes(b: bytes) -> float:
 def test_a_masked_upload_looks_uniform_and_masks_change_every_round():
     keys, ep = setup(3)
     zeros = {i: np.zeros(20_000, np.float32) for i in range(3)}  # the most structured plaintext possible
-    _, up1, L, _ = run_round(keys, ep, 1, zeros, {i: 1 for i in range(3)})
+    _, up1, _, _ = run_round(keys, ep, 1, zeros, {i: 1 for i in range(3)})
     _, up2, _, _ = run_round(keys, ep, 2, zeros, {i: 1 for i in range(3)})
     for up in (up1[0], up2[0]):
         # 255 degrees of freedom: the 99.9% quantile is about 330
@@ -119,7 +119,7 @@ def test_dropouts_up_to_tolerance_give_the_survivors_exact_sum(stage):
         kw["drop_before_upload"] = dropped
     elif stage == "after_upload":
         kw["drop_before_unmask"] = dropped
-    total, _, L, plan = run_round(keys, ep, 1, vals, w, participants=participants, **kw)
+    total, _, L, _ = run_round(keys, ep, 1, vals, w, participants=participants, **kw)
     summed, wsum = sa.split_sum(total)
     senders = [i for i in participants if not (stage == "after_sharing" and i in dropped)]
     assert wsum == len(senders)
