@@ -24,7 +24,7 @@ from flwr.clientapp import ClientApp
 from client import secure_node
 from client.node_config import NodeSettings, node_settings
 from client.runtime import get_node
-from common import adapter, aggregate
+from common import adapter, aggregate, privacy
 from common.config import load_config
 from common.errors import BudgetExceededError, FedtuneError
 
@@ -63,6 +63,8 @@ def make_client_app(settings: dict | None = None) -> ClientApp:
                 keys = secure_node.load_keys(context)
                 secure_node.check_round(keys, ns.state_dir, job, rnd)
             node = get_node(cfg, ns)
+            if not cfg.privacy.enabled and ns.partition is None:  # simulations print it once in the driver
+                privacy.warn_dp_off(job)
             received = {k: a.numpy() for k, a in msg.content["arrays"].items()}
             update, metrics = node_train(node, received, job=job, round_=rnd)
             if keys is not None:

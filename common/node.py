@@ -104,17 +104,13 @@ def prepare(cfg: JobConfig, *, state_dir: str | Path, max_epsilon: float, delta:
     plan = privacy.plan_steps(n_train=len(splits.train), batch_size=t.batch_size, local_epochs=t.local_epochs,
                               local_steps=t.local_steps, rounds=t.rounds)
     noise = 0.0
-    if not for_training:
-        pass
-    elif cfg.privacy.enabled:
+    if for_training and cfg.privacy.enabled:
         target = min(cfg.privacy.target_epsilon, max_epsilon)  # the job may ask less, never more than the node
         nkey = _cache_key(target, ledger.delta, plan.__dict__, cfg.privacy.accountant)
         noise = cfg.privacy.noise_multiplier or _cached_noise(cache_dir, nkey) or privacy.calibrate_noise(
             target_epsilon=target, delta=ledger.delta, plan=plan, kind=cfg.privacy.accountant)
         if cache_dir and not cfg.privacy.noise_multiplier:
             _store_noise(cache_dir, nkey, noise)
-    else:
-        privacy.warn_dp_off()
     return Node(cfg=cfg, lora=model, splits=splits, train_set=sets[0], val_set=sets[1], test_set=sets[2],
                 plan=plan, noise_multiplier=noise, ledger=ledger)
 

@@ -137,8 +137,16 @@ def release(dp_model: torch.nn.Module) -> None:
                     setattr(p, attr, None)
 
 
-def warn_dp_off() -> None:
-    msg = ("DIFFERENTIAL PRIVACY IS OFF (privacy.enabled=false): updates carry no formal guarantee and can "
-           "reveal individual training records. Use this only for non-sensitive data or baselines.")
-    log.warning(msg)
-    warnings.warn(msg, stacklevel=2)
+DP_OFF_WARNING = ("DIFFERENTIAL PRIVACY IS OFF (privacy.enabled=false): updates carry no formal guarantee and can "
+                  "reveal individual training records. Use this only for non-sensitive data or baselines.")
+_warned: set[str] = set()
+
+
+def warn_dp_off(job: str) -> None:
+    """Log the DP-off warning in this node's log, once per process and job (not once per round).
+
+    Drivers that talk to a user (``fedtune local``, ``fedtune simulate``) print it themselves, once.
+    """
+    if job not in _warned:
+        _warned.add(job)
+        log.warning(DP_OFF_WARNING)

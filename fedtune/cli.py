@@ -56,7 +56,10 @@ def cmd_local(args: argparse.Namespace) -> int:
         )
     from common import adapter
     from common import node as node_mod
+    from common.privacy import DP_OFF_WARNING
 
+    if not cfg.privacy.enabled:
+        print(f"WARNING: {DP_OFF_WARNING}", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     print(f"fedtune local: loading data ({cfg.data.path or 'BBC News (packaged)'}) and model "
           f"({cfg.model.path or 'all-MiniLM-L6-v2 (packaged)'}) ...", flush=True)

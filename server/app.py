@@ -18,8 +18,8 @@ from server.secure import SecureFedAvg
 log = logging.getLogger(__name__)
 
 
-def make_aggregator(cfg):
-    """Secure aggregation unless the job turns it off (then warn loudly)."""
+def make_aggregator(cfg, out=print):
+    """Secure aggregation unless the job turns it off (then warn loudly, once)."""
     f = cfg.fed
     if f.secure_aggregation:
         return SecureFedAvg(weighting=f.aggregation, min_nodes=f.min_nodes, timeout=f.round_timeout,
@@ -27,8 +27,7 @@ def make_aggregator(cfg):
                             degree=f.secagg_degree, seed=cfg.train.seed)
     msg = ("SECURE AGGREGATION IS OFF (fed.secure-aggregation=false): the server sees every node's individual "
            "adapter update. Use this only when the server is trusted with each update.")
-    log.warning(msg)
-    print(f"WARNING: {msg}")
+    out(f"WARNING: {msg}")
     return PlainFedAvg(weighting=f.aggregation, min_nodes=f.min_nodes, timeout=f.round_timeout)
 
 
@@ -40,7 +39,7 @@ def make_server_app(settings: dict | None = None, *, result: dict | None = None,
     def main(grid: Grid, context: Context) -> None:
         cfg = load_config(settings if settings is not None else dict(context.run_config))
         run_dir = RunDir(cfg.fed.run_dir or Path("runs") / time.strftime("fed-%Y%m%d-%H%M%S"))
-        aggregator = make_aggregator(cfg)
+        aggregator = make_aggregator(cfg, out)
         summary = Federation(cfg, run_dir, aggregator, out=out).run(grid)
         if result is not None:
             result.update(summary=summary, run_dir=str(run_dir.path))

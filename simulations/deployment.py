@@ -13,6 +13,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from pathlib import Path
 from common import pki
 
 ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
 
 
 def free_port() -> int:
@@ -54,7 +56,10 @@ class LocalFederation:
         self.logs.mkdir(parents=True, exist_ok=True)
 
     def env(self) -> dict:
-        env = dict(os.environ, FLWR_HOME=str(self.home), FLWR_TELEMETRY_ENABLED="0",
+        # Flower's executables (and the SuperExec processes the SuperLink starts by name) are the ones
+        # installed next to this Python, also when its environment was not activated.
+        path = os.pathsep.join([str(BIN), os.environ.get("PATH", "")])
+        env = dict(os.environ, PATH=path, FLWR_HOME=str(self.home), FLWR_TELEMETRY_ENABLED="0",
                    FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", PYTHONUNBUFFERED="1",
                    TOKENIZERS_PARALLELISM="false")
         env.pop("RAY_ADDRESS", None)
@@ -76,7 +81,7 @@ class LocalFederation:
     def start_superlink(self, timeout: float = 60) -> None:
         self.port = free_port()
         self.start("superlink", [
-            "flower-superlink", "--ssl-ca-certfile", str(self.keys / "ca.crt"),
+            _exe("flower-superlink"), "--ssl-ca-certfile", str(self.keys / "ca.crt"),
             "--ssl-certfile", str(self.keys / "server.crt"), "--ssl-keyfile", str(self.keys / "server.key"),
             "--enable-supernode-auth", "--database", str(self.base / "superlink.db"), "--isolation", "subprocess",
             "--host", "127.0.0.1", "--port", str(self.port), "--disable-runtime-dependency-installation"])
@@ -87,7 +92,7 @@ class LocalFederation:
             f'address = "127.0.0.1:{self.port}"\nroot-certificates = "{self.keys / "ca.crt"}"\n')
 
     def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run(["flwr", *args], capture_output=True, text=True, env=self.env(), cwd=self.base,
+        return subprocess.run([_exe("flwr"), *args], capture_output=True, text=True, env=self.env(), cwd=self.base,
                               timeout=timeout)
 
     def register(self, name: str) -> None:
@@ -99,7 +104,7 @@ class LocalFederation:
     def start_supernode(self, name: str, node_config: dict) -> subprocess.Popen:
         conf = " ".join(f'{k}="{v}"' if isinstance(v, str) else f"{k}={v}" for k, v in node_config.items())
         return self.start(name, [
-            "flower-supernode", "--superlink", f"127.0.0.1:{self.port}",
+            _exe("flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
             "--root-certificates", str(self.keys / "ca.crt"),
             "--auth-supernode-private-key", str(self.keys / "nodes" / f"{name}.key"),
             "--node-config", conf, "--isolation", "subprocess", "--host", "127.0.0.1", "--port", str(free_port()),
@@ -180,5 +185,7 @@ class LocalFederation:
         return (self.logs / f"{name}.log").read_text(errors="replace")
 
 
-def have_flower_cli() -> bool:
-    return all(shutil.which(c) for c in ("flower-superlink", "flower-supernode", "flwr"))
+def _exe(name: str) -> str:
+    """A Flower executable: the one installed beside this Python, else whatever PATH finds."""
+    local = BIN / name
+    return str(local) if local.is_file() else (shutil.which(name) or name)

@@ -72,6 +72,29 @@ def _private_runtime(run_dir: Path):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+class _DropRunSimulationDeprecation(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "`run_simulation` function is deprecated" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _without_run_simulation_deprecation():
+    """Silence Flower's one deprecation notice for ``run_simulation`` (printed twice, in full, before our output).
+
+    We call ``run_simulation`` on purpose: ``flwr run``'s local simulation starts a detached
+    SuperLink that keeps running after the job, and it reports a ServerApp's exception only in
+    its logs; ``run_simulation`` runs in this process, raises nothing silently (errors reach our
+    result check below) and leaves no process behind. Every other Flower warning still shows.
+    """
+    flwr_log = logging.getLogger("flwr")
+    drop = _DropRunSimulationDeprecation()
+    flwr_log.addFilter(drop)
+    try:
+        yield
+    finally:
+        flwr_log.removeFilter(drop)
+
+
 def simulate(cfg: JobConfig, *, out: Callable[[str], None] = print, report: bool = True) -> dict:
     """Run ``cfg`` as a Flower simulation; returns {"summary", "run_dir", "seconds"}."""
     from flwr.simulation import run_simulation
@@ -92,10 +115,14 @@ def simulate(cfg: JobConfig, *, out: Callable[[str], None] = print, report: bool
         f"{min(sizes)}-{max(sizes)} records), {cfg.train.rounds} rounds, "
         f"{'DP-SGD at epsilon ' + format(cfg.privacy.target_epsilon, 'g') if cfg.privacy.enabled else 'NO DP'}, "
         f"{'FFA-LoRA' if cfg.lora.ffa else 'LoRA'} r={cfg.lora.r}; run directory {run_dir}")
+    if not cfg.privacy.enabled:
+        from common.privacy import DP_OFF_WARNING
+
+        out(f"WARNING: {DP_OFF_WARNING}")
     result: dict = {}
     t0 = time.perf_counter()
     cores = os.cpu_count() or 1
-    with _private_runtime(run_dir):
+    with _private_runtime(run_dir), _without_run_simulation_deprecation():
         logging.getLogger("flwr").setLevel(logging.WARNING)
         run_simulation(server_app=make_server_app(settings, result=result, out=out), client_app=make_client_app(settings),
                        num_supernodes=cfg.fed.num_nodes,

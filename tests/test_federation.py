@@ -129,8 +129,10 @@ def test_flower_app_config_is_the_demo_job():
 
 
 @pytest.mark.slow
-def test_secure_aggregation_matches_plain_fedavg(tmp_path):
-    """Same job with and without secure aggregation (DP off, so training is deterministic)."""
+def test_secure_aggregation_matches_plain_fedavg(tmp_path, capfd):
+    """Same job with and without secure aggregation (DP off, so training is deterministic).
+
+    Also: each privacy-weakening warning reaches the user once per run, not once per node and round."""
     from common.adapter import read_adapter_file
 
     base = {**TINY, "fed.num-nodes": 3, "fed.min-nodes": 3, "train.rounds": 2, "privacy.enabled": False,
@@ -140,11 +142,13 @@ def test_secure_aggregation_matches_plain_fedavg(tmp_path):
     for secure in (True, False):
         run_dir = tmp_path / ("secure" if secure else "plain")
         cfg = load_config({**base, "fed.secure-aggregation": secure, "fed.run-dir": str(run_dir)})
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            simulate(cfg, out=lambda s: None, report=False)
+        lines: list[str] = []
+        simulate(cfg, out=lines.append, report=False)
+        captured = capfd.readouterr()
+        said = "\n".join(lines) + captured.out + captured.err
+        assert said.count("DIFFERENTIAL PRIVACY IS OFF") == 1, said
+        assert said.count("SECURE AGGREGATION IS OFF") == (0 if secure else 1), said
+        assert "run_simulation` function is deprecated" not in said
         results[secure] = read_adapter_file(run_dir / "adapter")
         results[(secure, 1)] = read_adapter_file(run_dir / "checkpoints" / "round-1")
         rounds = [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines()]

@@ -58,9 +58,8 @@ def test_crash_after_ledger_write_keeps_the_spend(tmp_path, easy_csv, fresh_easy
 
 
 def test_dp_off_is_refused_under_a_finite_ceiling(tmp_path, easy_csv, fresh_easy):
-    with pytest.warns(UserWarning, match="DIFFERENTIAL PRIVACY IS OFF"):
-        n = node.prepare(_cfg(easy_csv, **{"privacy.enabled": False}), state_dir=tmp_path, max_epsilon=100,
-                         model=fresh_easy)
+    n = node.prepare(_cfg(easy_csv, **{"privacy.enabled": False}), state_dir=tmp_path, max_epsilon=100,
+                     model=fresh_easy)
     with pytest.raises(BudgetExceededError, match="would bring it to inf"):
         node.train_round(n, job="j", round=1)
 
