@@ -47,8 +47,7 @@ def _stepper(lm, loader, *, dp: bool):
     model.train()
     if dp:
         model, opt, loader, _ = privacy.make_private(model=model, optimizer=opt, loader=loader, noise_multiplier=1.0,
-                                                     max_grad_norm=1.0, grad_sample_mode="hooks",
-                                                     poisson_sampling=True, kind="rdp")
+                                                     max_grad_norm=1.0, grad_sample_mode="hooks")
     return lambda: train_steps(model, loader, opt, steps=1, task="seq-cls")
 
 

@@ -89,7 +89,7 @@ def local_round_seconds() -> float:
     import warnings
 
     from common.config import load_config
-    from common.node import prepare, train_round
+    from common.node import NodePolicy, prepare, train_round
     from simulations.federated_data import node_splits
     from simulations.run import read_scenario
 
@@ -97,9 +97,9 @@ def local_round_seconds() -> float:
     cfg = load_config({**read_scenario("demo"), "train.threads": 1})
     splits = node_splits(cfg, 1, cfg.fed.num_nodes)
     with tempfile.TemporaryDirectory() as d:
-        node = prepare(cfg, state_dir=d, max_epsilon=100, splits=splits)
+        node = prepare(cfg, NodePolicy(source="bench", max_epsilon=100), state_dir=d, splits=splits)
         t = time.perf_counter()
-        train_round(node, job="bench", round=1)
+        train_round(node, job="bench", round=1, federated=False)
         return time.perf_counter() - t
 
 

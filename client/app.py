@@ -1,14 +1,16 @@
 """Flower ClientApp: unpack a message, call ``common``, pack the reply. Nothing else.
 
 A simulated node (``partition-id`` in its node config) trains on its partition of
-the job's data and keeps its ledger in the run directory; an organization's
-node uses its own ``--node-config`` (see ``client/node_config.py``).
+the job's data and keeps its ledger under the simulation's state root; an
+organization's node uses its own ``--node-config`` (see ``client/node_config.py``),
+whose privacy rules no job can override.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 from flwr.app import (
     Array,
@@ -22,17 +24,20 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 
 from client import secure_node
-from client.node_config import NodeSettings, node_settings
+from client.node_config import NodeSettings, node_settings, simulated_settings
 from client.runtime import get_node
 from common import adapter, aggregate, privacy
-from common.config import load_config
+from common.config import JobConfig, load_config
 from common.errors import BudgetExceededError, FedtuneError
+from common.evaluate import LM_LOSS_CLIP
+from common.node import EvalAnswer, answer_evaluation, train_round
 
 log = logging.getLogger(__name__)
 
 
 def _info(settings: NodeSettings, status: str, reason: str = "") -> ConfigRecord:
-    return ConfigRecord({"node": settings.name, "status": status, "reason": reason[:2000]})
+    return ConfigRecord({"node": settings.name, "status": status, "reason": reason[:2000],
+                         "accountant": settings.policy.accountant})
 
 
 def _refusal(msg: Message, settings: NodeSettings, err: FedtuneError) -> Message:
@@ -41,19 +46,36 @@ def _refusal(msg: Message, settings: NodeSettings, err: FedtuneError) -> Message
     return Message(RecordDict({"info": _info(settings, status, str(err))}), reply_to=msg)
 
 
-def make_client_app(settings: dict | None = None) -> ClientApp:
-    """A ClientApp for the job in ``settings`` (None: the run config Flower passes)."""
+def make_client_app(settings: dict | None = None, *, sim_state_root: str | Path | None = None) -> ClientApp:
+    """A ClientApp for the job in ``settings`` (None: the run config Flower passes).
+
+    ``sim_state_root``: where simulated nodes keep their state (ledgers); a simulation driver
+    passes its run directory's ``nodes/``. Never a path from a message.
+    """
     app = ClientApp()
 
-    def _setup(msg: Message, context: Context):
+    def _setup(context: Context) -> tuple[JobConfig, NodeSettings]:
         cfg = load_config(settings if settings is not None else dict(context.run_config))
-        conf = msg.content.config_records.get("config") or msg.content.config_records.get("secagg") or {}
-        ns = node_settings(context.node_config, context.node_id, cfg, conf)
-        return cfg, ns
+        nc = context.node_config
+        if "partition-id" in nc:  # a virtual node of a simulation (a real SuperNode never has this key)
+            root = Path(sim_state_root) if sim_state_root else Path(cfg.fed.run_dir or "runs/flwr-simulation") / "nodes"
+            ns = simulated_settings(cfg, int(nc["partition-id"]), int(nc["num-partitions"]), root)
+        else:
+            ns = node_settings(nc, context.node_id)
+        return ns.apply(cfg), ns
+
+    def _fail(msg: Message, context: Context, err: FedtuneError) -> Message:
+        name = str(context.node_config.get("name", context.node_id))
+        log.error("node %s refused a request: %s", name, err)
+        return Message(RecordDict({"info": ConfigRecord({"node": name, "status": "error",
+                                                         "reason": str(err)[:2000]})}), reply_to=msg)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        cfg, ns = _setup(msg, context)
+        try:
+            cfg, ns = _setup(context)
+        except FedtuneError as err:
+            return _fail(msg, context, err)
         conf = msg.content["config"]
         job, rnd = str(conf["job"]), int(conf["server-round"])
         secure = "epoch" in conf
@@ -68,21 +90,24 @@ def make_client_app(settings: dict | None = None) -> ClientApp:
             received = {k: a.numpy() for k, a in msg.content["arrays"].items()}
             update, metrics = node_train(node, received, job=job, round_=rnd)
             if keys is not None:
-                masked, shares = secure_node.mask_update(context, keys, conf, update, metrics["num-examples"])
+                masked, shares = secure_node.mask_update(context, keys, conf, update, metrics["weight"])
                 secure_node.record_round(ns.state_dir, job, rnd)
         except FedtuneError as err:
             return _refusal(msg, ns, err)
         if keys is None:
             return Message(RecordDict({"update": ArrayRecord({k: Array(v) for k, v in update.items()}),
                                        "metrics": MetricRecord(metrics), "info": _info(ns, "ok")}), reply_to=msg)
-        # under secure aggregation: nothing derived from the update, and not the record count, in the clear
-        metrics.pop("num-examples")
+        # under secure aggregation: nothing derived from the update, and not the weight, in the clear
+        metrics.pop("weight")
         return Message(RecordDict({"masked": ArrayRecord({"masked": Array(masked)}),
                                    "secagg": ConfigRecord(shares), "metrics": MetricRecord(metrics),
                                    "info": _info(ns, "ok")}), reply_to=msg)
 
     def _secagg_query(msg: Message, context: Context, step) -> Message:
-        _, ns = _setup(msg, context)
+        try:
+            _, ns = _setup(context)
+        except FedtuneError as err:
+            return _fail(msg, context, err)
         try:
             out = step(context, msg.content["secagg"])
         except FedtuneError as err:
@@ -104,37 +129,41 @@ def make_client_app(settings: dict | None = None) -> ClientApp:
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        cfg, ns = _setup(msg, context)
+        try:
+            cfg, ns = _setup(context)
+        except FedtuneError as err:
+            return _fail(msg, context, err)
+        conf = msg.content["config"]
         try:
             node = get_node(cfg, ns)
             adapter.unpack(node.lora.model, {k: a.numpy() for k, a in msg.content["arrays"].items()},
                            ffa=node.lora.ffa)
-            from common.node import evaluate_split
-
-            m = evaluate_split(node, "test")
+            answer = answer_evaluation(node, job=str(conf["job"]), round=int(conf["server-round"]))
         except FedtuneError as err:
             return _refusal(msg, ns, err)
-        metrics = {"num-examples": int(m["n"]), "loss": float(m.get("loss", 0.0))}
-        if "accuracy" in m:
-            metrics.update({"accuracy": m["accuracy"], "macro-f1": m["macro_f1"]})
-        return Message(RecordDict({"metrics": MetricRecord(metrics), "info": _info(ns, "ok")}), reply_to=msg)
+        return Message(RecordDict({"metrics": MetricRecord(eval_metrics(answer, cfg.model.task)),
+                                   "info": _info(ns, "ok")}), reply_to=msg)
 
     return app
 
 
 def node_train(node, received: dict, *, job: str, round_: int) -> tuple[dict, dict]:
     """Train one round from the received global adapter; return (update, metrics) to send."""
-    from common.node import train_round
-
     t0 = time.perf_counter()
     result = train_round(node, job=job, round=round_, initial=received)
     update = aggregate.update(result.arrays, received)
-    metrics = {"num-examples": result.num_examples, "train-loss": result.stats.mean_loss,
+    metrics = {"weight": result.weight, "train-loss": result.stats.mean_loss,
                "epsilon": result.epsilon_spent, "noise-multiplier": result.noise_multiplier,
-               "sample-rate": result.sample_rate, "delta": result.delta, "steps": result.stats.steps,
-               "max-epsilon": node.ledger.max_epsilon,
-               "seconds": time.perf_counter() - t0}
+               "sample-rate": result.sample_rate, "delta": result.delta, "steps": result.steps,
+               "max-epsilon": node.policy.max_epsilon, "seconds": time.perf_counter() - t0}
     return update, metrics
+
+
+def eval_metrics(answer: EvalAnswer, task: str) -> dict:
+    """A noised evaluation answer as reply metrics (counts, never an exact record count)."""
+    a, b = answer.counts
+    counts = {"correct": a, "wrong": b} if task == "seq-cls" else {"records": a, "loss-sum": b * LM_LOSS_CLIP}
+    return {**counts, "noise-std": answer.noise_std, "epsilon": answer.epsilon_spent}
 
 
 app = make_client_app()

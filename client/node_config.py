@@ -2,48 +2,81 @@
 
 An organization's SuperNode is started with e.g.::
 
-    flower-supernode ... --node-config 'name="hospital-a" data-path="/data/notes.csv" state-dir="/var/lib/fedtune" max-epsilon=8'
+    flower-supernode ... --node-config 'name="hospital-a" data-path="/data/notes.csv" source="notes"
+        state-dir="/var/lib/fedtune" max-epsilon=8'
 
-The server's run config can ask a node to spend *less* (``privacy.target-epsilon``)
-but never raise ``max-epsilon``: that ceiling is only read from here. A simulated
-node (``partition-id`` set by Flower) gets its settings from the job's ``sim.*``.
+Everything that touches privacy is the node's: the data source its budget belongs to
+(``source``; a new name starts a new budget, which only the organization can do), the
+ceiling (``max-epsilon``), ``delta``, the accountant, whether it answers federated
+evaluations, the columns it reads and the task its data is for. The server's run config
+can ask a node to spend *less* (``privacy.target-epsilon``) but never more; a job that
+asks for other columns is ignored with a log line, one for another task is refused.
+A simulated node (``partition-id`` set by Flower) gets its rules from the job's settings.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.config import JobConfig
-from common.errors import ConfigError
+from common import privacy
+from common.config import TASKS, JobConfig
+from common.errors import ConfigError, FedtuneError
+from common.node import NodePolicy
 
-KEYS = {"name": str, "data-path": str, "state-dir": str, "max-epsilon": float, "delta": float,
-        "text-column": str, "label-column": str}
+log = logging.getLogger(__name__)
+
+KEYS = {"name": str, "data-path": str, "source": str, "state-dir": str, "max-epsilon": float, "delta": float,
+        "accountant": str, "evaluate": str, "task": str, "text-column": str, "label-column": str}
+ON_OFF = {"on": True, "true": True, "yes": True, "off": False, "false": False, "no": False}
 
 
 @dataclass(frozen=True)
 class NodeSettings:
     name: str
     state_dir: Path
-    max_epsilon: float
-    delta: float = 0.0  # 0 = automatic
-    data_path: str | None = None  # None: the job's data.path
+    policy: NodePolicy
+    data_path: str | None = None  # None: the job's data (simulated nodes only)
+    task: str | None = None  # None: whatever the job says (simulated nodes)
     text_column: str | None = None
     label_column: str | None = None
     partition: tuple[int, int] | None = None  # (index, count) for a simulated node
 
+    @property
+    def max_epsilon(self) -> float:
+        return self.policy.max_epsilon
 
-def node_settings(node_config: Mapping[str, Any], node_id: int, cfg: JobConfig,
-                  server_config: Mapping[str, Any]) -> NodeSettings:
-    """Parse a node's own config (or a simulated node's) into NodeSettings."""
-    if "partition-id" in node_config:
-        pid, count = int(node_config["partition-id"]), int(node_config["num-partitions"])
-        run_dir = Path(str(server_config["run-dir"]))
-        return NodeSettings(name=f"node-{pid}", state_dir=run_dir / "nodes" / f"node-{pid}",
-                            max_epsilon=cfg.sim.node_max_epsilon, partition=(pid, count))
+    def apply(self, cfg: JobConfig) -> JobConfig:
+        """The job as this node runs it: its own columns; a job for another task is refused."""
+        if self.task is not None and cfg.model.task != self.task:
+            raise FedtuneError(
+                f"the job asks for model.task={cfg.model.task}, but this node's data is for {self.task} "
+                "(node config `task`)", "run a job for this node's task, or leave this node out of the run")
+        changes = {}
+        for key, mine in (("data.text-column", self.text_column), ("data.label-column", self.label_column)):
+            if mine is None:
+                continue
+            asked = cfg.to_flat()[key]
+            if asked != mine:
+                log.info("node %s: ignoring %s=%r from the job; this node reads column %r (node config)",
+                         self.name, key, asked, mine)
+                changes[key] = mine
+        return cfg.replace(**changes) if changes else cfg
+
+
+def simulated_settings(cfg: JobConfig, pid: int, count: int, state_root: Path) -> NodeSettings:
+    """A simulated organization: node ``pid`` of ``count``, its rules from the job's settings."""
+    policy = NodePolicy(source=f"simulated-node-{pid}", max_epsilon=cfg.sim.node_max_epsilon,
+                        delta=cfg.privacy.delta or privacy.DEFAULT_DELTA, accountant=cfg.privacy.accountant)
+    return NodeSettings(name=f"node-{pid}", state_dir=state_root / f"node-{pid}", policy=policy, partition=(pid, count))
+
+
+def node_settings(node_config: Mapping[str, Any], node_id: int) -> NodeSettings:
+    """Parse an organization's node config into NodeSettings (every problem reported at once)."""
     problems = [f"node config {k!r}: unknown key (known: {', '.join(KEYS)})" for k in node_config if k not in KEYS]
     values: dict[str, Any] = {}
     for k, typ in KEYS.items():
@@ -56,10 +89,30 @@ def node_settings(node_config: Mapping[str, Any], node_id: int, cfg: JobConfig,
         problems.append("node config 'max-epsilon': required (this organization's privacy ceiling, e.g. 8)")
     elif not values["max-epsilon"] > 0 or math.isnan(values["max-epsilon"]):
         problems.append(f"node config 'max-epsilon': expected > 0, got {values['max-epsilon']}")
+    delta = values.get("delta", privacy.DEFAULT_DELTA)
+    if not 0 < delta <= 1e-3:
+        problems.append(f"node config 'delta': expected 0 < delta <= 1e-3 (and at most 1/N for N records), "
+                        f"got {delta}")
+    accountant = values.get("accountant", "pld")
+    if accountant not in privacy.ACCOUNTANTS:
+        problems.append(f"node config 'accountant': expected one of {', '.join(privacy.ACCOUNTANTS)}, got "
+                        f"{accountant!r}")
+    evaluate = ON_OFF.get(str(values.get("evaluate", "on")).strip().lower())
+    if evaluate is None:
+        problems.append(f"node config 'evaluate': expected on or off, got {values['evaluate']!r}")
+    task = values.get("task", "seq-cls")
+    if task not in TASKS:
+        problems.append(f"node config 'task': expected one of {', '.join(TASKS)}, got {task!r}")
+    data_path = values.get("data-path")
+    if not data_path:  # never a path from the job: the server does not choose which file a node reads
+        problems.append("node config 'data-path': required (the file of this organization's records)")
+    source = values.get("source") or (str(Path(data_path).expanduser().resolve()) if data_path else "")
     if problems:
         raise ConfigError(problems)
+    policy = NodePolicy(source=source, max_epsilon=values["max-epsilon"], delta=delta, accountant=accountant,
+                        evaluate=bool(evaluate))
     return NodeSettings(name=values.get("name") or str(node_id),
                         state_dir=Path(values.get("state-dir") or Path.home() / ".fedtune" / "node").expanduser(),
-                        max_epsilon=values["max-epsilon"], delta=values.get("delta", 0.0),
-                        data_path=values.get("data-path"), text_column=values.get("text-column"),
-                        label_column=values.get("label-column"))
+                        policy=policy, data_path=data_path, task=task,
+                        text_column=values.get("text-column", "text"),
+                        label_column=values.get("label-column", "label"))

@@ -48,14 +48,13 @@ def get_node(cfg: JobConfig, ns: NodeSettings) -> Node:
     else:
         from common import data
 
-        d = cfg.data
-        splits = data.load_splits(path=ns.data_path or d.path, text_column=ns.text_column or d.text_column,
-                                  label_column=ns.label_column or d.label_column, labels=d.label_list,
-                                  task=cfg.model.task, val_fraction=d.val_fraction, test_fraction=d.test_fraction,
-                                  seed=d.seed, max_records=d.max_records)
+        d = cfg.data  # the node's own columns are already applied (NodeSettings.apply)
+        splits = data.load_splits(path=str(ns.data_path), text_column=d.text_column, label_column=d.label_column,
+                                  labels=d.label_list, task=cfg.model.task, val_fraction=d.val_fraction,
+                                  test_fraction=d.test_fraction, seed=d.seed, max_records=d.max_records)
     model = shared_model(cfg, splits.labels)
-    node = prepare(cfg, state_dir=ns.state_dir, max_epsilon=ns.max_epsilon, delta=ns.delta, model=model,
-                   splits=splits, cache_dir=None if ns.partition is not None else ns.state_dir / "cache")
+    node = prepare(cfg, ns.policy, state_dir=ns.state_dir, model=model, splits=splits,
+                   cache_dir=None if ns.partition is not None else ns.state_dir / "cache")
     _NODES[key] = node
     while len(_NODES) > MAX_NODES:
         _NODES.popitem(last=False)

@@ -70,8 +70,8 @@ def join(context: Context, rec: ConfigRecord) -> dict:
 
 
 def mask_update(context: Context, keys: sa.NodeKeys, conf, update: dict[str, np.ndarray],
-                num_examples: int) -> tuple[np.ndarray, dict]:
-    weight = 1 if str(conf["weighting"]) == "uniform" else min(int(num_examples), int(conf["max-weight"]))
+                node_weight: int) -> tuple[np.ndarray, dict]:
+    weight = 1 if str(conf["weighting"]) == "uniform" else min(int(node_weight), int(conf["max-weight"]))
     masked, sealed = keys.mask(int(conf["server-round"]), sa.flatten(update), weight=weight,
                                participants=[int(p) for p in conf["participants"]], clip=float(conf["clip"]),
                                levels_=int(conf["levels"]))

@@ -16,12 +16,12 @@ import numpy as np
 Arrays = Mapping[str, np.ndarray]
 
 
-def node_weight(num_examples: int, mode: str) -> float:
-    """A node's FedAvg weight: its record count ("weighted") or 1 ("uniform")."""
+def node_weight(weight: int, mode: str) -> float:
+    """A node's FedAvg weight: what it reported (its records rounded up to whole batches) or 1 ("uniform")."""
     if mode == "uniform":
         return 1.0
     if mode == "weighted":
-        return float(num_examples)
+        return float(weight)
     raise ValueError(f"unknown aggregation {mode!r}")
 
 

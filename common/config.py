@@ -18,7 +18,7 @@ from typing import Any
 from common.errors import ConfigError
 
 TASKS = ("seq-cls", "causal-lm")
-ACCOUNTANTS = ("rdp", "prv", "gdp")
+ACCOUNTANTS = ("pld", "rdp")  # gdp and prv are not offered: GDP's CLT approximation can under-count
 GRAD_SAMPLE_MODES = ("hooks", "ghost", "functorch", "ew")
 OPTIMIZERS = ("adamw", "sgd")
 
@@ -71,19 +71,30 @@ class LoraConfig:
 class PrivacyConfig:
     enabled: bool = _f(True, "train with DP-SGD (Opacus); off weakens privacy and is warned about")
     target_epsilon: float = _f(8.0, "epsilon this job may spend on a node's data over all its rounds")
-    delta: float = _f(0.0, "delta; 0 = min(1e-5, 1/(10 N)) for a node's N records")
+    delta: float = _f(0.0, "delta of fedtune local / simulated nodes (0 = 1e-5); a deployed node uses its own "
+                           "node config's delta; must be <= 1/N for a source of N records")
     noise_multiplier: float = _f(0.0, "Gaussian noise std / clip norm; 0 = calibrate from target-epsilon")
     max_grad_norm: float = _f(1.0, "per-sample gradient clipping norm")
-    accountant: str = _f("rdp", f"privacy accountant, one of {', '.join(ACCOUNTANTS)}")
+    accountant: str = _f("pld", f"accountant of fedtune local / simulated nodes, one of {', '.join(ACCOUNTANTS)} "
+                                "(pld: Google dp-accounting, near-exact); a deployed node uses its own")
     grad_sample_mode: str = _f("hooks", f"Opacus per-sample gradient mode, one of {', '.join(GRAD_SAMPLE_MODES)}")
-    poisson_sampling: bool = _f(True, "Poisson-sample batches (needed for the accounted guarantee)")
+    poisson_sampling: bool = _f(True, "Poisson-sample batches; always on (the only sampling that is accounted)")
+    eval_budget: float = _f(0.1, "share of the job's epsilon for noised federated-evaluation answers "
+                                 "(0 = nodes answer no federated evaluation)")
 
     def problems(self) -> list[str]:
         out = []
         if self.target_epsilon <= 0 or not math.isfinite(self.target_epsilon):
             out.append(f"privacy.target-epsilon: expected a finite number > 0, got {self.target_epsilon}")
-        if not 0.0 <= self.delta < 1.0:
-            out.append(f"privacy.delta: expected 0 <= delta < 1 (0 = automatic), got {self.delta}")
+        if not 0.0 <= self.delta <= 1e-3:
+            out.append(f"privacy.delta: expected 0 <= delta <= 1e-3 (0 = 1e-5; it must stay below 1/N), "
+                       f"got {self.delta}")
+        if not self.poisson_sampling:
+            out.append("privacy.poisson-sampling=false is not supported: only Poisson-sampled batches are covered by "
+                       "the privacy accounting (a shuffled loader would be charged an epsilon it does not have); "
+                       "remove the setting")
+        if not 0.0 <= self.eval_budget < 1.0:
+            out.append(f"privacy.eval-budget: expected 0 <= share < 1, got {self.eval_budget}")
         if self.noise_multiplier < 0:
             out.append(f"privacy.noise-multiplier: expected >= 0, got {self.noise_multiplier}")
         if self.max_grad_norm <= 0:

@@ -44,7 +44,7 @@ class Records:
                        self.source)
 
     def fingerprint(self) -> str:
-        """SHA-256 of the records' content: the identity a privacy ledger is kept under."""
+        """SHA-256 of the records' content, kept in the privacy ledger for audit (not the budget's identity)."""
         h = hashlib.sha256()
         for i, t in enumerate(self.texts):
             h.update(t.encode("utf-8"))
@@ -60,7 +60,8 @@ class Splits:
     val: Records
     test: Records
     labels: list[str]
-    dataset_id: str  # fingerprint of all records of the source, before splitting
+    fingerprint: str  # content fingerprint of every record of the source as read (for the ledger's audit trail)
+    n_source: int  # records in the whole source as read (delta is checked against it)
 
 
 def _decode(raw: bytes, path: Path) -> str:
@@ -226,13 +227,13 @@ def load_splits(*, path: str, text_column: str, label_column: str, labels: Seque
         label_set = list(BBC_LABELS) if is_cls else []
         if not is_cls:
             records = Records(records.texts, [], records.source)
-    dataset_id = records.fingerprint()
+    fingerprint, n_source = records.fingerprint(), len(records)
     records = dedupe(records)
     if max_records and len(records) > max_records:
         keep = np.random.default_rng(seed + 1).permutation(len(records))[:max_records]
         records = records.subset(sorted(keep))
     train, val, test = split(records, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
-    return Splits(train, val, test, label_set, dataset_id)
+    return Splits(train, val, test, label_set, fingerprint, n_source)
 
 
 def tokenize(records: Records, tokenizer, *, label_set: Sequence[str], max_length: int) -> TensorDataset:

@@ -67,3 +67,58 @@ def classification_metrics(gold: np.ndarray, pred: np.ndarray, labels: Sequence[
         "per_class": {lab: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
                             "support": int(s[i])} for i, lab in enumerate(labels)},
     }
+
+
+LM_LOSS_CLIP = 10.0  # nats: a sequence's loss is clipped to this before it is counted in a private answer
+
+
+@torch.no_grad()
+def private_counts(model: torch.nn.Module, dataset: TensorDataset, *, task: str, batch_size: int) -> np.ndarray:
+    """The vector a node releases (with noise) to answer a federated evaluation.
+
+    seq-cls: ``[correct, wrong]``, so one record changes one coordinate by one (L2 sensitivity 1).
+    causal-lm: ``[records, sum of per-sequence losses clipped to LM_LOSS_CLIP, / LM_LOSS_CLIP]``
+    (L2 sensitivity sqrt(2)). Counts, never a metric: the server derives accuracy from the noised counts.
+    """
+    model.eval()
+    out = np.zeros(2, np.float64)
+    for batch in DataLoader(dataset, batch_size=batch_size):
+        if task == "seq-cls":
+            pred = model(input_ids=batch[0], attention_mask=batch[1]).logits.argmax(-1)
+            right = int((pred == batch[2]).sum())
+            out += (right, len(batch[2]) - right)
+        else:
+            losses = batch_loss(model, batch, task=task, reduction="none").clamp(max=LM_LOSS_CLIP)
+            out += (len(losses), float(losses.sum()) / LM_LOSS_CLIP)
+    return out
+
+
+def pool_answers(answers: dict[str, dict], *, failed: list[str], task: str) -> dict:
+    """Federated-evaluation figures from nodes' noised answers (see :func:`private_counts`).
+
+    A node's answer is counts plus Gaussian noise (``noise-std``): its own accuracy is an
+    estimate with that noise, the pooled figure sums every node's counts first. Counts are
+    clamped at zero and accuracies to [0, 1]; a node whose noised total is not positive has no figure.
+    """
+    per: dict[str, dict] = {}
+    for name, m in answers.items():
+        if task == "seq-cls":
+            right, wrong = max(0.0, float(m.get("correct", 0.0))), max(0.0, float(m.get("wrong", 0.0)))
+            total = right + wrong
+            per[name] = {**m, "accuracy": (right / total) if total > 0 else None}
+        else:
+            recs, loss = max(0.0, float(m.get("records", 0.0))), max(0.0, float(m.get("loss-sum", 0.0)))
+            per[name] = {**m, "loss": (loss / recs) if recs >= 1 else None}
+    out: dict = {"nodes": len(per), "failed": failed, "per_node": per, "noised": True}
+    if task == "seq-cls":
+        right = sum(max(0.0, float(m.get("correct", 0.0))) for m in answers.values())
+        total = right + sum(max(0.0, float(m.get("wrong", 0.0))) for m in answers.values())
+        accs = {n: p["accuracy"] for n, p in per.items() if p["accuracy"] is not None}
+        out.update(accuracy=min(1.0, right / total) if total > 0 else None,
+                   worst_accuracy=min(accs.values()) if accs else None,
+                   worst_node=min(accs, key=accs.get) if accs else None)
+    else:
+        recs = sum(max(0.0, float(m.get("records", 0.0))) for m in answers.values())
+        loss = sum(max(0.0, float(m.get("loss-sum", 0.0))) for m in answers.values())
+        out.update(loss=loss / recs if recs >= 1 else None)
+    return out

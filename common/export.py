@@ -26,6 +26,7 @@ from common import adapter
 from common.assets import BBC_LABELS, DEFAULT_MODEL_NAME
 from common.config import JobConfig, load_config
 from common.errors import AdapterError, ExportError
+from common.monitoring import node_privacy
 from common.rundir import RunDir
 
 EXPORT_FILE = "fedtune-export.json"
@@ -37,24 +38,6 @@ def _labels(cfg: JobConfig) -> list[str]:
     if cfg.model.task != "seq-cls":
         return []
     return cfg.data.label_list or (list(BBC_LABELS) if not cfg.data.path else [])
-
-
-def _node_privacy(rounds: list[dict], upto: int) -> dict[str, dict]:
-    """Per node, its privacy figures as of round ``upto`` (from the round lines the nodes reported)."""
-    nodes: dict[str, dict] = {}
-    for rec in rounds:
-        if rec["round"] > upto or rec.get("status") != "ok":
-            continue
-        for name, m in (rec.get("per_node") or {}).items():
-            if m.get("status") != "ok":
-                continue
-            p = nodes.setdefault(name, {"rounds": [], "steps": 0})
-            p["rounds"].append(rec["round"])
-            p["steps"] = None if p["steps"] is None or m.get("steps") is None else p["steps"] + int(m["steps"])
-            for key in ("epsilon", "delta", "max-epsilon", "noise-multiplier", "sample-rate"):
-                if m.get(key) is not None:
-                    p[key.replace("-", "_")] = m[key]
-    return nodes
 
 
 def run_record(run_dir: str | Path, round: int | None = None, *, name_nodes: bool = False) -> dict:
@@ -84,7 +67,8 @@ def run_record(run_dir: str | Path, round: int | None = None, *, name_nodes: boo
         metrics = {"test": (summary.get("final") or {}).get("test"), "val": (summary.get("final") or {}).get("val"),
                    "per_class": summary.get("final_per_class"), "federated": summary.get("federated_eval")}
         privacy = dict(summary.get("privacy") or {})
-        nodes = dict(privacy.pop("nodes", {}) or {})
+        privacy.pop("nodes", None)
+        nodes = node_privacy(rounds)
     else:
         rec = next((r for r in rounds if r["round"] == round), None)
         if rec is None:
@@ -103,8 +87,8 @@ def run_record(run_dir: str | Path, round: int | None = None, *, name_nodes: boo
         p = cfg.privacy
         privacy = {"dp": p.enabled, "mechanism": "DP-SGD (Opacus), sample-level, per node dataset",
                    "accountant": p.accountant, "max_grad_norm": p.max_grad_norm, "target_epsilon": p.target_epsilon,
-                   "secure_aggregation": bool(rec.get("secure_aggregation"))}
-        nodes = _node_privacy(rounds, upto)
+                   "eval_budget": p.eval_budget, "secure_aggregation": bool(rec.get("secure_aggregation"))}
+        nodes = node_privacy(rounds, upto)
     names = sorted(nodes)
     if not name_nodes:  # counts, not identities
         nodes = {f"node {i + 1}": nodes[n] for i, n in enumerate(names)}

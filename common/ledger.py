@@ -1,76 +1,112 @@
-"""A node's privacy ledger: every DP-SGD release on a dataset, kept on the node's disk.
+"""A node's privacy ledger: every DP release on one data source, kept on the node's disk.
 
-One JSON file per dataset (its content fingerprint) under
-``<state-dir>/ledger/``. Every job that trains on the same records appends to
-the same file, so they spend from one budget. Appends are atomic (write a
-temporary file, fsync, rename, fsync the directory) and serialised with a file
-lock, and happen *before* trained weights leave the node: a crash can only
-over-count, never under-count.
+The budget belongs to a **data source the organization names** (its node config; the
+resolved ``--data`` path for ``fedtune local``; each simulated node in a simulation),
+never to a hash of job settings: whatever columns, task, record limit or file version a
+job uses, it spends from the same ledger. One JSON file per source under
+``<state-dir>/ledger/``, named by a hash of the source name.
+
+Spending is **reserve, then release**: :meth:`PrivacyLedger.reserve` checks the ceiling
+and records the release under an exclusive file lock *before* training or evaluating
+starts; :meth:`settle` marks it done afterwards. A crash leaves the reservation counted,
+and two processes training on one source at once cannot pass the ceiling together.
+Only a reservation whose work failed before anything left the node is cancelled.
+Writes are atomic (temporary file, fsync, rename, directory fsync).
+
+Each entry keeps the content fingerprint of the records it used and the size of the
+whole source, for audit (``fedtune ledger`` shows where the content changed).
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
+import logging
 import math
-import os
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from common import privacy
+from common.atomic import write_json_atomic
 from common.errors import BudgetExceededError, LedgerError
 
-FORMAT = 1
+log = logging.getLogger(__name__)
+
+FORMAT = 2
+COUNTED = ("reserved", "settled")
 
 
 @dataclass(frozen=True)
 class LedgerEntry:
+    id: str
     job: str
     round: int
+    kind: str  # "train" (DP-SGD steps) | "eval" (a noised evaluation answer)
     noise_multiplier: float
     sample_rate: float
     steps: int
+    status: str  # "reserved" | "settled" | "cancelled" (work failed before anything left the node)
     time: float
+    fingerprint: str  # content fingerprint of the records used (audit only)
+    n_records: int  # records in the whole source at that time
     epsilon_after: float
+
+    @property
+    def counted(self) -> bool:
+        return self.status in COUNTED
+
+    @property
+    def event(self) -> privacy.Event:
+        return (self.noise_multiplier, self.sample_rate, self.steps)
+
+
+def ledger_file(state_dir: str | Path, source: str) -> Path:
+    return Path(state_dir) / "ledger" / f"{hashlib.sha256(source.encode('utf-8')).hexdigest()[:32]}.json"
 
 
 class PrivacyLedger:
-    """The spent budget of one dataset on one node.
+    """The spent budget of one data source on one node.
 
     Args:
         state_dir: the node's state directory.
-        dataset_id: fingerprint of the dataset's records.
-        n_records: records in the dataset (for the automatic delta).
-        delta: this node's delta (0 = automatic). Fixed when the ledger is created.
-        max_epsilon: the node's ceiling; training that would pass it is refused.
-        accountant: accountant used for the ledger's epsilon. Fixed at creation.
+        source: the name the organization gives this data source (its budget's identity).
+        max_epsilon: the node's ceiling; a release that would pass it is refused.
+        delta: the node's delta (every epsilon here is at this delta).
+        accountant: ``pld`` (default, near-exact) or ``rdp``.
     """
 
-    def __init__(self, state_dir: str | Path, *, dataset_id: str, n_records: int, delta: float = 0.0,
-                 max_epsilon: float, accountant: str = "rdp") -> None:
-        self.path = Path(state_dir) / "ledger" / f"{dataset_id[:32]}.json"
-        self.dataset_id = dataset_id
+    def __init__(self, state_dir: str | Path, *, source: str, max_epsilon: float,
+                 delta: float = privacy.DEFAULT_DELTA, accountant: str = "pld") -> None:
+        if not source:
+            raise LedgerError("a privacy ledger needs a data-source name", "name the source in the node config")
+        self.state_dir = Path(state_dir)
+        self.source = source
+        self.path = ledger_file(state_dir, source)
         self.max_epsilon = float(max_epsilon)
-        data = self._read()
-        if data is None:
-            data = {"format": FORMAT, "dataset_id": dataset_id, "n_records": n_records,
-                    "delta": delta or privacy.default_delta(n_records), "accountant": accountant,
-                    "created": time.time(), "entries": []}
-        self._data = data
+        self.delta = float(delta)
+        self.accountant = accountant
+        self._data = self._read() or self._new()
 
     # -- reading -------------------------------------------------------------
+    def _new(self) -> dict:
+        return {"format": FORMAT, "source": self.source, "created": time.time(), "entries": [], "plans": {},
+                "imported": []}
+
     def _read(self) -> dict | None:
         if not self.path.exists():
             return None
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
-            assert data["format"] == FORMAT and data["dataset_id"] == self.dataset_id
+            if data.get("format") != FORMAT or data.get("source") != self.source:
+                raise ValueError("format or source")
             for e in data["entries"]:
-                float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"])
-        except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
+                LedgerEntry(**e)
+        except (OSError, ValueError, KeyError, TypeError) as e:
             raise LedgerError(
                 f"privacy ledger {self.path} is unreadable or inconsistent ({e.__class__.__name__})",
                 "restore it from backup; never delete a ledger to regain budget (that voids the guarantee)",
@@ -78,52 +114,31 @@ class PrivacyLedger:
         return data
 
     def refresh(self) -> None:
-        """Re-read the ledger from disk (another process of this node may have appended)."""
+        """Re-read the ledger from disk (another process of this node may have written)."""
         current = self._read()
         if current is not None:
             self._data = current
 
     @property
-    def delta(self) -> float:
-        return float(self._data["delta"])
-
-    @property
-    def accountant(self) -> str:
-        return str(self._data["accountant"])
-
-    @property
     def entries(self) -> list[LedgerEntry]:
+        """Every entry, cancelled ones included (for audit)."""
         return [LedgerEntry(**e) for e in self._data["entries"]]
 
     @property
+    def counted(self) -> list[LedgerEntry]:
+        return [e for e in self.entries if e.counted]
+
+    @property
     def history(self) -> privacy.History:
-        return [(e.noise_multiplier, e.sample_rate, e.steps) for e in self.entries]
+        return [e.event for e in self.counted]
 
     def spent(self) -> float:
-        """Epsilon spent so far on this dataset (at the ledger's delta)."""
+        """Epsilon spent so far on this source (reservations included), at the node's delta."""
         self.refresh()
         return privacy.epsilon(self.history, delta=self.delta, kind=self.accountant)
 
-    def epsilon_if(self, *, noise_multiplier: float, sample_rate: float, steps: int) -> float:
-        """Epsilon after a further release of ``steps`` DP-SGD steps."""
-        return privacy.epsilon(self.history + [(noise_multiplier, sample_rate, steps)], delta=self.delta,
-                               kind=self.accountant)
-
-    def check(self, *, noise_multiplier: float, sample_rate: float, steps: int) -> float:
-        """Raise BudgetExceededError if the release would pass the ceiling; else return epsilon after it."""
-        self.refresh()
-        after = self.epsilon_if(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps)
-        if after > self.max_epsilon + 1e-9:
-            spent = self.spent()
-            raise BudgetExceededError(
-                f"privacy budget exceeded for dataset {self.dataset_id[:12]}: spent epsilon {spent:.3f} of this "
-                f"node's ceiling {self.max_epsilon:g} (delta {self.delta:.2g}); this training "
-                f"({steps} steps, noise {noise_multiplier:.3f}, rate {sample_rate:.4f}) would bring it to "
-                f"{after:.3f}. Ledger: {self.path}",
-                "train less (fewer rounds or steps, lower privacy.target-epsilon), or have the node's "
-                "administrator raise its ceiling knowingly; the spent budget cannot be returned",
-            )
-        return after
+    def epsilon_if(self, *events: privacy.Event) -> float:
+        return privacy.epsilon(self.history + list(events), delta=self.delta, kind=self.accountant)
 
     # -- writing -------------------------------------------------------------
     @contextlib.contextmanager
@@ -132,60 +147,164 @@ class PrivacyLedger:
         with open(self.path.with_suffix(".lock"), "a+") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
+                self.refresh()
+                if not self.path.exists():
+                    self._import_legacy()
                 yield
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
-    def record(self, *, job: str, round: int, noise_multiplier: float, sample_rate: float,
-               steps: int) -> LedgerEntry:
-        """Append a release durably (fsync'd) and return it. Re-reads under the lock first."""
+    def _write(self) -> None:
+        self._data.update(max_epsilon=self.max_epsilon, delta=self.delta, accountant=self.accountant)
+        write_json_atomic(self.path, self._data)
+
+    def _import_legacy(self) -> None:
+        """Ledgers of fedtune 0.1 were keyed by a hash of the records as read; their releases count here.
+
+        Which source they belonged to is unknown, so a node's first source ledger takes all of them
+        (over-counting is safe; under-counting is not) and the old files are renamed ``*.migrated``.
+        """
+        for p in sorted(self.path.parent.glob("*.json")):
+            try:
+                old = json.loads(p.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            if old.get("format") != 1:
+                continue
+            for e in old.get("entries", []):
+                self._data["entries"].append(asdict(LedgerEntry(
+                    id=uuid.uuid4().hex, job=str(e["job"]), round=int(e["round"]), kind="train",
+                    noise_multiplier=float(e["noise_multiplier"]), sample_rate=float(e["sample_rate"]),
+                    steps=int(e["steps"]), status="settled", time=float(e["time"]),
+                    fingerprint=str(old.get("dataset_id", "")), n_records=int(old.get("n_records", 0)),
+                    epsilon_after=float(e.get("epsilon_after", 0.0)))))
+            self._data["imported"].append(p.name)
+            self._write()
+            with contextlib.suppress(FileNotFoundError):
+                p.rename(p.with_name(p.name + ".migrated"))
+            log.warning("privacy ledger %s: imported %d releases from the old ledger %s", self.path,
+                        len(old.get("entries", [])), p.name)
+
+    def plan(self, job: str, key: str, compute: Callable[[privacy.History], dict]) -> dict:
+        """The noise plan of ``job`` on this source, computed once (from the history before it) and kept.
+
+        A job's noise is calibrated once, at its first release, against everything spent before it;
+        later rounds reuse it. A job whose settings change (another ``key``) is planned again.
+        """
         with self._locked():
-            self.refresh()
-            entry = {"job": job, "round": int(round), "noise_multiplier": float(noise_multiplier),
-                     "sample_rate": float(sample_rate), "steps": int(steps), "time": time.time(),
-                     "epsilon_after": 0.0}
-            entry["epsilon_after"] = privacy.epsilon(
-                self.history + [(entry["noise_multiplier"], entry["sample_rate"], entry["steps"])],
-                delta=self.delta, kind=self.accountant)
-            data = dict(self._data, entries=self._data["entries"] + [entry], max_epsilon=self.max_epsilon)
-            _atomic_write(self.path, json.dumps(data, indent=1) + "\n")
-            self._data = data
-        return LedgerEntry(**entry)
+            plans = self._data.setdefault("plans", {})
+            old = plans.get(job)
+            if old is not None and old.get("key") == key:
+                return old
+            plan = dict(compute(self.history), key=key, time=time.time())
+            plans[job] = plan
+            self._write()
+            return plan
+
+    def reserve(self, *, job: str, round: int, kind: str, noise_multiplier: float, sample_rate: float, steps: int,
+                fingerprint: str, n_records: int, job_limit: int | None = None) -> LedgerEntry:
+        """Check the ceiling and record the release, under the lock, before any work starts.
+
+        Args:
+            job_limit: the most releases of this ``kind`` the job planned for (None: no limit).
+
+        Raises:
+            PrivacyError: delta above 1/N for this source's size.
+            BudgetExceededError: the release would take the source past the node's ceiling, or the
+                job past its planned number of releases.
+        """
+        with self._locked():
+            privacy.check_delta(self.delta, n_records, where=f"data source {self.source!r}")
+            done = sum(1 for e in self.counted if e.job == job and e.kind == kind)
+            if job_limit is not None and done >= job_limit:
+                raise BudgetExceededError(
+                    f"job {job!r} already made its {job_limit} planned {kind} release(s) on data source "
+                    f"{self.source!r}; its budget covers no more",
+                    "start a new job (its releases count against the same ceiling), or resume with more "
+                    "train.rounds")
+            event = (float(noise_multiplier), float(sample_rate), int(steps))
+            after = self.epsilon_if(event)
+            if after > self.max_epsilon + 1e-9:
+                spent = self.epsilon_if()
+                raise BudgetExceededError(
+                    f"privacy budget exceeded for data source {self.source!r}: spent epsilon {spent:.3f} of this "
+                    f"node's ceiling {self.max_epsilon:g} (delta {self.delta:.2g}); this {kind} release "
+                    f"({steps} steps, noise {noise_multiplier:.3f}, rate {sample_rate:.4f}) would bring it to "
+                    f"{after:.3f}. Ledger: {self.path}",
+                    "train less (fewer rounds or steps, lower privacy.target-epsilon), or have the node's "
+                    "administrator raise its ceiling knowingly; the spent budget cannot be returned",
+                )
+            entry = LedgerEntry(id=uuid.uuid4().hex, job=str(job), round=int(round), kind=kind,
+                                noise_multiplier=event[0], sample_rate=event[1], steps=event[2], status="reserved",
+                                time=time.time(), fingerprint=fingerprint, n_records=int(n_records),
+                                epsilon_after=after)
+            self._data["entries"].append(asdict(entry))
+            self._write()
+            return entry
+
+    def _update(self, entry: LedgerEntry, **changes) -> LedgerEntry:
+        with self._locked():
+            for i, e in enumerate(self._data["entries"]):
+                if e["id"] == entry.id:
+                    if e["status"] != "reserved":
+                        raise LedgerError(f"ledger entry {entry.id} is already {e['status']}",
+                                          "this is a bug in fedtune; report it with the ledger file")
+                    e.update(changes)
+                    history = [LedgerEntry(**x).event for x in self._data["entries"][: i + 1]
+                               if x["status"] in COUNTED]
+                    e["epsilon_after"] = privacy.epsilon(history, delta=self.delta, kind=self.accountant)
+                    self._write()
+                    return LedgerEntry(**e)
+        raise LedgerError(f"ledger entry {entry.id} is missing from {self.path}",
+                          "restore the ledger from backup; never edit or delete a ledger")
+
+    def settle(self, entry: LedgerEntry, *, steps: int | None = None) -> LedgerEntry:
+        """Mark a reservation as released (with the steps really taken, never more than reserved)."""
+        taken = entry.steps if steps is None else min(int(steps), entry.steps)
+        return self._update(entry, status="settled", steps=taken)
+
+    def cancel(self, entry: LedgerEntry) -> LedgerEntry:
+        """Return a reservation whose work failed before anything derived from the data left the node."""
+        return self._update(entry, status="cancelled")
 
     def summary(self) -> dict:
-        total_steps = sum(e.steps for e in self.entries)
-        last = self.entries[-1] if self.entries else None
-        return {"dataset_id": self.dataset_id, "path": str(self.path), "epsilon_spent": self.spent(),
+        counted = self.counted
+        last = next((e for e in reversed(counted) if e.kind == "train"), None)
+        prints = [e.fingerprint for e in counted]
+        return {"source": self.source, "path": str(self.path), "epsilon_spent": self.spent(),
                 "max_epsilon": self.max_epsilon, "delta": self.delta, "accountant": self.accountant,
-                "releases": len(self.entries), "steps": total_steps,
+                "releases": len(counted), "train_releases": sum(e.kind == "train" for e in counted),
+                "eval_releases": sum(e.kind == "eval" for e in counted),
+                "steps": sum(e.steps for e in counted if e.kind == "train"),
                 "noise_multiplier": last.noise_multiplier if last else None,
                 "sample_rate": last.sample_rate if last else None,
-                "n_records": self._data.get("n_records")}
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+                "n_records": counted[-1].n_records if counted else None,
+                "content_changes": sum(1 for a, b in zip(prints, prints[1:]) if a != b),
+                "imported": list(self._data.get("imported", []))}
 
 
 def open_all(state_dir: str | Path) -> list[PrivacyLedger]:
-    """Every ledger under a node's state directory (for printing and monitoring)."""
+    """Every source ledger under a node's state directory, as last written (for printing and monitoring)."""
     out = []
     for p in sorted((Path(state_dir) / "ledger").glob("*.json")):
         try:
             data = json.loads(p.read_text(encoding="utf-8"))
-            out.append(PrivacyLedger(state_dir, dataset_id=data["dataset_id"], n_records=data["n_records"],
-                                     max_epsilon=data.get("max_epsilon", math.inf)))
+            if data.get("format") == 1:
+                continue  # see legacy_files()
+            out.append(PrivacyLedger(state_dir, source=data["source"], max_epsilon=data.get("max_epsilon", math.inf),
+                                     delta=data.get("delta", privacy.DEFAULT_DELTA),
+                                     accountant=data.get("accountant", "pld")))
         except (OSError, ValueError, KeyError, TypeError):
             raise LedgerError(f"privacy ledger {p} is unreadable",
                               "restore it from backup; never delete a ledger to regain budget") from None
+    return out
+
+
+def legacy_files(state_dir: str | Path) -> list[Path]:
+    """fedtune 0.1 ledgers (keyed by a records hash) not yet imported by a source ledger."""
+    out = []
+    for p in sorted((Path(state_dir) / "ledger").glob("*.json")):
+        with contextlib.suppress(OSError, ValueError):
+            if json.loads(p.read_text(encoding="utf-8")).get("format") == 1:
+                out.append(p)
     return out

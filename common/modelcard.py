@@ -139,9 +139,11 @@ def _body(record: dict) -> str:
             f"**sample-level (epsilon, delta)-differential privacy for each node's dataset**: for any one record "
             f"(text and label) of a node's data, adding or removing it changes the probability of any outcome of "
             f"everything that node released in this federation (and so of this model) by at most a factor "
-            f"e^epsilon, except with probability delta. Epsilon is accounted with the "
-            f"**{ps['accountant']}** accountant over all rounds of the node's participation, and kept in the "
-            f"node's own privacy ledger (which also counts any earlier training on the same data).",
+            f"e^epsilon, except with probability delta. Everything a node released counts: its DP-SGD steps and "
+            f"its noised answers to federated evaluations. Epsilon is accounted with the "
+            f"**{ps['accountant']}** accountant and kept in the node's own privacy ledger for its data source, "
+            f"which also counts everything released earlier about the same source; the epsilon below is that "
+            f"ledger total.",
             "",
             f"- Largest epsilon over the nodes: **{_fmt(ps['epsilon_max'], '.3f')}**, delta "
             f"**{_fmt(ps['delta_max'], '.3g')}**" + (f" (target epsilon of the job: {p['target_epsilon']:g})"
@@ -151,14 +153,15 @@ def _body(record: dict) -> str:
             f"sampling rate {_range([n.get('sample_rate') for n in p['nodes'].values()], '.5f')}; "
             f"DP-SGD steps {_range([n.get('steps') for n in p['nodes'].values()], 'd')}",
             "",
-            "| node | epsilon | delta | ceiling | noise multiplier | sampling rate | steps | rounds |",
-            "|---|---|---|---|---|---|---|---|",
+            "| node | epsilon | delta | ceiling | noise multiplier | sampling rate | steps | rounds | "
+            "evaluation answers |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for name, n in p["nodes"].items():
             lines.append(f"| {name} | {_fmt(n.get('epsilon'), '.4f')} | {_fmt(n.get('delta'), '.3g')} | "
                          f"{_fmt(n.get('max_epsilon'), 'g')} | {_fmt(n.get('noise_multiplier'), '.4f')} | "
                          f"{_fmt(n.get('sample_rate'), '.5f')} | {_fmt(n.get('steps'), 'd')} | "
-                         f"{len(n.get('rounds') or [])} |")
+                         f"{len(n.get('rounds') or [])} | {n.get('evaluations', 0)} |")
         if not p.get("nodes_named"):
             lines += ["", "Nodes are numbered, not named (export with `--name-nodes` to name them)."]
     else:
@@ -185,17 +188,19 @@ def _body(record: dict) -> str:
     elif cls:
         lines += ["", "Per-class figures were not recorded for this checkpoint."]
     if fed:
-        lines += ["", f"On the nodes' own local test data (federated evaluation, {fed.get('nodes')} nodes, weighted "
-                  f"mean): accuracy {_fmt(fed.get('accuracy'))}, loss {_fmt(fed.get('loss'))}; worst node accuracy "
-                  f"{_fmt(fed.get('worst_accuracy'))}."]
+        lines += ["", f"On the nodes' own local test data (federated evaluation, {fed.get('nodes')} nodes; each node "
+                  "answered with Gaussian noise on its counts, so these are estimates): pooled accuracy "
+                  f"{_fmt(fed.get('accuracy'))}" + (f", loss {_fmt(fed.get('loss'))}" if fed.get("loss") is not None
+                                                   else "")
+                  + f"; worst node accuracy {_fmt(fed.get('worst_accuracy'))}."]
     lines += ["", "## Known limitations", ""]
     lim = []
     if p.get("dp"):
         lim += [
             "The guarantee is per record, not per person: someone with k records in a node's data is protected "
             "only at k times epsilon (group privacy, with a larger delta).",
-            "It covers the training updates only. The evaluation figures in this card (server held-out data and "
-            "the metrics nodes reported on their local test data) were released without noise.",
+            "It covers what nodes released: training updates and noised evaluation answers. The server's "
+            "held-out figures in this card are computed on the server's own data, without noise.",
             "Each node's epsilon holds for that node's dataset; the nodes' guarantees do not add up to one "
             "guarantee over all data, and a node's ledger total includes any earlier training on the same data.",
             "Choices made by looking at private data (hyperparameters, early stopping on nodes' metrics) are not "

@@ -15,6 +15,42 @@ from common.rundir import RunDir
 AMBER = 0.8  # share of a node's ceiling at which its budget bar turns amber
 
 
+def node_privacy(rounds: list[dict], upto: int | None = None) -> dict[str, dict]:
+    """Per node, its privacy figures over every round of the run up to ``upto`` (all of them by default).
+
+    The one source of these figures for ``summary.json``, the model card and monitoring. It reads
+    the round lines, so rounds run before a resume count as much as those after it. ``epsilon`` is
+    the node's spend on its data source after its last release in the run (training or a noised
+    evaluation answer), as its ledger reported it; ``steps`` sums the DP-SGD steps of every round.
+    """
+    nodes: dict[str, dict] = {}
+    for r in rounds:
+        if upto is not None and r["round"] > upto:
+            continue
+        for name, m in (r.get("per_node") or {}).items():
+            if m.get("status") != "ok":
+                continue
+            p = nodes.setdefault(name, {"rounds": [], "steps": 0, "evaluations": 0, "epsilon": None})
+            p["rounds"].append(r["round"])
+            p["steps"] += int(m.get("steps") or 0)
+            for k in ("noise-multiplier", "sample-rate", "delta", "max-epsilon"):
+                if m.get(k) is not None:
+                    p[k.replace("-", "_")] = m[k]
+            p["epsilon"] = _later(p["epsilon"], m.get("epsilon"))
+        for name, m in ((r.get("federated_eval") or {}).get("per_node") or {}).items():
+            p = nodes.setdefault(name, {"rounds": [], "steps": 0, "evaluations": 0, "epsilon": None})
+            p["evaluations"] += 1
+            p["epsilon"] = _later(p["epsilon"], m.get("epsilon"))
+    return nodes
+
+
+def _later(old: float | None, new: float | None) -> float | None:
+    """A ledger's total only grows: the larger of two reports is the later one."""
+    if new is None:
+        return old
+    return new if old is None else max(old, new)
+
+
 def budget_state(epsilon: float | None, ceiling: float | None) -> str:
     """"ok", "amber" (>= 80% of the ceiling) or "red" (at the ceiling); "unknown" without figures."""
     if epsilon is None or ceiling is None or ceiling <= 0 or ceiling == float("inf"):
@@ -30,6 +66,11 @@ def run_view(run_dir: str | Path) -> dict:
     end = info.get("finished") or (time.time() if info.get("status") == "running" else info.get("updated"))
     rows = []
     nodes: dict[str, dict] = {}
+    blank = {"rounds": [], "epsilon": None, "max_epsilon": None, "last_error": None, "last_error_round": None}
+    for name, p in node_privacy(rounds).items():
+        nodes[name] = {**blank, "name": name, "rounds": p["rounds"], "epsilon": p["epsilon"],
+                       "max_epsilon": p.get("max_epsilon"), "delta": p.get("delta"), "steps": p["steps"],
+                       "evaluations": p["evaluations"]}
     for r in rounds:
         se = (r.get("server_eval") or {}).get("test") or {}
         fe = r.get("federated_eval") or {}
@@ -39,18 +80,8 @@ def run_view(run_dir: str | Path) -> dict:
                      "bytes_received": r["bytes_received"], "train_loss": r.get("train_loss"),
                      "test_accuracy": se.get("accuracy"), "test_loss": se.get("loss"),
                      "worst_node_accuracy": fe.get("worst_accuracy"), "epsilon_max": r.get("epsilon_max")})
-        for name, m in (r.get("per_node") or {}).items():
-            n = nodes.setdefault(name, {"name": name, "rounds": [], "epsilon": None, "max_epsilon": None,
-                                        "last_error": None, "last_error_round": None})
-            if m.get("status") == "ok":
-                n["rounds"].append(r["round"])
-                n["delta"] = m.get("delta", n.get("delta"))
-                n["epsilon"] = m.get("epsilon", n["epsilon"])
-                if m.get("max-epsilon") is not None:
-                    n["max_epsilon"] = m["max-epsilon"]
         for f in r.get("failures", []):
-            n = nodes.setdefault(f["node"], {"name": f["node"], "rounds": [], "epsilon": None, "max_epsilon": None,
-                                             "last_error": None, "last_error_round": None})
+            n = nodes.setdefault(f["node"], {**blank, "name": f["node"]})
             n["last_error"], n["last_error_round"] = f"{f['status']}: {f['reason']}", r["round"]
     sim_ceiling = cfg.get("sim.node-max-epsilon")
     for n in nodes.values():

@@ -1,17 +1,22 @@
-"""What one node does for a job: prepare model + data, train a round privately, evaluate.
+"""What one node does for a job: prepare model + data, train a round privately, answer an evaluation.
 
-This is the API the local command and the Flower ClientApp both call; it has
-no Flower import. The order inside :func:`train_round` is the privacy
-contract: check the budget, train, write the ledger (fsync'd), and only then
-pack the weights that leave the node.
+This is the API the local command and the Flower ClientApp both call; it has no Flower
+import. The node's own rules (:class:`NodePolicy`: which data source the budget belongs
+to, the ceiling, delta, accountant, whether it answers evaluations) come from the
+organization, never from the job. The order inside :func:`train_round` is the privacy
+contract: reserve the round's spend in the ledger (refused past the ceiling), train,
+settle the ledger entry (fsync'd), and only then pack the weights that leave the node.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
+import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +25,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from common import adapter, data, privacy
 from common.config import JobConfig
-from common.evaluate import evaluate
+from common.errors import BudgetExceededError, FedtuneError
+from common.evaluate import evaluate, private_counts
 from common.ledger import PrivacyLedger
 from common.model import LoraModel, build_lora_model, set_threads
 from common.train import ProgressFn, TrainStats, make_optimizer, train_steps
@@ -28,49 +34,99 @@ from common.train import ProgressFn, TrainStats, make_optimizer, train_steps
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class NodePolicy:
+    """What the organization decides for its node. A job may ask for less privacy loss, never more.
+
+    Attributes:
+        source: the data source this node's budget belongs to (a ledger per source; a new name
+            starts a new budget, which only the organization can do).
+        max_epsilon: the ceiling on everything released about the source, over all jobs.
+        delta: the node's delta (at most 1/N for the source's N records).
+        accountant: ``pld`` (near-exact, default) or ``rdp``.
+        evaluate: whether the node answers federated evaluations (noised, accounted) at all.
+    """
+
+    source: str
+    max_epsilon: float
+    delta: float = privacy.DEFAULT_DELTA
+    accountant: str = "pld"
+    evaluate: bool = True
+
+
+class EvaluationRefused(FedtuneError):
+    """Raised when a node's policy says it answers no federated evaluation."""
+
+
 @dataclass
 class Node:
-    """A node prepared for one job: model, tokenized splits, step plan, noise and ledger."""
+    """A node prepared for one job: model, tokenized splits, step plan and the source's ledger."""
 
     cfg: JobConfig
+    policy: NodePolicy
     lora: LoraModel
     splits: data.Splits
     train_set: TensorDataset
     val_set: TensorDataset
     test_set: TensorDataset
     plan: privacy.StepPlan
-    noise_multiplier: float  # 0.0 when DP is off
     ledger: PrivacyLedger
-    extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    """A job's noise on this node, calibrated once at its first release and kept in the ledger."""
+
+    noise_multiplier: float  # DP-SGD noise (0.0 when DP is off)
+    eval_noise: float  # std of the Gaussian noise on an evaluation answer's counts (0.0: answers no evaluations)
+    evaluations: int  # federated evaluations planned into the budget
+    rounds: int
 
 
 @dataclass(frozen=True)
 class RoundResult:
     arrays: dict[str, np.ndarray]  # the exchanged adapter tensors after training
     stats: TrainStats
-    num_examples: int  # training records on this node (FedAvg weight)
-    epsilon_spent: float  # total spent on this dataset after this round (ledger)
+    weight: int  # FedAvg weight: training records rounded up to whole batches (never the exact count)
+    epsilon_spent: float  # total spent on this source after this round (ledger)
     noise_multiplier: float
     sample_rate: float
     delta: float
+    steps: int
 
 
-def prepare(cfg: JobConfig, *, state_dir: str | Path, max_epsilon: float, delta: float = 0.0,
-            data_path: str | None = None, model: LoraModel | None = None, for_training: bool = True,
-            splits: data.Splits | None = None, cache_dir: str | Path | None = None) -> Node:
-    """Load data and model for ``cfg`` on this node and work out its DP parameters.
+@dataclass(frozen=True)
+class EvalAnswer:
+    """A noised federated-evaluation answer: counts plus Gaussian noise, never exact."""
+
+    counts: tuple[float, float]  # seq-cls: (correct, wrong); causal-lm: (records, clipped loss sum / clip)
+    noise_std: float
+    epsilon_spent: float
+
+
+def batch_weight(n_train: int, batch_size: int) -> int:
+    """The node weight rule: training records rounded up to whole batches.
+
+    It carries no more than the Poisson sampling rate (1 / ceil(N / B)) that nodes report anyway,
+    so a node's exact record count never leaves it."""
+    return math.ceil(n_train / batch_size) * batch_size
+
+
+def prepare(cfg: JobConfig, policy: NodePolicy, *, state_dir: str | Path, data_path: str | None = None,
+            model: LoraModel | None = None, for_training: bool = True, splits: data.Splits | None = None,
+            cache_dir: str | Path | None = None) -> Node:
+    """Load data and model for ``cfg`` on this node and open the ledger of its data source.
 
     Args:
-        cfg: the job configuration.
-        state_dir: this node's state directory (holds the privacy ledger).
-        max_epsilon: this node's privacy ceiling (its owner's choice, not the job's).
-        delta: this node's delta (0 = automatic from its record count).
+        cfg: the job configuration (the node's own settings already applied).
+        policy: the node's privacy rules (its organization's, not the job's).
+        state_dir: this node's state directory (holds the privacy ledgers).
         data_path: overrides ``cfg.data.path`` (a node's own file).
         model: reuse an already built model (tests, simulations).
-        for_training: False to only evaluate (no size check, no noise calibration).
+        for_training: False to only evaluate (no size check).
         splits: already loaded records (simulated nodes get a partition); skips reading files.
-        cache_dir: keep tokenized data and the calibrated noise here, so a fresh process per
-            message (Flower's subprocess isolation) does not redo them.
+        cache_dir: keep tokenized data here, so a fresh process per message (Flower's
+            subprocess isolation) does not redo it.
 
     Raises:
         DataError, ModelError, PrivacyError, LedgerError: with what to fix.
@@ -78,9 +134,9 @@ def prepare(cfg: JobConfig, *, state_dir: str | Path, max_epsilon: float, delta:
     set_threads(cfg.train.threads)
     d = cfg.data
     splits = splits or data.load_splits(path=data_path if data_path is not None else d.path, text_column=d.text_column,
-                              label_column=d.label_column, labels=d.label_list, task=cfg.model.task,
-                              val_fraction=d.val_fraction, test_fraction=d.test_fraction, seed=d.seed,
-                              max_records=d.max_records)
+                                        label_column=d.label_column, labels=d.label_list, task=cfg.model.task,
+                                        val_fraction=d.val_fraction, test_fraction=d.test_fraction, seed=d.seed,
+                                        max_records=d.max_records)
     if for_training:
         data.check_trainable_size(len(splits.train), cfg.train.batch_size, splits.train.source)
     if model is None:
@@ -89,7 +145,7 @@ def prepare(cfg: JobConfig, *, state_dir: str | Path, max_epsilon: float, delta:
                                  alpha=lc.alpha, dropout=lc.dropout, target_modules=lc.target_module_list,
                                  ffa=lc.ffa, seed=lc.seed)
     tok = model.tokenizer
-    key = _cache_key(splits.dataset_id, cfg.data.__dict__, str(model.base_path), cfg.model.max_length,
+    key = _cache_key(splits.fingerprint, cfg.data.__dict__, str(model.base_path), cfg.model.max_length,
                      cfg.model.task, splits.labels, len(splits.train), len(splits.val), len(splits.test))
     sets = _cached_tokens(cache_dir, key) if cache_dir else None
     if sets is None:
@@ -97,85 +153,176 @@ def prepare(cfg: JobConfig, *, state_dir: str | Path, max_epsilon: float, delta:
                 for s in (splits.train, splits.val, splits.test)]
         if cache_dir:
             _store_tokens(cache_dir, key, sets)
-    n_total = len(splits.train) + len(splits.val) + len(splits.test)
-    ledger = PrivacyLedger(state_dir, dataset_id=splits.dataset_id, n_records=n_total, delta=delta,
-                           max_epsilon=max_epsilon, accountant=cfg.privacy.accountant)
+    ledger = PrivacyLedger(state_dir, source=policy.source, max_epsilon=policy.max_epsilon, delta=policy.delta,
+                           accountant=policy.accountant)
     t = cfg.train
-    plan = privacy.plan_steps(n_train=len(splits.train), batch_size=t.batch_size, local_epochs=t.local_epochs,
-                              local_steps=t.local_steps, rounds=t.rounds)
-    noise = 0.0
-    if for_training and cfg.privacy.enabled:
-        target = min(cfg.privacy.target_epsilon, max_epsilon)  # the job may ask less, never more than the node
-        nkey = _cache_key(target, ledger.delta, plan.__dict__, cfg.privacy.accountant)
-        noise = cfg.privacy.noise_multiplier or _cached_noise(cache_dir, nkey) or privacy.calibrate_noise(
-            target_epsilon=target, delta=ledger.delta, plan=plan, kind=cfg.privacy.accountant)
-        if cache_dir and not cfg.privacy.noise_multiplier:
-            _store_noise(cache_dir, nkey, noise)
-    return Node(cfg=cfg, lora=model, splits=splits, train_set=sets[0], val_set=sets[1], test_set=sets[2],
-                plan=plan, noise_multiplier=noise, ledger=ledger)
+    plan = privacy.plan_steps(n_train=max(1, len(splits.train)), batch_size=t.batch_size,
+                              local_epochs=t.local_epochs, local_steps=t.local_steps, rounds=t.rounds)
+    return Node(cfg=cfg, policy=policy, lora=model, splits=splits, train_set=sets[0], val_set=sets[1],
+                test_set=sets[2], plan=plan, ledger=ledger)
 
 
+# -- the job's noise plan ---------------------------------------------------------------------
+def planned_evaluations(node: Node, *, federated: bool) -> int:
+    """Federated evaluations a job's budget plans for: one per round, if the job and the node want them."""
+    c = node.cfg
+    if not federated or not node.policy.evaluate or c.privacy.eval_budget <= 0 or c.fed.fraction_evaluate <= 0:
+        return 0
+    return c.train.rounds
+
+
+def job_plan(node: Node, job: str, *, federated: bool = True) -> JobPlan:
+    """This job's noise on this node, calibrated at its first release and kept in the source's ledger.
+
+    The job's releases (its training steps and planned evaluation answers) are calibrated to
+    ``min(job target, node ceiling)``, evaluation answers getting ``privacy.eval-budget`` of
+    it; a job that would take the source past the ceiling together with what was released
+    before is refused before its first step (and every single release is checked again when
+    it is reserved).
+
+    Raises:
+        BudgetExceededError: the job does not fit in what is left of the source's budget.
+    """
+    c, pol, p = node.cfg.privacy, node.policy, node.plan
+    evals = planned_evaluations(node, federated=federated)
+    spec = {"dp": c.enabled, "target": c.target_epsilon, "fixed_noise": c.noise_multiplier,
+            "eval_budget": c.eval_budget, "evals": evals, "q": p.sample_rate, "steps": p.steps_per_round,
+            "rounds": p.rounds, "ceiling": pol.max_epsilon, "delta": pol.delta, "accountant": pol.accountant}
+    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+    def compute(history: privacy.History) -> dict:
+        kw = {"delta": pol.delta, "kind": pol.accountant}
+        target = min(c.target_epsilon, pol.max_epsilon)
+        if not c.enabled:
+            return {"noise_multiplier": 0.0, "eval_noise": 0.0, "evaluations": evals, "rounds": p.rounds}
+        eval_noise, eval_events = 0.0, []
+        if evals:
+            eval_noise = privacy.calibrate(lambda z: [(z, 1.0, evals)], target_epsilon=c.eval_budget * target,
+                                           what="evaluation answers", **kw)
+            eval_events = [(eval_noise, 1.0, evals)]
+        train = lambda z: [(z, p.sample_rate, p.total_steps)]  # noqa: E731
+        if c.noise_multiplier:
+            noise = c.noise_multiplier
+        else:
+            noise = privacy.calibrate(lambda z: train(z) + eval_events, target_epsilon=target, **kw)
+        after = privacy.epsilon(history + train(noise) + eval_events, **kw)
+        if after > pol.max_epsilon + 1e-9:  # what was released before this job counts against the ceiling too
+            raise BudgetExceededError(
+                f"privacy budget exceeded for data source {pol.source!r}: spent epsilon "
+                f"{privacy.epsilon(history, **kw):.3f} of this node's ceiling {pol.max_epsilon:g}; this job "
+                f"({p.total_steps} steps at noise {noise:.3f}, {evals} evaluation answers) would bring it to "
+                f"{after:.3f}", "run a job that asks for less (a lower privacy.target-epsilon, fewer rounds or steps), "
+                "or have the node's administrator raise its ceiling knowingly; the spent budget cannot be returned")
+        return {"noise_multiplier": noise, "eval_noise": eval_noise, "evaluations": evals, "rounds": p.rounds}
+
+    plan = node.ledger.plan(job, key, compute)
+    return JobPlan(noise_multiplier=float(plan["noise_multiplier"]), eval_noise=float(plan["eval_noise"]),
+                   evaluations=int(plan["evaluations"]), rounds=int(plan["rounds"]))
+
+
+def planned_epsilon(node: Node, job: str, *, federated: bool = True) -> float:
+    """Epsilon this job alone spends over all its planned releases (inf without DP)."""
+    jp = job_plan(node, job, federated=federated)
+    if jp.noise_multiplier <= 0:
+        return math.inf
+    events = [(jp.noise_multiplier, node.plan.sample_rate, node.plan.total_steps)]
+    if jp.evaluations:
+        events.append((jp.eval_noise, 1.0, jp.evaluations))
+    return privacy.epsilon(events, delta=node.policy.delta, kind=node.policy.accountant)
+
+
+# -- releases ---------------------------------------------------------------------------------------
 def train_round(node: Node, *, job: str, round: int, initial: Mapping[str, np.ndarray] | None = None,
-                progress: ProgressFn | None = None) -> RoundResult:
+                progress: ProgressFn | None = None, federated: bool = True) -> RoundResult:
     """Train one round on this node and return the adapter update.
 
-    Refuses (BudgetExceededError) before training if the round would pass the
-    node's ceiling. The ledger entry is durable before this returns weights.
+    Reserves the round's spend first (refused, before any training, past the node's ceiling or
+    past the job's planned rounds); the ledger entry is settled and durable before this returns weights.
     """
     cfg, model = node.cfg, node.lora.model
+    jp = job_plan(node, job, federated=federated)
     if initial is not None:
         adapter.unpack(model, initial, ffa=node.lora.ffa)
     steps, q = node.plan.steps_per_round, node.plan.sample_rate
-    node.ledger.check(noise_multiplier=node.noise_multiplier, sample_rate=q, steps=steps)
-    torch.manual_seed(cfg.train.seed * 1000003 + round)
-    loader = DataLoader(node.train_set, batch_size=cfg.train.batch_size, shuffle=True,
-                        generator=torch.Generator().manual_seed(cfg.train.seed + round))
-    optimizer = make_optimizer(model, name=cfg.train.optimizer, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    model.train()  # Opacus refuses a model in eval mode
-    if cfg.privacy.enabled:
-        p = cfg.privacy
-        dp_model, dp_opt, dp_loader, engine = privacy.make_private(
-            model=model, optimizer=optimizer, loader=loader, noise_multiplier=node.noise_multiplier,
-            max_grad_norm=p.max_grad_norm, grad_sample_mode=p.grad_sample_mode, poisson_sampling=p.poisson_sampling,
-            kind=p.accountant)
-        try:
-            stats = train_steps(dp_model, dp_loader, dp_opt, steps=steps, task=cfg.model.task, progress=progress)
-        finally:
-            privacy.release(dp_model)
-        history = engine.accountant.history
-        taken = sum(n for _, _, n in history)
-        q_used = history[0][1] if history else q
-        entry = node.ledger.record(job=job, round=round, noise_multiplier=node.noise_multiplier,
-                                   sample_rate=q_used, steps=taken)
-    else:
-        stats = train_steps(model, loader, optimizer, steps=steps, task=cfg.model.task, progress=progress)
-        entry = node.ledger.record(job=job, round=round, noise_multiplier=0.0, sample_rate=q, steps=steps)
+    noise = jp.noise_multiplier if cfg.privacy.enabled else 0.0
+    entry = node.ledger.reserve(job=job, round=round, kind="train", noise_multiplier=noise, sample_rate=q, steps=steps,
+                                fingerprint=node.splits.fingerprint, n_records=node.splits.n_source,
+                                job_limit=jp.rounds)
+    try:
+        torch.manual_seed(cfg.train.seed * 1000003 + round)
+        loader = DataLoader(node.train_set, batch_size=cfg.train.batch_size, shuffle=True,
+                            generator=torch.Generator().manual_seed(cfg.train.seed + round))
+        optimizer = make_optimizer(model, name=cfg.train.optimizer, lr=cfg.train.lr,
+                                   weight_decay=cfg.train.weight_decay)
+        model.train()  # Opacus refuses a model in eval mode
+        if cfg.privacy.enabled:
+            dp_model, dp_opt, dp_loader, engine = privacy.make_private(
+                model=model, optimizer=optimizer, loader=loader, noise_multiplier=noise,
+                max_grad_norm=cfg.privacy.max_grad_norm, grad_sample_mode=cfg.privacy.grad_sample_mode)
+            try:
+                stats = train_steps(dp_model, dp_loader, dp_opt, steps=steps, task=cfg.model.task, progress=progress)
+            finally:
+                privacy.release(dp_model)
+            history = engine.accountant.history
+            if history and abs(history[0][1] - q) > 1e-12:  # Opacus sampled at another rate: a bug, not a user error
+                raise RuntimeError(f"Opacus sampled at rate {history[0][1]}, the ledger reserved {q}")
+        else:
+            stats = train_steps(model, loader, optimizer, steps=steps, task=cfg.model.task, progress=progress)
+    except BaseException:
+        node.ledger.cancel(entry)  # nothing derived from this training has left the node
+        raise
+    entry = node.ledger.settle(entry, steps=stats.steps)
     arrays = adapter.pack(model, ffa=node.lora.ffa)
-    return RoundResult(arrays=arrays, stats=stats, num_examples=len(node.train_set),
-                       epsilon_spent=entry.epsilon_after, noise_multiplier=node.noise_multiplier,
-                       sample_rate=entry.sample_rate, delta=node.ledger.delta)
+    return RoundResult(arrays=arrays, stats=stats, weight=batch_weight(len(node.train_set), cfg.train.batch_size),
+                       epsilon_spent=entry.epsilon_after, noise_multiplier=noise, sample_rate=q,
+                       delta=node.policy.delta, steps=entry.steps)
+
+
+def answer_evaluation(node: Node, *, job: str, round: int) -> EvalAnswer:
+    """A federated-evaluation answer on the node's test split: counts with calibrated Gaussian noise.
+
+    The answer is a release about the node's records like any other: it is reserved in the
+    source's ledger first (refused past the ceiling or past the job's planned evaluations).
+
+    Raises:
+        EvaluationRefused: the node's policy answers no evaluations, or the job planned none.
+        BudgetExceededError: the answer would pass the ceiling.
+    """
+    if not node.policy.evaluate:
+        raise EvaluationRefused("this node answers no federated evaluation (node config evaluate=off)",
+                                "the server's own held-out evaluation still measures the model")
+    jp = job_plan(node, job)
+    if node.cfg.privacy.enabled and jp.evaluations == 0:
+        raise EvaluationRefused(
+            f"job {job!r} planned no evaluation answers on this node (privacy.eval-budget=0 or "
+            "fed.fraction-evaluate=0)", "set privacy.eval-budget > 0 for federated evaluation in a new job")
+    task = node.cfg.model.task
+    sensitivity = 1.0 if task == "seq-cls" else math.sqrt(2.0)
+    std = jp.eval_noise * sensitivity
+    entry = node.ledger.reserve(job=job, round=round, kind="eval", noise_multiplier=jp.eval_noise, sample_rate=1.0,
+                                steps=1, fingerprint=node.splits.fingerprint, n_records=node.splits.n_source,
+                                job_limit=jp.evaluations if node.cfg.privacy.enabled else None)
+    try:
+        counts = private_counts(node.lora.model, node.test_set, task=task,
+                                batch_size=node.cfg.train.eval_batch_size)
+    except BaseException:
+        node.ledger.cancel(entry)
+        raise
+    entry = node.ledger.settle(entry)
+    rng = np.random.default_rng(secrets.randbits(128))  # fresh OS entropy, never a job seed
+    noised = counts + rng.normal(0.0, std, size=counts.shape) if std > 0 else counts
+    return EvalAnswer(counts=(float(noised[0]), float(noised[1])), noise_std=std, epsilon_spent=entry.epsilon_after)
 
 
 def evaluate_split(node: Node, split: str = "test") -> dict:
-    """Metrics of the node's current model on its ``train``/``val``/``test`` split."""
+    """Exact metrics of the node's current model on its own split, for the node's own eyes (not a release)."""
     ds = {"train": node.train_set, "val": node.val_set, "test": node.test_set}[split]
     return evaluate(node.lora.model, ds, task=node.cfg.model.task, labels=node.splits.labels,
                     batch_size=node.cfg.train.eval_batch_size)
 
 
-def planned_epsilon(node: Node) -> float:
-    """Epsilon this job alone spends over all its planned rounds (inf without DP)."""
-    if node.noise_multiplier <= 0:
-        return math.inf
-    return privacy.epsilon([(node.noise_multiplier, node.plan.sample_rate, node.plan.total_steps)],
-                           delta=node.ledger.delta, kind=node.ledger.accountant)
-
-
 # -- a node's disk cache (derived data only: safe to delete) -----------------------------------
 def _cache_key(*parts) -> str:
-    import hashlib
-    import json
-
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
@@ -196,28 +343,10 @@ def _cached_tokens(cache_dir, key: str) -> list[TensorDataset] | None:
 
 
 def _store_tokens(cache_dir, key: str, sets: list[TensorDataset]) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    Path(cache_dir).mkdir(parents=True, exist_ok=True)
-    tensors = {f"{n}/{i}": t.contiguous() for n, ds in zip(("0train", "1val", "2test"), sets)
+    tensors = {f"{n}/{i}": t.contiguous() for n, ds in zip(("0train", "1val", "2test"), sets, strict=True)
                for i, t in enumerate(ds.tensors)}
-    tmp = Path(cache_dir) / f"tokens-{key}.tmp"
-    save_file(tensors, str(tmp))
-    tmp.replace(Path(cache_dir) / f"tokens-{key}.safetensors")
+    from common.atomic import write_atomic
 
-
-def _cached_noise(cache_dir, key: str) -> float | None:
-    import json
-
-    path = Path(cache_dir) / f"noise-{key}.json" if cache_dir else None
-    try:
-        return float(json.loads(path.read_text())["noise_multiplier"]) if path and path.is_file() else None
-    except (OSError, ValueError, KeyError):
-        return None
-
-
-def _store_noise(cache_dir, key: str, noise: float) -> None:
-    import json
-
-    Path(cache_dir).mkdir(parents=True, exist_ok=True)
-    (Path(cache_dir) / f"noise-{key}.json").write_text(json.dumps({"noise_multiplier": noise}))
+    write_atomic(Path(cache_dir) / f"tokens-{key}.safetensors", save(tensors))

@@ -1,17 +1,24 @@
-"""DP-SGD plumbing around Opacus: sampling plan, noise calibration, accounting.
+"""DP-SGD plumbing around Opacus, and the privacy accounting every node relies on.
 
-Nothing here computes privacy by hand: calibration and epsilon come from
-Opacus' accountants (RDP by default). :func:`make_private` wraps a model,
-optimizer and loader so the training loop stays the same with DP on or off.
+Nothing here computes privacy by hand. Epsilon comes from Google's ``dp-accounting``
+PLD accountant (near-exact; the default) or Opacus' RDP accountant; noise is
+calibrated by searching the noise multiplier against the same accountant.
+:func:`make_private` wraps a model, optimizer and loader so the training loop stays
+the same with DP on or off.
+
+A privacy *event* is ``(noise_multiplier, sample_rate, steps)``: ``steps``
+Poisson-subsampled Gaussian releases at rate ``sample_rate`` (a rate of 1.0 is the
+plain Gaussian mechanism with sensitivity 1, as used for evaluation answers).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import secrets
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +28,11 @@ from common.errors import PrivacyError
 
 log = logging.getLogger(__name__)
 
-History = list[tuple[float, float, int]]  # (noise_multiplier, sample_rate, steps), Opacus' accountant.history
+Event = tuple[float, float, int]  # (noise_multiplier, sample_rate, steps)
+History = list[Event]
+ACCOUNTANTS = ("pld", "rdp")
+DEFAULT_DELTA = 1e-5
+PLD_DISCRETIZATION = 1e-3  # dp-accounting's pessimistic PLD: an upper bound at any discretization
 
 
 @dataclass(frozen=True)
@@ -44,48 +55,100 @@ def plan_steps(*, n_train: int, batch_size: int, local_epochs: float, local_step
     return StepPlan(sample_rate=1.0 / batches_per_epoch, steps_per_round=steps, rounds=rounds)
 
 
-def default_delta(n_records: int) -> float:
-    """min(1e-5, 1/(10 N)): comfortably below 1/N, as DP practice requires."""
-    return min(1e-5, 1.0 / (10 * max(1, n_records)))
+def _clean(history: Iterable[Sequence]) -> History:
+    return [(float(s), float(q), int(n)) for s, q, n in history if int(n) > 0]
 
 
-def accountant(kind: str, history: Iterable[tuple[float, float, int]] = ()):
-    """A fresh Opacus accountant of ``kind`` holding ``history``."""
-    from opacus.accountants import create_accountant
-
-    acc = create_accountant(mechanism=kind)
-    acc.history = [(float(s), float(q), int(n)) for s, q, n in history]
-    return acc
-
-
-def epsilon(history: Iterable[tuple[float, float, int]], *, delta: float, kind: str) -> float:
-    """Epsilon of the composed ``history`` at ``delta`` (0 for an empty history)."""
-    history = [h for h in history if h[2] > 0]
-    if not history:
+def epsilon(history: Iterable[Sequence], *, delta: float, kind: str) -> float:
+    """Epsilon of the composed ``history`` at ``delta`` (0 for an empty history, inf with a noiseless event)."""
+    events = _clean(history)
+    if not events:
         return 0.0
-    if any(s <= 0 for s, _, _ in history):
+    if any(s <= 0 for s, _, _ in events):
         return math.inf
+    if kind == "pld":
+        return _pld_epsilon(tuple(events), delta)
+    if kind == "rdp":
+        return _rdp_epsilon(events, delta)
+    raise PrivacyError(f"unknown accountant {kind!r}", f"use one of {', '.join(ACCOUNTANTS)}")
+
+
+@functools.lru_cache(maxsize=512)
+def _pld_epsilon(events: tuple[Event, ...], delta: float) -> float:
+    import dp_accounting
+    from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
+
+    acc = PLDAccountant(value_discretization_interval=PLD_DISCRETIZATION)
+    merged: dict[tuple[float, float], int] = {}
+    for s, q, n in events:  # equal mechanisms compose as one self-composition (much faster)
+        merged[(s, q)] = merged.get((s, q), 0) + n
+    for (s, q), n in merged.items():
+        gauss = dp_accounting.GaussianDpEvent(s)
+        event = gauss if q >= 1.0 else dp_accounting.PoissonSampledDpEvent(q, gauss)
+        acc.compose(dp_accounting.SelfComposedDpEvent(event, n))
+    return float(acc.get_epsilon(delta))
+
+
+def _rdp_epsilon(events: History, delta: float) -> float:
+    from opacus.accountants import RDPAccountant
+
+    acc = RDPAccountant()
+    acc.history = list(events)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return float(accountant(kind, history).get_epsilon(delta=delta))
+        return float(acc.get_epsilon(delta=delta))
+
+
+def calibrate(history_for: Callable[[float], History], *, target_epsilon: float, delta: float, kind: str,
+              what: str = "training") -> float:
+    """The smallest noise multiplier z (to 0.05%) with ``epsilon(history_for(z)) <= target_epsilon``.
+
+    Raises:
+        PrivacyError: when no noise level up to 1000 meets the target.
+    """
+    def eps(z: float) -> float:
+        return epsilon(history_for(z), delta=delta, kind=kind)
+
+    hi = 1.0
+    while eps(hi) > target_epsilon:
+        hi *= 2
+        if hi > 1000:
+            raise PrivacyError(
+                f"no noise level reaches epsilon={target_epsilon:g} at delta={delta:.2g} for {what}",
+                "raise privacy.target-epsilon, or train fewer steps (train.rounds, train.local-epochs)")
+    lo = hi / 2
+    while eps(lo) <= target_epsilon:  # shrink until the lower end misses the target
+        hi, lo = lo, lo / 2
+        if lo < 1e-3:
+            return hi
+    while hi - lo > 5e-4 * hi:
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if eps(mid) <= target_epsilon else (mid, hi)
+    return hi
 
 
 def calibrate_noise(*, target_epsilon: float, delta: float, plan: StepPlan, kind: str) -> float:
-    """The smallest noise multiplier (within 0.01 in epsilon) meeting the target over the whole plan."""
-    from opacus.accountants.utils import get_noise_multiplier
+    """The noise multiplier meeting the target over the whole plan (one job alone, no other releases)."""
+    return calibrate(lambda z: [(z, plan.sample_rate, plan.total_steps)], target_epsilon=target_epsilon,
+                     delta=delta, kind=kind)
 
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
-                                              sample_rate=plan.sample_rate, steps=plan.total_steps,
-                                              accountant=kind, epsilon_tolerance=0.01))
-    except ValueError as e:
+
+def suggested_delta(n_records: int) -> float:
+    """A round delta for ``n_records``: the largest power of ten, at most 1e-5, below 1/(10 N)."""
+    k = 5
+    while 10.0 ** -k > 1.0 / (10 * max(1, n_records)):
+        k += 1
+    return float(f"1e-{k}")
+
+
+def check_delta(delta: float, n_records: int, *, where: str) -> None:
+    """Refuse a delta above 1/N for a source of N records (delta must be well below 1/N)."""
+    if not 0 < delta <= 1.0 / max(1, n_records):
         raise PrivacyError(
-            f"no noise level reaches epsilon={target_epsilon} at delta={delta:.2g} over {plan.total_steps} steps "
-            f"at sampling rate {plan.sample_rate:.4f} ({e})",
-            "raise privacy.target-epsilon, or train fewer steps (train.rounds, train.local-epochs)",
-        ) from None
+            f"delta {delta:g} is too large for {where}, which holds {n_records:,} records: delta must be at most "
+            f"1/N = {1.0 / max(1, n_records):.2g} (it bounds the chance that the guarantee fails for a record)",
+            f"set delta={suggested_delta(n_records):g} in this node's configuration (node config `delta`, "
+            "or privacy.delta for `fedtune local` and simulations)")
 
 
 def fresh_generator() -> torch.Generator:
@@ -96,24 +159,23 @@ def fresh_generator() -> torch.Generator:
 
 
 def make_private(*, model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
-                 noise_multiplier: float, max_grad_norm: float, grad_sample_mode: str, poisson_sampling: bool,
-                 kind: str):
+                 noise_multiplier: float, max_grad_norm: float, grad_sample_mode: str):
     """Wrap model, optimizer and loader with Opacus; returns them and the PrivacyEngine.
 
-    The loader's Poisson sampling and the Gaussian noise draw from fresh OS
-    entropy, never from the job seed. Call :func:`release` afterwards.
+    Batches are always Poisson-sampled (the only sampling the accountants here are valid
+    for), and the sampling and the Gaussian noise draw from fresh OS entropy, never from
+    the job seed. Call :func:`release` afterwards.
     """
     from opacus import PrivacyEngine
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
         warnings.filterwarnings("ignore", message="Optimal order is the")
-        engine = PrivacyEngine(accountant=kind)
-    if poisson_sampling:
-        loader = DataLoader(loader.dataset, batch_size=loader.batch_size, generator=fresh_generator())
+        engine = PrivacyEngine(accountant="rdp")  # only its step history is read; accounting is ours
+    loader = DataLoader(loader.dataset, batch_size=loader.batch_size, generator=fresh_generator())
     out = engine.make_private(
         module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
-        max_grad_norm=max_grad_norm, poisson_sampling=poisson_sampling, grad_sample_mode=grad_sample_mode,
+        max_grad_norm=max_grad_norm, poisson_sampling=True, grad_sample_mode=grad_sample_mode,
         noise_generator=fresh_generator(), loss_reduction="mean",
     )
     if len(out) == 4:  # ghost clipping also returns a criterion; we compute losses ourselves

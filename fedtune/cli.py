@@ -24,6 +24,7 @@ from pathlib import Path
 from common.errors import FedtuneError
 
 DEFAULT_STATE_DIR = "fedtune-state"
+PACKAGED_SOURCE = "bbc-news (packaged)"
 
 
 def _progress_printer(label: str):
@@ -60,31 +61,41 @@ def cmd_local(args: argparse.Namespace) -> int:
 
     if not cfg.privacy.enabled:
         print(f"WARNING: {DP_OFF_WARNING}", file=sys.stderr, flush=True)
+    from common.privacy import DEFAULT_DELTA
+
     t0 = time.perf_counter()
+    source = args.source or (str(Path(cfg.data.path).expanduser().resolve()) if cfg.data.path else PACKAGED_SOURCE)
+    policy = node_mod.NodePolicy(source=source, max_epsilon=max_eps, delta=cfg.privacy.delta or DEFAULT_DELTA,
+                                 accountant=cfg.privacy.accountant, evaluate=False)
     print(f"fedtune local: loading data ({cfg.data.path or 'BBC News (packaged)'}) and model "
           f"({cfg.model.path or 'all-MiniLM-L6-v2 (packaged)'}) ...", flush=True)
-    node = node_mod.prepare(cfg, state_dir=args.state_dir, max_epsilon=max_eps, delta=cfg.privacy.delta)
+    node = node_mod.prepare(cfg, policy, state_dir=args.state_dir)
+    job = f"local-{time.strftime('%Y%m%d-%H%M%S')}"
     lm = node.lora
     print(f"  records: train {len(node.train_set)}, val {len(node.val_set)}, test {len(node.test_set)}; "
           f"labels: {', '.join(node.splits.labels) or '(causal LM)'}")
     print(f"  LoRA r={cfg.lora.r}{' (FFA-LoRA)' if cfg.lora.ffa else ''}: {lm.trainable_parameters():,} trainable of "
           f"{lm.total_parameters():,} parameters")
     if cfg.privacy.enabled:
-        print(f"  DP-SGD: noise multiplier {node.noise_multiplier:.3f}, clip {cfg.privacy.max_grad_norm}, "
+        spent = node.ledger.spent()
+        jp = node_mod.job_plan(node, job, federated=False)
+        print(f"  DP-SGD: noise multiplier {jp.noise_multiplier:.3f}, clip {cfg.privacy.max_grad_norm}, "
               f"sample rate {node.plan.sample_rate:.4f}, {node.plan.total_steps} steps -> epsilon "
-              f"{node_mod.planned_epsilon(node):.2f} at delta {node.ledger.delta:.2g} ({cfg.privacy.accountant})")
-        print(f"  ledger: {node.ledger.path} (spent so far {node.ledger.spent():.3f} of ceiling {max_eps:g})")
+              f"{node_mod.planned_epsilon(node, job, federated=False):.2f} at delta {policy.delta:.2g} "
+              f"({policy.accountant})")
+        print(f"  ledger of data source {source!r}: {node.ledger.path} (spent so far {spent:.3f} of ceiling "
+              f"{max_eps:g})")
     if args.init_adapter:
         adapter.load_adapter_dir(lm.model, args.init_adapter)
         print(f"  starting from adapter {args.init_adapter}")
-    job = f"local-{time.strftime('%Y%m%d-%H%M%S')}"
     out = Path(args.out or Path("runs") / job)
     result = None
     for rnd in range(1, cfg.train.rounds + 1):
-        result = node_mod.train_round(node, job=job, round=rnd, progress=_progress_printer(f"round {rnd}"))
+        result = node_mod.train_round(node, job=job, round=rnd, progress=_progress_printer(f"round {rnd}"),
+                                      federated=False)
     assert result is not None
     print(f"  trained {result.stats.steps * cfg.train.rounds} steps in {time.perf_counter() - t0:.0f}s; "
-          f"epsilon spent on this dataset: {result.epsilon_spent:.3f} (delta {result.delta:.2g})")
+          f"epsilon spent on this data source: {result.epsilon_spent:.3f} (delta {result.delta:.2g})")
     metrics = {"val": node_mod.evaluate_split(node, "val"), "test": node_mod.evaluate_split(node, "test")}
     adapter.save_adapter(lm.model, out / "adapter")
     (out / "config.json").write_text(json.dumps(cfg.to_flat(), indent=2) + "\n")
@@ -116,8 +127,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.data:
         cfg = cfg.replace(**{"data.path": args.data})
     adapter.read_adapter_file(args.adapter)  # fail fast on a missing or corrupt file, before loading the model
-    with tempfile.TemporaryDirectory() as scratch:  # evaluation spends no budget: no ledger is written
-        node = node_mod.prepare(cfg, state_dir=scratch, max_epsilon=math.inf, for_training=False)
+    with tempfile.TemporaryDirectory() as scratch:  # the organization's own look at its data: nothing is released
+        policy = node_mod.NodePolicy(source="local evaluation", max_epsilon=math.inf)
+        node = node_mod.prepare(cfg, policy, state_dir=scratch, for_training=False)
         adapter.load_adapter_dir(node.lora.model, args.adapter)
         metrics = node_mod.evaluate_split(node, args.split)
     if args.json:
@@ -131,24 +143,36 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_ledger(args: argparse.Namespace) -> int:
-    from common.ledger import open_all
+    from common.ledger import legacy_files, open_all
 
     ledgers = open_all(args.state_dir)
+    legacy = legacy_files(args.state_dir)
     if args.json:
         print(json.dumps([lg.summary() | {"entries": [e.__dict__ for e in lg.entries]} for lg in ledgers], indent=2))
         return 0
-    if not ledgers:
-        print(f"no privacy ledger under {Path(args.state_dir) / 'ledger'}: nothing has been trained on this node")
+    if not ledgers and not legacy:
+        print(f"no privacy ledger under {Path(args.state_dir) / 'ledger'}: nothing has been released from this node")
         return 0
     for lg in ledgers:
         s = lg.summary()
-        print(f"dataset {s['dataset_id'][:16]}  ({s['n_records']} records)  ledger {s['path']}")
+        print(f"data source {s['source']!r}  ({s['n_records']} records at the last release)  ledger {s['path']}")
         print(f"  epsilon spent {s['epsilon_spent']:.4f} of ceiling {s['max_epsilon']:g}   delta {s['delta']:.3g}   "
-              f"accountant {s['accountant']}   releases {s['releases']}   steps {s['steps']}")
+              f"accountant {s['accountant']}   releases {s['train_releases']} training + {s['eval_releases']} "
+              f"evaluation   steps {s['steps']}")
+        if s["imported"]:
+            print(f"  includes the releases of fedtune 0.1 ledgers: {', '.join(s['imported'])}")
+        previous = None
         for e in lg.entries:
             stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.time))
-            print(f"  {stamp}  job {e.job} round {e.round}: {e.steps} steps, noise {e.noise_multiplier:.4f}, "
-                  f"sample rate {e.sample_rate:.5f} -> epsilon {e.epsilon_after:.4f}")
+            what = (f"{e.steps} steps, noise {e.noise_multiplier:.4f}, sample rate {e.sample_rate:.5f}"
+                    if e.kind == "train" else f"evaluation answer, noise {e.noise_multiplier:.3f}")
+            note = f"  [{e.status}]" if e.status != "settled" else ""
+            if previous is not None and e.fingerprint != previous:
+                note += "  [the data's content changed before this release: same source, same budget]"
+            previous = e.fingerprint
+            print(f"  {stamp}  job {e.job} round {e.round}: {what} -> epsilon {e.epsilon_after:.4f}{note}")
+    for p in legacy:
+        print(f"{p}: a fedtune 0.1 ledger; its releases count in this node's first source ledger at its next release")
     return 0
 
 
@@ -464,7 +488,9 @@ def build_parser() -> argparse.ArgumentParser:
     lp = sub.add_parser("local", help="train and evaluate one node on a file or the packaged BBC News data")
     lp.add_argument("--data", help="CSV, JSONL or Parquet file (default: packaged BBC News)")
     lp.add_argument("--state-dir", default=DEFAULT_STATE_DIR, help="node state directory holding the privacy ledger")
-    lp.add_argument("--max-epsilon", default="10", help="this node's privacy ceiling on the dataset (default 10)")
+    lp.add_argument("--max-epsilon", default="10", help="this node's privacy ceiling on the data source (default 10)")
+    lp.add_argument("--source", help="name of the data source whose budget this spends (default: the resolved "
+                    "--data path); a new name starts a new budget")
     lp.add_argument("--out", help="output directory (default runs/local-<time>)")
     lp.add_argument("--init-adapter", help="start from this saved adapter directory")
     lp.add_argument("settings", nargs="*", help="job settings as key=value (see `fedtune config`)")

@@ -56,7 +56,7 @@ class PlainFedAvg:
                                 f"only {len(ok)} of {len(node_ids)} nodes returned an update (fed.min-nodes="
                                 f"{self.min_nodes})")
         updates = [{k: a.numpy() for k, a in r.content["update"].items()} for r in ok]
-        weights = [aggregate.node_weight(int(r.metrics.get("num-examples", 0)), self.weighting) for r in ok]
+        weights = [aggregate.node_weight(int(r.metrics.get("weight") or 0), self.weighting) for r in ok]
         if sum(weights) <= 0:
             return RoundOutcome(None, replies, sent, received, 1, "total aggregation weight is zero")
         return RoundOutcome(aggregate.fedavg(global_arrays, updates, weights), replies, sent, received, 1)

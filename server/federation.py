@@ -18,11 +18,11 @@ from flwr.serverapp import Grid
 
 from common import adapter, data
 from common.config import JobConfig
-from common.evaluate import evaluate
+from common.evaluate import evaluate, pool_answers
 from common.model import build_lora_model
+from common.monitoring import node_privacy
 from common.rundir import RunDir
 from server.messages import (
-    NodeReply,
     array_record,
     config_record,
     exchange,
@@ -77,7 +77,6 @@ class Federation:
     def __init__(self, cfg: JobConfig, run_dir: RunDir, aggregator, *, out: Callable[[str], None] = print) -> None:
         self.cfg, self.rd, self.agg, self.out = cfg, run_dir, aggregator, out
         self.names: dict[int, str] = {}
-        self.privacy: dict[str, dict] = {}  # node name -> last reported privacy figures
         self.benched: dict[int, float] = {}  # node id -> first round it may be asked again
 
     def run(self, grid: Grid) -> dict:
@@ -91,7 +90,6 @@ class Federation:
             if ckpt is not None:
                 full = adapter.read_adapter_file(ckpt)
                 global_arrays = {k: full[k] for k in global_arrays}
-            self._replay_privacy()
             start = done + 1
             self.out(f"resuming after round {done} (from {ckpt or 'the initial adapter'})")
         ev0 = server.evaluate(global_arrays) if f.server_eval and start == 1 else None
@@ -141,14 +139,12 @@ class Federation:
         k = min(len(eligible), max(f.min_nodes, math.ceil(f.fraction_train * len(eligible))))
         # python's sampler: node ids are 64-bit unsigned and numpy would turn mixed ones into floats
         asked = sorted(random.Random(f"{cfg.train.seed}-{rnd}").sample(eligible, k))
-        conf = {"server-round": rnd, "job": self.rd.path.name, "run-dir": str(self.rd.path.resolve())}
+        conf = {"server-round": rnd, "job": self.rd.path.name}
         outcome = self.agg.run_round(grid, server_round=rnd, node_ids=asked, global_arrays=global_arrays,
                                      config=conf, names=self.names)
         for r in outcome.replies:
             self.names[r.node_id] = r.name
-            if r.ok:
-                self._note_privacy(r, rnd)
-            elif r.status == "refused":
+            if r.status == "refused":
                 self.benched[r.node_id] = math.inf
             elif r.status == "error":
                 self.benched[r.node_id] = rnd + 2
@@ -156,11 +152,12 @@ class Federation:
         ev = server.evaluate(new if new is not None else global_arrays) if f.server_eval else {}
         fed_ev = self._federated_eval(grid, rnd, new if new is not None else global_arrays, connected)
         ok = [r for r in outcome.replies if r.ok]
-        n_ex = sum(int(r.metrics.get("num-examples") or 0) for r in ok)
         losses = [float(r.metrics["train-loss"]) for r in ok if r.metrics.get("train-loss") is not None]
-        loss = (sum(float(r.metrics.get("train-loss") or 0) * int(r.metrics.get("num-examples") or 0) for r in ok)
-                / n_ex) if n_ex else (sum(losses) / len(losses) if losses else None)
+        loss = sum(losses) / len(losses) if losses else None  # mean over nodes (weights are not sent in the clear)
         eps = {r.name: r.metrics.get("epsilon") for r in ok}
+        for name, m in ((fed_ev or {}).get("per_node") or {}).items():  # a node's spend after its last release
+            if m.get("epsilon") is not None:
+                eps[name] = max(eps.get(name) or 0.0, m["epsilon"])
         record = {
             "round": rnd, "status": "ok" if new is not None else "failed", "reason": outcome.reason,
             "started": started, "seconds": round(time.perf_counter() - t0, 3),
@@ -168,52 +165,30 @@ class Federation:
             "nodes_connected": len(connected), "nodes_asked": len(asked), "nodes_replied": len(ok),
             "nodes_benched": sorted(self.names.get(n, str(n)) for n in connected if n not in asked),
             "failures": [{"node": r.name, "status": r.status, "reason": r.reason} for r in outcome.replies if not r.ok],
-            "train_loss": loss, "examples": n_ex,
+            "train_loss": loss,
             "epsilon_per_node": eps, "epsilon_max": max((e for e in eps.values() if e is not None), default=None),
             "bytes_sent": outcome.bytes_sent, "bytes_received": outcome.bytes_received,
             "exchanges": outcome.exchanges, "server_eval": _compact(ev), "federated_eval": fed_ev,
             "server_per_class": (ev or {}).get("test", {}).get("per_class"),
             "secagg": outcome.extra or None,
             "per_node": {r.name: {"status": r.status, **{k: r.metrics.get(k) for k in (
-                "num-examples", "train-loss", "epsilon", "max-epsilon", "delta", "seconds", "steps", "noise-multiplier",
-                "sample-rate")}} for r in outcome.replies},
+                "weight", "train-loss", "epsilon", "max-epsilon", "delta", "seconds", "steps", "noise-multiplier",
+                "sample-rate", "accountant")}} for r in outcome.replies},
         }
         return record, new, ev
 
     def _federated_eval(self, grid: Grid, rnd: int, arrays: dict, connected: list[int]) -> dict | None:
         f = self.cfg.fed
-        if f.fraction_evaluate <= 0 or not connected:
+        if f.fraction_evaluate <= 0 or self.cfg.privacy.eval_budget <= 0 or not connected:
             return None
         k = max(1, math.ceil(f.fraction_evaluate * len(connected)))
         nodes = sorted(random.Random(f"{self.cfg.train.seed}-{rnd}-eval").sample(connected, k))
-        conf = {"server-round": rnd, "job": self.rd.path.name, "run-dir": str(self.rd.path.resolve())}
+        conf = {"server-round": rnd, "job": self.rd.path.name}
         replies = exchange(grid, node_ids=nodes, message_type="evaluate", timeout=f.round_timeout,
                            group=f"eval-{rnd}", names=self.names,
                            content={"arrays": array_record(arrays), "config": config_record(conf)})
-        per = {r.name: r.metrics for r in replies if r.ok}
-        accs = {n: m["accuracy"] for n, m in per.items() if "accuracy" in m}
-        n = sum(int(m.get("num-examples", 0)) for m in per.values())
-        return {"nodes": len(per), "failed": [r.name for r in replies if not r.ok],
-                "loss": sum(float(m["loss"]) * int(m["num-examples"]) for m in per.values()) / n if n else None,
-                "accuracy": sum(a * int(per[k]["num-examples"]) for k, a in accs.items()) / n if accs and n else None,
-                "worst_accuracy": min(accs.values()) if accs else None,
-                "worst_node": min(accs, key=accs.get) if accs else None, "per_node": per}
-
-    # -- privacy bookkeeping ----------------------------------------------------
-    def _note_privacy(self, r: NodeReply, rnd: int) -> None:
-        p = self.privacy.setdefault(r.name, {"rounds": [], "steps": 0})
-        p["rounds"].append(rnd)
-        p["steps"] += int(r.metrics.get("steps", 0))
-        for k in ("epsilon", "noise-multiplier", "sample-rate", "delta", "max-epsilon"):
-            p[k.replace("-", "_")] = r.metrics.get(k)
-
-    def _replay_privacy(self) -> None:
-        for rec in self.rd.rounds():
-            for name, m in rec.get("per_node", {}).items():
-                if m.get("status") == "ok":
-                    p = self.privacy.setdefault(name, {"rounds": [], "steps": 0})
-                    p["rounds"].append(rec["round"])
-                    p["epsilon"] = m.get("epsilon")
+        return pool_answers({r.name: r.metrics for r in replies if r.ok},
+                                 failed=[r.name for r in replies if not r.ok], task=self.cfg.model.task)
 
     def _summary(self, final: dict | None, status: str) -> dict:
         rounds = self.rd.rounds()
@@ -226,11 +201,17 @@ class Federation:
             "final_per_class": (final or {}).get("test", {}).get("per_class"),
             "federated_eval": {k: v for k, v in (last_fed or {}).items() if k != "per_node"} or None,
             "privacy": {"dp": cfg.privacy.enabled, "mechanism": "DP-SGD (Opacus), sample-level, per node dataset",
-                        "accountant": cfg.privacy.accountant, "max_grad_norm": cfg.privacy.max_grad_norm,
-                        "target_epsilon": cfg.privacy.target_epsilon, "secure_aggregation": self.agg.secure,
-                        "nodes": self.privacy},
+                        "accountant": _accountants(rounds, cfg), "max_grad_norm": cfg.privacy.max_grad_norm,
+                        "target_epsilon": cfg.privacy.target_epsilon, "eval_budget": cfg.privacy.eval_budget,
+                        "secure_aggregation": self.agg.secure, "nodes": node_privacy(rounds)},
             "seconds": sum(r["seconds"] for r in rounds),
         }
+
+
+def _accountants(rounds: list[dict], cfg: JobConfig) -> str:
+    """The accountant of the run's epsilons: simulated nodes use the job's; deployed nodes report their own."""
+    seen = sorted({m["accountant"] for r in rounds for m in (r.get("per_node") or {}).values() if m.get("accountant")})
+    return ", ".join(seen) if seen else cfg.privacy.accountant
 
 
 def _compact(ev: dict | None) -> dict | None:

@@ -80,6 +80,8 @@ def exchange(grid: Grid, *, node_ids: Iterable[int], message_type: str, content,
         status = str(info.get("status", "ok"))
         metrics = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                    for rec in r.content.metric_records.values() for k, v in rec.items()}
+        if str(info.get("accountant", "")) in ("pld", "rdp"):
+            metrics["accountant"] = str(info["accountant"])
         nbytes = sum(a.count_bytes() for a in r.content.array_records.values()) + sum(
             len(b) for rec in r.content.config_records.values() for v in rec.values()
             for b in (v if isinstance(v, list) else [v]) if isinstance(b, bytes))

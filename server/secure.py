@@ -165,7 +165,7 @@ class SecureFedAvg:
         extra = {"dropped_after_upload": [names.get(by_index[i], str(i)) for i in plan.uploaded
                                           if i not in revealed], "weight_sum": weight, "levels": L,
                  "epoch": self.epoch.number}
-        for r in replies:  # under secure aggregation a node's record count is not sent in the clear
-            r.metrics.setdefault("num-examples", None)
+        for r in replies:  # under secure aggregation a node's weight is not sent in the clear
+            r.metrics.setdefault("weight", None)
         return RoundOutcome(new, all_replies, sent, received, exchanges, extra=extra)
 

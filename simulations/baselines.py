@@ -18,7 +18,8 @@ from collections.abc import Callable
 
 from common import data
 from common.config import JobConfig
-from common.node import evaluate_split, prepare, train_round
+from common.node import NodePolicy, evaluate_split, prepare, train_round
+from common.privacy import DEFAULT_DELTA
 from simulations.federated_data import global_splits, node_splits
 
 
@@ -29,13 +30,10 @@ def _train_eval(cfg: JobConfig, splits: data.Splits, *, dp: bool, label: str,
                          "train.local-steps": 0})
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as state:
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            node = prepare(job, state_dir=state, max_epsilon=cfg.privacy.target_epsilon if dp else math.inf,
-                           splits=splits)
-        res = train_round(node, job=label, round=1)
+        policy = NodePolicy(source=label, max_epsilon=cfg.privacy.target_epsilon if dp else math.inf,
+                            delta=cfg.privacy.delta or DEFAULT_DELTA, accountant=cfg.privacy.accountant)
+        node = prepare(job, policy, state_dir=state, splits=splits)
+        res = train_round(node, job=label, round=1, federated=False)
         m = evaluate_split(node, "test")
     return {"accuracy": m.get("accuracy"), "macro_f1": m.get("macro_f1"), "loss": m.get("loss"),
             "epsilon": res.epsilon_spent if dp else None, "seconds": time.perf_counter() - t0,
@@ -59,7 +57,8 @@ def local_only(cfg: JobConfig, *, out: Callable[[str], None] = print) -> dict:
     for i in range(cfg.fed.num_nodes):
         ns = node_splits(cfg, i, cfg.fed.num_nodes)
         # train on the node's records; test on the shared held-out split
-        splits = data.Splits(train=ns.train, val=ns.val, test=g.test, labels=ns.labels, dataset_id=ns.dataset_id)
+        splits = data.Splits(train=ns.train, val=ns.val, test=g.test, labels=ns.labels, fingerprint=ns.fingerprint,
+                             n_source=ns.n_source)
         out(f"baseline: local only, node-{i} ({len(ns.train)} records) ...")
         r = _train_eval(cfg, splits, dp=dp, label=f"local-{i}", out=out)
         per.append(r["accuracy"])

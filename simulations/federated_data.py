@@ -51,7 +51,8 @@ def node_splits(cfg: JobConfig, node_index: int, num_nodes: int) -> data.Splits:
     train, _, test = data.split(part, val_fraction=0.0, test_fraction=cfg.sim.local_test_fraction,
                                 seed=cfg.sim.seed + node_index)
     empty = part.subset([])
-    return data.Splits(train=train, val=empty, test=test, labels=g.labels, dataset_id=part.fingerprint())
+    return data.Splits(train=train, val=empty, test=test, labels=g.labels, fingerprint=part.fingerprint(),
+                       n_source=len(part))
 
 
 def partition_sizes(cfg: JobConfig, num_nodes: int) -> list[int]:

@@ -59,10 +59,10 @@ def _reply(name: str, update: dict | None, n: int = 10, status: str = "ok"):
 
     from server.messages import NodeReply, array_record
 
-    content = RecordDict({"metrics": MetricRecord({"num-examples": n})})
+    content = RecordDict({"metrics": MetricRecord({"weight": n})})
     if update is not None:
         content["update"] = array_record(update)
-    return NodeReply(node_id=hash(name) & 0xFFFF, name=name, status=status, metrics={"num-examples": n},
+    return NodeReply(node_id=hash(name) & 0xFFFF, name=name, status=status, metrics={"weight": n},
                      content=content if status == "ok" else None)
 
 

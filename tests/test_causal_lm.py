@@ -20,11 +20,11 @@ def test_causal_lm_trains_with_dp_and_reloads(tmp_path, tiny_gpt2_dir):
     cfg = load_config({"model.path": str(tiny_gpt2_dir), "model.task": "causal-lm", "model.max-length": 16,
                        "lora.target-modules": "c_attn", "data.path": str(path), "train.batch-size": 16,
                        "train.local-steps": 30, "train.lr": 0.02, "privacy.target-epsilon": 8})
-    n = node.prepare(cfg, state_dir=tmp_path / "state", max_epsilon=8)
+    n = node.prepare(cfg, node.NodePolicy(source="lm", max_epsilon=8), state_dir=tmp_path / "state")
     before = node.evaluate_split(n, "test")
     start = adapter.pack(n.lora.model, ffa=False)
     # Execute
-    result = node.train_round(n, job="lm", round=1)
+    result = node.train_round(n, job="lm", round=1, federated=False)
     after = node.evaluate_split(n, "test")
     out = adapter.save_adapter(n.lora.model, tmp_path / "adapter")
     # Assert: it learned, the LoRA weights moved, privacy was accounted, stock PEFT reloads it

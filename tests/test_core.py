@@ -69,7 +69,7 @@ def test_bbc_news_split_is_fixed_and_disjoint():
     b = data.load_splits(path="", text_column="text", label_column="label", labels=[], task="seq-cls",
                          val_fraction=0.1, test_fraction=0.2, seed=0)
     assert a.labels == list(BBC_LABELS)
-    assert a.test.texts == b.test.texts and a.dataset_id == b.dataset_id
+    assert a.test.texts == b.test.texts and a.fingerprint == b.fingerprint
     n = len(a.train) + len(a.val) + len(a.test)
     assert 2100 < n < 2225  # 2,225 articles less exact duplicates
     assert not set(a.train.texts) & set(a.test.texts)
@@ -77,13 +77,14 @@ def test_bbc_news_split_is_fixed_and_disjoint():
     assert set(a.train.labels) == set(BBC_LABELS)
 
 
-def test_max_records_keeps_the_ledger_identity():
+def test_max_records_keeps_the_source_fingerprint_and_size():
     full = data.load_splits(path="", text_column="text", label_column="label", labels=[], task="seq-cls",
                             val_fraction=0.1, test_fraction=0.2, seed=0)
     small = data.load_splits(path="", text_column="text", label_column="label", labels=[], task="seq-cls",
                              val_fraction=0.1, test_fraction=0.2, seed=0, max_records=50)
     assert len(small.train) + len(small.val) + len(small.test) == 50
-    assert small.dataset_id == full.dataset_id  # a slice of the same records spends the same budget
+    # the audit fingerprint and the size delta is checked against describe the whole source
+    assert small.fingerprint == full.fingerprint and small.n_source == full.n_source == 2225
 
 
 # -- adapter wire format -------------------------------------------------------
@@ -104,8 +105,7 @@ def test_pack_unpack_round_trip_and_opacus_wrapping(minilm_easy, easy_csv):
                        lm.tokenizer, label_set=EASY_LABELS, max_length=16)
     dp_model, _, _, _ = privacy.make_private(model=lm.model, optimizer=opt,
                                              loader=torch.utils.data.DataLoader(ds, batch_size=8),
-                                             noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode="hooks",
-                                             poisson_sampling=True, kind="rdp")
+                                             noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode="hooks")
     wrapped = adapter.pack(dp_model, ffa=False)
     assert list(wrapped) == list(back)
     adapter.unpack(dp_model, arrays, ffa=False)

@@ -24,17 +24,24 @@ def _records(path):
 
 
 def _run(lm, records, *, dp: bool, noise: float = 0.0, clip: float = 1e9, steps: int = 3):
-    """Train a copy of ``lm`` with SGD, with or without the Opacus wrapper; return its packed adapter."""
+    """Train a copy of ``lm`` with SGD, with or without the Opacus wrapper; return its packed adapter.
+
+    Full batches: Opacus always Poisson-samples, and at rate 1 (batch size = records) every record is
+    in every batch, so the DP and non-DP runs see the same batches. The base model's dropout is
+    switched off: its random masks would differ between the two runs for reasons unrelated to DP."""
     lm = copy.deepcopy(lm)
+    for m in lm.model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
     torch.manual_seed(0)
-    loader = _loader(lm, records)
+    loader = _loader(lm, records, batch_size=len(records))
     opt = make_optimizer(lm.model, name="sgd", lr=0.5, weight_decay=0.0)
     model = lm.model
     lm.model.train()
     if dp:
         model, opt, loader, _ = privacy.make_private(model=lm.model, optimizer=opt, loader=loader,
                                                      noise_multiplier=noise, max_grad_norm=clip,
-                                                     grad_sample_mode="hooks", poisson_sampling=False, kind="rdp")
+                                                     grad_sample_mode="hooks")
     train_steps(model, loader, opt, steps=steps, task="seq-cls")
     if dp:
         privacy.release(model)
@@ -83,11 +90,11 @@ def test_lora_and_head_really_change_under_opacus(tmp_path, easy_csv, minilm_eas
                 p.requires_grad_(False)
     cfg = small_config(**{"data.path": str(easy_csv), "data.labels": ",".join(EASY_LABELS), "lora.ffa": ffa,
                           "data.max-records": 0})
-    n = node.prepare(cfg, state_dir=tmp_path / "state", max_epsilon=50, model=lm)
+    n = node.prepare(cfg, node.NodePolicy(source="easy", max_epsilon=50), state_dir=tmp_path / "state", model=lm)
     before_all = {k: v.detach().clone() for k, v in adapter.adapter_state(lm.model).items()}
     before = adapter.pack(lm.model, ffa=ffa)
     # Execute
-    result = node.train_round(n, job="t", round=1)
+    result = node.train_round(n, job="t", round=1, federated=False)
     after_all = adapter.adapter_state(lm.model)
     # Assert: every exchanged tensor moved, and the returned arrays are the model's current weights
     assert set(result.arrays) == set(before)
@@ -113,10 +120,10 @@ def test_few_dp_steps_beat_chance_and_reload_in_stock_peft(tmp_path, fresh_easy)
     cfg = small_config(**{"data.path": str(csv_path), "data.labels": ",".join(EASY_LABELS), "data.max-records": 0,
                           "train.local-steps": 40, "train.batch-size": 32, "train.lr": 0.01,
                           "privacy.target-epsilon": 8})
-    n = node.prepare(cfg, state_dir=tmp_path / "state", max_epsilon=8, model=fresh_easy)
+    n = node.prepare(cfg, node.NodePolicy(source="easy", max_epsilon=8), state_dir=tmp_path / "state", model=fresh_easy)
     before = node.evaluate_split(n, "test")
     # Execute
-    node.train_round(n, job="t", round=1)
+    node.train_round(n, job="t", round=1, federated=False)
     after = node.evaluate_split(n, "test")
     out = adapter.save_adapter(fresh_easy.model, tmp_path / "adapter")
     base = AutoModelForSequenceClassification.from_pretrained(str(fresh_easy.base_path), num_labels=2)

@@ -98,7 +98,7 @@ def test_model_card_numbers_are_the_run_directorys(tiny_run, tiny_export):
     assert priv["epsilon_max"] == max(n["epsilon"] for n in nodes.values())
     assert priv["delta_max"] == max(n["delta"] for n in nodes.values())
     assert priv["noise_multiplier_min"] == min(n["noise_multiplier"] for n in nodes.values())
-    assert priv["accountant"] == summary["privacy"]["accountant"] == "rdp"
+    assert priv["accountant"] == summary["privacy"]["accountant"] == "pld"
     assert priv["max_grad_norm"] == summary["privacy"]["max_grad_norm"]
     assert priv["nodes"] == len(nodes) == 3 and priv["secure_aggregation"] is True and priv["dp"] is True
     assert meta["base_model"] == "sentence-transformers/all-MiniLM-L6-v2"
@@ -107,10 +107,10 @@ def test_model_card_numbers_are_the_run_directorys(tiny_run, tiny_export):
     # the text states them too
     body = card.text
     assert "sample-level (epsilon, delta)-differential privacy for each node's dataset" in body
-    assert f"**{priv['epsilon_max']:.3f}**" in body and "Poisson" in body and "**rdp**" in body
+    assert f"**{priv['epsilon_max']:.3f}**" in body and "Poisson" in body and "**pld**" in body
     for n in nodes.values():
         assert f"| {n['epsilon']:.4f} | {n['delta']:.3g} | {n['max_epsilon']:g} | {n['noise_multiplier']:.4f} | " \
-               f"{n['sample_rate']:.5f} | {n['steps']} | {len(n['rounds'])} |" in body
+               f"{n['sample_rate']:.5f} | {n['steps']} | {len(n['rounds'])} | {n['evaluations']} |" in body
     for lab, c in summary["final_per_class"].items():
         assert f"| {lab} | {c['precision']:.4f} | {c['recall']:.4f} | {c['f1']:.4f} | {c['support']} |" in body
     assert f"| test | {test['accuracy']:.4f} | {test['macro_f1']:.4f} | {test['loss']:.4f} | {test['n']} |" in body
@@ -128,7 +128,9 @@ def test_round_checkpoint_export_uses_that_rounds_figures(tiny_run, tmp_path):
     r1 = json.loads((tiny_run / "rounds.jsonl").read_text().splitlines()[0])
     assert record["source"]["checkpoint"] == "round-1" and record["metrics"]["test"] == r1["server_eval"]["test"]
     assert record["metrics"]["per_class"] == r1["server_per_class"] and record["metrics"]["per_class"]
-    eps = {name: m["epsilon"] for name, m in r1["per_node"].items()}
+    # a node's epsilon as of round 1 is its ledger after its last release in round 1: the evaluation answer
+    eps = {name: max(m["epsilon"], r1["federated_eval"]["per_node"][name]["epsilon"])
+           for name, m in r1["per_node"].items()}
     assert {name: p["epsilon"] for name, p in record["privacy"]["nodes"].items()} == eps
     assert all(p["steps"] == r1["per_node"][name]["steps"] for name, p in record["privacy"]["nodes"].items())
     card = ModelCard.load(out / "README.md")

@@ -10,7 +10,6 @@ import pytest
 
 from common.config import load_config
 from common.ledger import PrivacyLedger
-from simulations.federated_data import node_splits
 from simulations.run import read_scenario, simulate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,8 +19,9 @@ TINY = {"data.max-records": 240, "model.max-length": 16, "train.local-steps": 2,
 
 
 def _ledger(run_dir: Path, cfg, index: int) -> PrivacyLedger:
-    ds = node_splits(cfg, index, cfg.fed.num_nodes).dataset_id
-    return PrivacyLedger(run_dir / "nodes" / f"node-{index}", dataset_id=ds, n_records=1, max_epsilon=1e9)
+    """A simulated organization's ledger: its data source is its partition."""
+    return PrivacyLedger(run_dir / "nodes" / f"node-{index}", source=f"simulated-node-{index}", max_epsilon=1e9,
+                         accountant=cfg.privacy.accountant)
 
 
 @pytest.mark.slow
@@ -35,7 +35,8 @@ def test_simulation_writes_run_dir_and_skips_a_spent_node(tmp_path):
     cfg = load_config({**TINY, "fed.num-nodes": 4, "fed.min-nodes": 2, "train.rounds": 2,
                        "fed.run-dir": str(run_dir), "sim.node-max-epsilon": 8})
     spent = _ledger(run_dir, cfg, 2)
-    spent.record(job="earlier", round=1, noise_multiplier=0.3, sample_rate=0.5, steps=50)
+    spent.settle(spent.reserve(job="earlier", round=1, kind="train", noise_multiplier=0.3, sample_rate=0.5, steps=50,
+                               fingerprint="earlier", n_records=100))
     assert spent.spent() > 8
     # Execute
     res = simulate(cfg, out=lambda s: None)
@@ -50,7 +51,8 @@ def test_simulation_writes_run_dir_and_skips_a_spent_node(tmp_path):
         assert r["status"] == "ok" and r["nodes_replied"] == 3, r["reason"]
         assert r["bytes_received"] > 0 and r["seconds"] > 0 and r["train_loss"] > 0
         assert set(r["epsilon_per_node"]) == {"node-0", "node-1", "node-3"}
-        assert r["server_eval"]["test"]["n"] > 0 and r["federated_eval"]["nodes"] == 4
+        assert r["server_eval"]["test"]["n"] > 0 and r["federated_eval"]["nodes"] == 3
+        assert r["federated_eval"]["failed"] == ["node-2"]  # its evaluation answer would pass its ceiling too
         assert r["aggregation"] == "secagg+" and r["secure_aggregation"]
     # node-2's mask key had to be reconstructed in round 1, so round 2 starts a fresh key epoch
     assert [r["exchanges"] for r in rounds] == [4, 4] and [r["secagg"]["epoch"] for r in rounds] == [1, 2]
@@ -61,16 +63,18 @@ def test_simulation_writes_run_dir_and_skips_a_spent_node(tmp_path):
     assert summary == res["summary"] and summary["status"] == "finished"
     nodes = summary["privacy"]["nodes"]
     assert set(nodes) == {"node-0", "node-1", "node-3"}
-    for p in nodes.values():
+    for name, p in nodes.items():
         assert p["rounds"] == [1, 2] and 0 < p["epsilon"] <= 8 and p["noise_multiplier"] > 0
-        assert 0 < p["sample_rate"] < 1 and p["steps"] == 4 and 0 < p["delta"] < 1e-4 and p["max_epsilon"] == 8
+        assert 0 < p["sample_rate"] < 1 and p["steps"] == 4 and p["delta"] == 1e-5 and p["max_epsilon"] == 8
+        assert p["evaluations"] == 2 and p["epsilon"] == pytest.approx(_ledger(run_dir, cfg, int(name[-1])).spent())
     assert json.loads((run_dir / "config.json").read_text())["fed.num-nodes"] == 4
     assert json.loads((run_dir / "run.json").read_text())["status"] == "finished"
     report = (run_dir / "report.md").read_text()
     assert "## Rounds" in report and (run_dir / "plots" / "accuracy.png").stat().st_size > 1000
     # the spent node's ledger did not move; the others hold exactly two releases
     assert len(_ledger(run_dir, cfg, 2).entries) == 1
-    assert [e.round for e in _ledger(run_dir, cfg, 0).entries] == [1, 2]
+    assert [(e.kind, e.round) for e in _ledger(run_dir, cfg, 0).entries] == [
+        ("train", 1), ("eval", 1), ("train", 2), ("eval", 2)]
     # the final adapter loads in stock PEFT and matches the server's final evaluation
     from common.assets import default_model_dir
 
@@ -81,8 +85,11 @@ def test_simulation_writes_run_dir_and_skips_a_spent_node(tmp_path):
 
 @pytest.mark.slow
 def test_resume_continues_without_respending(tmp_path):
+    from common.export import run_record
+    from common.modelcard import model_card
+
     run_dir = tmp_path / "run"
-    base = {**TINY, "fed.num-nodes": 2, "fed.min-nodes": 2, "fed.run-dir": str(run_dir), "fed.fraction-evaluate": 0}
+    base = {**TINY, "fed.num-nodes": 2, "fed.min-nodes": 2, "fed.run-dir": str(run_dir)}
     cfg1 = load_config({**base, "train.rounds": 2})
 
     def stop_after_round_1(line: str) -> None:  # the operator's stop request (a STOP file in the run dir)
@@ -102,8 +109,21 @@ def test_resume_continues_without_respending(tmp_path):
     assert not (run_dir / "STOP").exists()
     for i in range(2):
         entries = _ledger(run_dir, cfg1, i).entries
-        assert [e.round for e in entries] == [1, 2]  # round 1 was not trained (or spent) again
-        assert entries[0].epsilon_after == pytest.approx(eps_after_1[i])
+        assert [(e.kind, e.round) for e in entries] == [("train", 1), ("eval", 1), ("train", 2), ("eval", 2)]
+        assert entries[1].epsilon_after == pytest.approx(eps_after_1[i])  # round 1 was not spent again
+    # summary.json and the model card carry each node's whole history, rounds before the resume included
+    summary_nodes = res["summary"]["privacy"]["nodes"]
+    card_nodes = run_record(run_dir, name_nodes=True)["privacy"]["nodes"]
+    card = model_card(run_record(run_dir, name_nodes=True))
+    for i in range(2):
+        ledger = _ledger(run_dir, cfg1, i)
+        train = [e for e in ledger.counted if e.kind == "train"]
+        for nodes in (summary_nodes, card_nodes):
+            p = nodes[f"node-{i}"]
+            assert p["rounds"] == [1, 2] and p["steps"] == sum(e.steps for e in train) == 4
+            assert p["noise_multiplier"] == train[-1].noise_multiplier and p["delta"] == ledger.delta
+            assert p["epsilon"] == pytest.approx(ledger.spent()) and p["evaluations"] == 2
+        assert f"| node-{i} | {ledger.spent():.4f} |" in card
 
 
 def test_resume_refuses_changed_settings(tmp_path):
