@@ -92,7 +92,7 @@ def write_report(run_dir: str | Path) -> Path:
                   f"loss {_fmt(t.get('loss'))}, n={t.get('n')}", ""]
     fe = summary.get("federated_eval") or {}
     if fe.get("worst_accuracy") is not None:
-        lines += [f"Nodes' own test data: mean accuracy {_fmt(fe.get('accuracy'))}, worst node "
+        lines += [f"Nodes' own test data (noised answers, estimates): pooled accuracy {_fmt(fe.get('accuracy'))}, worst node "
                   f"{fe.get('worst_node')} {_fmt(fe.get('worst_accuracy'))}", ""]
     baselines = rd.path / "baselines.json"
     if baselines.exists():
