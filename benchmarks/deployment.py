@@ -63,7 +63,7 @@ def rounds_side_by_side(tmp: Path) -> tuple[list[float], list[float], float, flo
     from simulations.run import simulate
     from tests.conftest import write_easy_csv
 
-    job = {"fed.num-nodes": 3, "fed.min-nodes": 2, "train.rounds": 2, "fed.fraction-evaluate": 0.0,
+    job = {"fed.num-nodes": 3, "fed.min-nodes": 3, "train.rounds": 2, "fed.fraction-evaluate": 0.0,
            "data.labels": "finance,sport", "data.max-records": 0, "model.max-length": 16, "train.batch-size": 8,
            "train.local-steps": 2, "train.threads": 1, "fed.round-timeout": 300.0}
     # deployment

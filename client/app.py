@@ -41,7 +41,9 @@ def _info(settings: NodeSettings, status: str, reason: str = "") -> ConfigRecord
 
 
 def _refusal(msg: Message, settings: NodeSettings, err: FedtuneError) -> Message:
-    status = "refused" if isinstance(err, BudgetExceededError) else "error"
+    """A refusal the server records: budget (for good), an unsafe secure-aggregation request, or an error."""
+    status = ("refused" if isinstance(err, BudgetExceededError) else
+              "unsafe" if isinstance(err, secure_node.sa.SecAggError) else "error")
     log.error("node %s %s round: %s", settings.name, status, err)
     return Message(RecordDict({"info": _info(settings, status, str(err))}), reply_to=msg)
 
@@ -78,20 +80,21 @@ def make_client_app(settings: dict | None = None, *, sim_state_root: str | Path 
             return _fail(msg, context, err)
         conf = msg.content["config"]
         job, rnd = str(conf["job"]), int(conf["server-round"])
-        secure = "epoch" in conf
+        sec = msg.content.config_records.get("secagg")
         try:
-            keys = None
-            if secure:  # refuse a reused round before spending any privacy budget on it
-                keys = secure_node.load_keys(context)
-                secure_node.check_round(keys, ns.state_dir, job, rnd)
+            keys = params = None
+            if sec is not None:  # refuse an unsafe or reused round before spending any privacy budget on it
+                keys, params = secure_node.check_train(context, ns, job, sec)
+                if params.round != rnd:
+                    raise secure_node.sa.SecAggError("the round number differs between the job and secure "
+                                                     "aggregation", "refusing")
             node = get_node(cfg, ns)
             if not cfg.privacy.enabled and ns.partition is None:  # simulations print it once in the driver
                 privacy.warn_dp_off(job)
             received = {k: a.numpy() for k, a in msg.content["arrays"].items()}
             update, metrics = node_train(node, received, job=job, round_=rnd)
             if keys is not None:
-                masked, shares = secure_node.mask_update(context, keys, conf, update, metrics["weight"])
-                secure_node.record_round(ns.state_dir, job, rnd)
+                masked, wire = secure_node.mask(context, ns, keys, params, update, metrics["weight"])
         except FedtuneError as err:
             return _refusal(msg, ns, err)
         if keys is None:
@@ -100,7 +103,7 @@ def make_client_app(settings: dict | None = None, *, sim_state_root: str | Path 
         # under secure aggregation: nothing derived from the update, and not the weight, in the clear
         metrics.pop("weight")
         return Message(RecordDict({"masked": ArrayRecord({"masked": Array(masked)}),
-                                   "secagg": ConfigRecord(shares), "metrics": MetricRecord(metrics),
+                                   "secagg": ConfigRecord(wire), "metrics": MetricRecord(metrics),
                                    "info": _info(ns, "ok")}), reply_to=msg)
 
     def _secagg_query(msg: Message, context: Context, step) -> Message:
@@ -109,19 +112,25 @@ def make_client_app(settings: dict | None = None, *, sim_state_root: str | Path 
         except FedtuneError as err:
             return _fail(msg, context, err)
         try:
-            out = step(context, msg.content["secagg"])
+            rec = msg.content.config_records.get("secagg")
+            if rec is None:
+                raise secure_node.sa.SecAggError("the request carried no secure-aggregation record", "refusing")
+            out = step(context, ns, rec)
         except FedtuneError as err:
             return _refusal(msg, ns, err)
         return Message(RecordDict({"secagg": ConfigRecord(out), "info": _info(ns, "ok")}), reply_to=msg)
 
     @app.query("secagg_keys")
     def secagg_keys(msg: Message, context: Context) -> Message:
-        return _secagg_query(msg, context, lambda ctx, rec: secure_node.advertise(
-            ctx, epoch=int(rec["epoch"]), index=int(rec["index"])))
+        return _secagg_query(msg, context, secure_node.advertise)
 
     @app.query("secagg_join")
     def secagg_join(msg: Message, context: Context) -> Message:
         return _secagg_query(msg, context, secure_node.join)
+
+    @app.query("secagg_consistency")
+    def secagg_consistency(msg: Message, context: Context) -> Message:
+        return _secagg_query(msg, context, secure_node.consistency)
 
     @app.query("secagg_unmask")
     def secagg_unmask(msg: Message, context: Context) -> Message:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +27,14 @@ from common import privacy
 from common.config import TASKS, JobConfig
 from common.errors import ConfigError, FedtuneError
 from common.node import NodePolicy
+from common.secagg import NodeRules, load_identity_key, load_roster
 
 log = logging.getLogger(__name__)
 
 KEYS = {"name": str, "data-path": str, "source": str, "state-dir": str, "max-epsilon": float, "delta": float,
-        "accountant": str, "evaluate": str, "task": str, "text-column": str, "label-column": str}
+        "accountant": str, "evaluate": str, "task": str, "text-column": str, "label-column": str,
+        "identity-key": str, "roster": str, "secagg-min-cohort": int, "secagg-min-threshold": int,
+        "secagg-max-weight": int}
 ON_OFF = {"on": True, "true": True, "yes": True, "off": False, "false": False, "no": False}
 
 
@@ -45,10 +48,21 @@ class NodeSettings:
     text_column: str | None = None
     label_column: str | None = None
     partition: tuple[int, int] | None = None  # (index, count) for a simulated node
+    secagg_rules: NodeRules = field(default_factory=NodeRules)
+    identity_key_path: str | None = None  # this node's OpenSSH private key (its SuperNode authentication key)
+    roster_path: str | None = None  # the federation's registered public keys, by node name
 
     @property
     def max_epsilon(self) -> float:
         return self.policy.max_epsilon
+
+    def identity_key(self):
+        """The node's long-term key, to sign its secure-aggregation keys (None: not configured)."""
+        return load_identity_key(self.identity_key_path) if self.identity_key_path else None
+
+    def roster(self) -> dict | None:
+        """The registered public keys every peer's secure-aggregation keys are checked against (None: none)."""
+        return load_roster(self.roster_path) if self.roster_path else None
 
     def apply(self, cfg: JobConfig) -> JobConfig:
         """The job as this node runs it: its own columns; a job for another task is refused."""
@@ -107,6 +121,21 @@ def node_settings(node_config: Mapping[str, Any], node_id: int) -> NodeSettings:
     if not data_path:  # never a path from the job: the server does not choose which file a node reads
         problems.append("node config 'data-path': required (the file of this organization's records)")
     source = values.get("source") or (str(Path(data_path).expanduser().resolve()) if data_path else "")
+    rules = NodeRules(min_cohort=values.get("secagg-min-cohort", 3), min_threshold=values.get("secagg-min-threshold", 2),
+                      max_weight=values.get("secagg-max-weight", NodeRules.max_weight))
+    if rules.min_cohort < 3:
+        problems.append(f"node config 'secagg-min-cohort': expected >= 3 (with 2 nodes each learns the other's update "
+                        f"from the sum), got {rules.min_cohort}")
+    if rules.min_threshold < 2:
+        problems.append(f"node config 'secagg-min-threshold': expected >= 2, got {rules.min_threshold}")
+    if rules.max_weight < 1:
+        problems.append(f"node config 'secagg-max-weight': expected >= 1, got {rules.max_weight}")
+    for key in ("identity-key", "roster"):
+        if key in values and not Path(values[key]).expanduser().exists():
+            problems.append(f"node config {key!r}: {values[key]} does not exist")
+    if ("identity-key" in values) != ("roster" in values):
+        problems.append("node config 'identity-key' and 'roster' go together: the node signs its keys with the "
+                        "one and checks its peers' against the other")
     if problems:
         raise ConfigError(problems)
     policy = NodePolicy(source=source, max_epsilon=values["max-epsilon"], delta=delta, accountant=accountant,
@@ -115,4 +144,7 @@ def node_settings(node_config: Mapping[str, Any], node_id: int) -> NodeSettings:
                         state_dir=Path(values.get("state-dir") or Path.home() / ".fedtune" / "node").expanduser(),
                         policy=policy, data_path=data_path, task=task,
                         text_column=values.get("text-column", "text"),
-                        label_column=values.get("label-column", "label"))
+                        label_column=values.get("label-column", "label"), secagg_rules=rules,
+                        identity_key_path=str(Path(values["identity-key"]).expanduser()) if "identity-key" in values
+                        else None,
+                        roster_path=str(Path(values["roster"]).expanduser()) if "roster" in values else None)

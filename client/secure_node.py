@@ -1,17 +1,28 @@
-"""A node's side of secure aggregation: its keys live in Flower's per-node state (as JSON bytes)
-and the last round it masked is also kept on its disk, so a restart cannot make it mask a round twice."""
+"""A node's side of secure aggregation: every server request is checked against the node's own rules.
+
+The node's secret keys for a key epoch live in Flower's per-node state (JSON bytes, never
+pickled). The last round it masked per job is also kept on its own disk (written
+atomically and fsync'd before the masked upload leaves), so a restart cannot make it mask
+a round twice. Server-supplied strings never become paths: the job name is hashed.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
 from flwr.app import ConfigRecord, Context
 
 from common import secagg as sa
+from common.atomic import write_json_atomic
+
+log = logging.getLogger(__name__)
 
 STATE_KEY = "secagg"
+_warned: set[str] = set()
 
 
 def load_keys(context: Context) -> sa.NodeKeys:
@@ -26,68 +37,98 @@ def save_keys(context: Context, keys: sa.NodeKeys) -> None:
     context.state[STATE_KEY] = ConfigRecord({"keys": keys.dumps()})
 
 
-def _round_file(state_dir: Path, job: str) -> Path:
-    return Path(state_dir) / "secagg" / f"{job}.json"
+def marker_file(state_dir: Path, job: str) -> Path:
+    """Where the node keeps the last round it masked for ``job`` (a hash of the name, never the name)."""
+    return Path(state_dir) / "secagg" / f"{hashlib.sha256(job.encode('utf-8')).hexdigest()[:32]}.json"
 
 
-def check_round(keys: sa.NodeKeys, state_dir: Path, job: str, round_: int) -> None:
-    """Refuse a round at or below the last one masked (in state or on disk), before any training."""
-    keys.check_round(round_)
-    f = _round_file(state_dir, job)
-    if f.exists():
-        last = int(json.loads(f.read_text())["last_round"])
-        if round_ <= last:
-            raise sa.SecAggError(f"refusing to mask round {round_}: this node's disk says it masked round {last}",
-                                 "a round number may be used once per node; the server must move on")
+def _last_round_on_disk(state_dir: Path, job: str) -> int:
+    f = marker_file(state_dir, job)
+    if not f.exists():
+        return 0
+    try:
+        return int(json.loads(f.read_text(encoding="utf-8"))["last_round"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise sa.SecAggError(f"the secure-aggregation round record {f} is unreadable",
+                             "restore it from backup, or remove it only if this node never masked a round of "
+                             "this job") from None
 
 
-def record_round(state_dir: Path, job: str, round_: int) -> None:
-    f = _round_file(state_dir, job)
-    f.parent.mkdir(parents=True, exist_ok=True)
-    tmp = f.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"last_round": round_}))
-    tmp.replace(f)
+def _params(rec, job: str | None = None) -> sa.Params:
+    p = sa.Params.from_wire(rec)
+    if job is not None and p.job != job:
+        raise sa.SecAggError("the secure-aggregation parameters are for another job", "refusing")
+    return p
 
 
-def advertise(context: Context, *, epoch: int, index: int) -> dict:
-    keys = sa.NodeKeys.generate(epoch=epoch, index=index)
+def _warn_unauthenticated(ns) -> None:
+    if ns.partition is None and ns.name not in _warned:
+        _warned.add(ns.name)
+        log.warning("node %s: no federation roster (node config roster): secure-aggregation keys of other nodes are "
+                    "not authenticated, so a malicious server could substitute them; see docs/secure-aggregation.md",
+                    ns.name)
+
+
+def advertise(context: Context, ns, rec) -> dict:
+    """Check the proposed key epoch (cohort, graph degree, threshold); make and advertise fresh keys."""
+    p = _params(rec)
+    keys, advert = sa.NodeKeys.generate(p, node=context.node_id, name=ns.name, rules=ns.secagg_rules,
+                                        identity=ns.identity_key())
     old = context.state.config_records.get(STATE_KEY)
     if old is not None and "keys" in old:  # a new epoch keeps the round high-water mark
         keys.last_round = sa.NodeKeys.loads(bytes(old["keys"])).last_round
     save_keys(context, keys)
-    return {"s_pk": keys.s_pk, "c_pk": keys.c_pk}
+    return sa.advert_to_wire(advert)
 
 
-def join(context: Context, rec: ConfigRecord) -> dict:
+def join(context: Context, ns, rec) -> dict:
     keys = load_keys(context)
-    if int(rec["epoch"]) != keys.epoch or int(rec["index"]) != keys.index:
-        raise sa.SecAggError("the roster is for another key epoch or index", "the server must re-run the key set-up")
-    roster = {int(i): (bytes(a), bytes(b)) for i, a, b in zip(rec["indices"], rec["s_pks"], rec["c_pks"],
-                                                               strict=True)}
-    sealed = keys.join(roster, [int(v) for v in rec["neighbours"]], int(rec["threshold"]))
+    roster = ns.roster()
+    if roster is None:
+        _warn_unauthenticated(ns)
+    sealed = keys.join(_params(rec, keys.params.job), sa.adverts_from_wire(rec), roster=roster)
     save_keys(context, keys)
-    return {"to": list(sealed), "blob": list(sealed.values())}
+    return sa.map_to_wire("shares", sealed)
 
 
-def mask_update(context: Context, keys: sa.NodeKeys, conf, update: dict[str, np.ndarray],
-                node_weight: int) -> tuple[np.ndarray, dict]:
-    weight = 1 if str(conf["weighting"]) == "uniform" else min(int(node_weight), int(conf["max-weight"]))
-    masked, sealed = keys.mask(int(conf["server-round"]), sa.flatten(update), weight=weight,
-                               participants=[int(p) for p in conf["participants"]], clip=float(conf["clip"]),
-                               levels_=int(conf["levels"]))
-    save_keys(context, keys)
-    return masked, {"to": list(sealed), "blob": list(sealed.values())}
-
-
-def reveal(context: Context, rec: ConfigRecord) -> dict:
+def check_train(context: Context, ns, job: str, rec) -> tuple[sa.NodeKeys, sa.Params]:
+    """Refuse, before any training (and any privacy spend), a round this node must not mask."""
     keys = load_keys(context)
-    if int(rec["epoch"]) != keys.epoch:
-        raise sa.SecAggError("unmask request for another key epoch", "ignored")
-    b, s = keys.reveal(int(rec["round"]), uploaded=[int(x) for x in rec["uploaded"]],
-                       dropped=[int(x) for x in rec["dropped"]],
-                       b_shares=dict(zip([int(x) for x in rec["b_from"]], [bytes(x) for x in rec["b_blob"]],
-                                         strict=True)),
-                       s_shares=dict(zip([int(x) for x in rec["s_from"]], [bytes(x) for x in rec["s_blob"]],
-                                         strict=True)))
+    p = _params(rec, job)
+    keys.check_round(p, ns.secagg_rules)
+    last = _last_round_on_disk(ns.state_dir, job)
+    if p.round <= last:
+        raise sa.SecAggError(f"refusing to mask round {p.round}: this node's disk says it masked round {last}",
+                             "a round number may be used once per node; the server must move on")
+    return keys, p
+
+
+def mask(context: Context, ns, keys: sa.NodeKeys, p: sa.Params, update: dict[str, np.ndarray],
+         weight: int) -> tuple[np.ndarray, dict]:
+    out = keys.mask(p, sa.flatten(update), weight=weight, rules=ns.secagg_rules)
     save_keys(context, keys)
-    return {"b_from": list(b), "b_share": list(b.values()), "s_from": list(s), "s_share": list(s.values())}
+    write_json_atomic(marker_file(ns.state_dir, p.job), {"job": p.job, "last_round": p.round})  # before it leaves
+    return out["masked"], {**sa.map_to_wire("shares", out["shares"]), "commit": out["commit"], "sig": out["sig"]}
+
+
+def consistency(context: Context, ns, rec) -> dict:
+    keys = load_keys(context)
+    p = _params(rec, keys.params.job)
+    sig = keys.consistency(p.round, sa.ids_from_wire(rec.get("survivors", [])))
+    save_keys(context, keys)
+    return {"sig": sig}
+
+
+def reveal(context: Context, ns, rec) -> dict:
+    keys = load_keys(context)
+    p = _params(rec, keys.params.job)
+    if keys.round_params is None or p.digest() != keys.round_params.digest():
+        raise sa.SecAggError("the unmask request's parameters are not the ones this node masked with",
+                             "stale or altered request; refusing")
+    b, s = keys.reveal(p.round, uploaded=sa.ids_from_wire(rec.get("uploaded", [])),
+                       signatures=sa.map_from_wire(rec, "sigs"),
+                       survivor_signatures=sa.map_from_wire(rec, "survivor-sigs"),
+                       b_shares=sa.map_from_wire(rec, "b"), s_shares=sa.map_from_wire(rec, "s"),
+                       rules=ns.secagg_rules)
+    save_keys(context, keys)
+    return {**sa.map_to_wire("b", b), **sa.map_to_wire("s", s)}

@@ -182,7 +182,8 @@ METRICS = ("accuracy", "macro_f1", "loss")
 class FedConfig:
     num_nodes: int = _f(5, "nodes expected (simulation: virtual nodes started)")
     fraction_train: float = _f(1.0, "share of connected nodes asked to train each round")
-    min_nodes: int = _f(2, "fewest successful replies for a round to count (else it fails, model unchanged)")
+    min_nodes: int = _f(3, "fewest successful replies for a round to count (else it fails, model unchanged); "
+                           "at least 3 with secure aggregation")
     aggregation: str = _f("weighted", f"FedAvg weights: {', '.join(AGGREGATIONS)} (weighted = by training records)")
     server_eval: bool = _f(True, "evaluate the global adapter on the server's held-out split every round")
     fraction_evaluate: float = _f(1.0, "share of nodes asked to evaluate the global adapter each round (0 = none)")
@@ -192,10 +193,12 @@ class FedConfig:
     node_wait_timeout: float = _f(300.0, "seconds to wait for enough nodes to connect before failing the run")
     secure_aggregation: bool = _f(True, "nodes send only masked updates; the server learns only their sum")
     secagg_clip: float = _f(1.0, "secure aggregation: each update value is clipped to [-clip, clip] before quantizing")
-    secagg_max_weight: int = _f(100000, "secure aggregation: largest per-node FedAvg weight (record count)")
-    secagg_threshold: float = _f(0.5, "secure aggregation: Shamir threshold as a share of a node's neighbours (t-1)/k")
+    secagg_max_weight: int = _f(100000, "secure aggregation: largest per-node FedAvg weight (records, rounded up "
+                                        "to whole batches)")
+    secagg_threshold: float = _f(0.5, "secure aggregation: Shamir threshold as a share of a node's k neighbours, "
+                                      "t = floor(share x k) + 1; at least 0.5 (t must be a strict majority)")
     secagg_degree: int = _f(0, "secure aggregation: neighbours per node (0 = complete graph up to ~20 nodes, "
-                               "then O(log n))")
+                               "then O(log n)); at least 2")
     run_dir: str = _f("", "run directory the server writes; empty = runs/<time>")
     resume: bool = _f(False, "continue the run in fed.run-dir from its last completed round")
 
@@ -217,14 +220,26 @@ class FedConfig:
             out.append(f"fed.early-stop-metric: expected one of {', '.join(METRICS)}, got {self.early_stop_metric!r}")
         if self.early_stop_patience < 0:
             out.append(f"fed.early-stop-patience: expected >= 0, got {self.early_stop_patience}")
-        if self.secagg_clip <= 0:
-            out.append(f"fed.secagg-clip: expected > 0, got {self.secagg_clip}")
+        if not 1e-3 <= self.secagg_clip <= 1e3:
+            out.append(f"fed.secagg-clip: expected 0.001..1000 (what nodes accept by default), got {self.secagg_clip}")
         if self.secagg_max_weight < 1:
             out.append(f"fed.secagg-max-weight: expected >= 1, got {self.secagg_max_weight}")
-        if not 0 <= self.secagg_threshold < 1:
-            out.append(f"fed.secagg-threshold: expected 0 <= fraction < 1, got {self.secagg_threshold}")
-        if self.secagg_degree < 0:
-            out.append(f"fed.secagg-degree: expected >= 0, got {self.secagg_degree}")
+        if not 0.5 <= self.secagg_threshold < 1:
+            out.append(f"fed.secagg-threshold: expected 0.5 <= share < 1 (below 0.5 the threshold is not a strict "
+                       f"majority of a node's neighbours, which nodes refuse), got {self.secagg_threshold}")
+        if self.secagg_degree < 0 or self.secagg_degree == 1:
+            out.append(f"fed.secagg-degree: expected 0 (automatic) or >= 2, got {self.secagg_degree}")
+        if self.secure_aggregation:
+            if self.min_nodes < 3:
+                out.append(f"fed.min-nodes={self.min_nodes} with secure aggregation: expected >= 3 (with 2 nodes "
+                           "each would learn the other's update from the sum); raise it or set "
+                           "fed.secure-aggregation=false")
+            max_weight = 1 if self.aggregation == "uniform" else self.secagg_max_weight
+            from common.secagg import MIN_LEVELS
+            if (2**31 - 1) // (self.num_nodes * max_weight) < MIN_LEVELS:
+                out.append(f"fed.secagg-max-weight={self.secagg_max_weight} with {self.num_nodes} nodes: the "
+                           f"weighted sum would not fit in 32 bits; lower it to at most "
+                           f"{(2**31 - 1) // (self.num_nodes * MIN_LEVELS):,} or use fed.aggregation=uniform")
         for name, v in (("round-timeout", self.round_timeout), ("node-wait-timeout", self.node_wait_timeout)):
             if v <= 0:
                 out.append(f"fed.{name}: expected > 0 seconds, got {v}")

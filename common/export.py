@@ -89,11 +89,15 @@ def run_record(run_dir: str | Path, round: int | None = None, *, name_nodes: boo
                    "accountant": p.accountant, "max_grad_norm": p.max_grad_norm, "target_epsilon": p.target_epsilon,
                    "eval_budget": p.eval_budget, "secure_aggregation": bool(rec.get("secure_aggregation"))}
         nodes = node_privacy(rounds, upto)
-    names = sorted(nodes)
-    if not name_nodes:  # counts, not identities
-        nodes = {f"node {i + 1}": nodes[n] for i, n in enumerate(names)}
+    keys = sorted(nodes, key=lambda k: (nodes[k].get("name", k), k))
+    if name_nodes:  # the names nodes reported (with the node id where two share a name)
+        shown = [nodes[k].get("name", k) for k in keys]
+        nodes = {(s if shown.count(s) == 1 else f"{s} ({k})"): nodes[k] for s, k in zip(shown, keys, strict=True)}
+    else:  # counts, not identities
+        nodes = {f"node {i + 1}": nodes[k] for i, k in enumerate(keys)}
+    names = list(nodes)
     upto_rounds = [r for r in rounds if r["round"] <= upto]
-    simulated = (rd.path / "nodes").is_dir()
+    simulated = rd.kind == "simulation"
     return {
         "format": FORMAT,
         "source": {"run": rd.path.name, "run_dir": str(rd.path.resolve()), "round": upto,

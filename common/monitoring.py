@@ -31,6 +31,7 @@ def node_privacy(rounds: list[dict], upto: int | None = None) -> dict[str, dict]
             if m.get("status") != "ok":
                 continue
             p = nodes.setdefault(name, {"rounds": [], "steps": 0, "evaluations": 0, "epsilon": None})
+            p["name"] = m.get("name", name)
             p["rounds"].append(r["round"])
             p["steps"] += int(m.get("steps") or 0)
             for k in ("noise-multiplier", "sample-rate", "delta", "max-epsilon"):
@@ -39,6 +40,7 @@ def node_privacy(rounds: list[dict], upto: int | None = None) -> dict[str, dict]
             p["epsilon"] = _later(p["epsilon"], m.get("epsilon"))
         for name, m in ((r.get("federated_eval") or {}).get("per_node") or {}).items():
             p = nodes.setdefault(name, {"rounds": [], "steps": 0, "evaluations": 0, "epsilon": None})
+            p.setdefault("name", m.get("name", name))
             p["evaluations"] += 1
             p["epsilon"] = _later(p["epsilon"], m.get("epsilon"))
     return nodes
@@ -67,10 +69,10 @@ def run_view(run_dir: str | Path) -> dict:
     rows = []
     nodes: dict[str, dict] = {}
     blank = {"rounds": [], "epsilon": None, "max_epsilon": None, "last_error": None, "last_error_round": None}
-    for name, p in node_privacy(rounds).items():
-        nodes[name] = {**blank, "name": name, "rounds": p["rounds"], "epsilon": p["epsilon"],
-                       "max_epsilon": p.get("max_epsilon"), "delta": p.get("delta"), "steps": p["steps"],
-                       "evaluations": p["evaluations"]}
+    for key, p in node_privacy(rounds).items():
+        nodes[key] = {**blank, "key": key, "name": p.get("name", key), "rounds": p["rounds"], "epsilon": p["epsilon"],
+                      "max_epsilon": p.get("max_epsilon"), "delta": p.get("delta"), "steps": p["steps"],
+                      "evaluations": p["evaluations"]}
     for r in rounds:
         se = (r.get("server_eval") or {}).get("test") or {}
         fe = r.get("federated_eval") or {}
@@ -81,13 +83,18 @@ def run_view(run_dir: str | Path) -> dict:
                      "test_accuracy": se.get("accuracy"), "test_loss": se.get("loss"),
                      "worst_node_accuracy": fe.get("worst_accuracy"), "epsilon_max": r.get("epsilon_max")})
         for f in r.get("failures", []):
-            n = nodes.setdefault(f["node"], {**blank, "name": f["node"]})
+            key = f.get("key", f["node"])
+            n = nodes.setdefault(key, {**blank, "key": key, "name": f["node"]})
             n["last_error"], n["last_error_round"] = f"{f['status']}: {f['reason']}", r["round"]
     sim_ceiling = cfg.get("sim.node-max-epsilon")
+    simulated = rd.kind == "simulation"
+    shown = [n["name"] for n in nodes.values()]
     for n in nodes.values():
-        if n["max_epsilon"] is None and sim_ceiling and (rd.path / "nodes" / n["name"]).is_dir():
+        if n["max_epsilon"] is None and sim_ceiling and simulated:
             n["max_epsilon"] = sim_ceiling  # a simulated node: the ceiling every simulated node had
         n["budget"] = budget_state(n["epsilon"], n["max_epsilon"])
+        if shown.count(n["name"]) > 1:  # two nodes claim one name: show which is which
+            n["name"] = f"{n['name']} (node {n['key']})"
     return {"name": rd.path.name, "status": info.get("status"), "planned_rounds": info.get("planned_rounds"),
             "completed_rounds": len(rounds), "started": info.get("started"),
             "duration": (end - info["started"]) if end and info.get("started") else None,

@@ -76,7 +76,7 @@ class RunDir:
         return self.path / "nodes" / name
 
     # -- writing --------------------------------------------------------------
-    def create(self, *, config: dict, planned_rounds: int, resume: bool) -> None:
+    def create(self, *, config: dict, planned_rounds: int, resume: bool, kind: str = "deployment") -> None:
         """Start a run here (or, with ``resume``, reopen it after checking it is this run)."""
         if resume:
             if not (self.path / "run.json").is_file():
@@ -99,7 +99,12 @@ class RunDir:
         _atomic_json(self.path / "config.json", config)
         _atomic_json(self.path / "run.json", {"status": "running", "planned_rounds": planned_rounds,
                                               "completed_rounds": 0, "started": time.time(),
-                                              "updated": time.time(), "pid": os.getpid()})
+                                              "updated": time.time(), "pid": os.getpid(), "kind": kind})
+
+    @property
+    def kind(self) -> str:
+        """"simulation" or "deployment" as the server recorded it (runs of fedtune 0.1: guessed from nodes/)."""
+        return self.read_run().get("kind") or ("simulation" if (self.path / "nodes").is_dir() else "deployment")
 
     def set_status(self, status: str, **fields: Any) -> None:
         info = self.read_run()

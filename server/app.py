@@ -31,8 +31,11 @@ def make_aggregator(cfg, out=print):
     return PlainFedAvg(weighting=f.aggregation, min_nodes=f.min_nodes, timeout=f.round_timeout)
 
 
-def make_server_app(settings: dict | None = None, *, result: dict | None = None, out=print) -> ServerApp:
-    """A ServerApp for the job in ``settings`` (None: Flower's run config); ``result`` receives the summary."""
+def make_server_app(settings: dict | None = None, *, result: dict | None = None, out=print,
+                    simulated: bool = False) -> ServerApp:
+    """A ServerApp for the job in ``settings`` (None: Flower's run config); ``result`` receives the summary.
+
+    ``simulated``: the driver runs it with virtual nodes (recorded in the run directory)."""
     app = ServerApp()
 
     @app.main()
@@ -40,7 +43,7 @@ def make_server_app(settings: dict | None = None, *, result: dict | None = None,
         cfg = load_config(settings if settings is not None else dict(context.run_config))
         run_dir = RunDir(cfg.fed.run_dir or Path("runs") / time.strftime("fed-%Y%m%d-%H%M%S"))
         aggregator = make_aggregator(cfg, out)
-        summary = Federation(cfg, run_dir, aggregator, out=out).run(grid)
+        summary = Federation(cfg, run_dir, aggregator, out=out, simulated=simulated).run(grid)
         if result is not None:
             result.update(summary=summary, run_dir=str(run_dir.path))
 

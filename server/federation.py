@@ -74,14 +74,16 @@ def _metric(ev: dict | None, name: str) -> float | None:
 class Federation:
     """Runs a job's rounds on a Flower grid and writes its run directory."""
 
-    def __init__(self, cfg: JobConfig, run_dir: RunDir, aggregator, *, out: Callable[[str], None] = print) -> None:
-        self.cfg, self.rd, self.agg, self.out = cfg, run_dir, aggregator, out
-        self.names: dict[int, str] = {}
+    def __init__(self, cfg: JobConfig, run_dir: RunDir, aggregator, *, out: Callable[[str], None] = print,
+                 simulated: bool = False) -> None:
+        self.cfg, self.rd, self.agg, self.out, self.simulated = cfg, run_dir, aggregator, out, simulated
+        self.names: dict[int, str] = {}  # node id -> the name it reports (displayed only)
         self.benched: dict[int, float] = {}  # node id -> first round it may be asked again
 
     def run(self, grid: Grid) -> dict:
         cfg, f = self.cfg, self.cfg.fed
-        self.rd.create(config=cfg.to_flat(), planned_rounds=cfg.train.rounds, resume=f.resume)
+        self.rd.create(config=cfg.to_flat(), planned_rounds=cfg.train.rounds, resume=f.resume,
+                       kind="simulation" if self.simulated else "deployment")
         self.out(f"fedtune server: run directory {self.rd.path}")
         server = ServerModel(cfg)
         global_arrays, start = server.initial_arrays(), 1
@@ -146,7 +148,7 @@ class Federation:
             self.names[r.node_id] = r.name
             if r.status == "refused":
                 self.benched[r.node_id] = math.inf
-            elif r.status == "error":
+            elif r.status in ("error", "unsafe"):
                 self.benched[r.node_id] = rnd + 2
         new = outcome.new_arrays
         ev = server.evaluate(new if new is not None else global_arrays) if f.server_eval else {}
@@ -154,24 +156,25 @@ class Federation:
         ok = [r for r in outcome.replies if r.ok]
         losses = [float(r.metrics["train-loss"]) for r in ok if r.metrics.get("train-loss") is not None]
         loss = sum(losses) / len(losses) if losses else None  # mean over nodes (weights are not sent in the clear)
-        eps = {r.name: r.metrics.get("epsilon") for r in ok}
-        for name, m in ((fed_ev or {}).get("per_node") or {}).items():  # a node's spend after its last release
+        eps = {self.key(r.node_id): r.metrics.get("epsilon") for r in ok}
+        for key, m in ((fed_ev or {}).get("per_node") or {}).items():  # a node's spend after its last release
             if m.get("epsilon") is not None:
-                eps[name] = max(eps.get(name) or 0.0, m["epsilon"])
+                eps[key] = max(eps.get(key) or 0.0, m["epsilon"])
         record = {
             "round": rnd, "status": "ok" if new is not None else "failed", "reason": outcome.reason,
             "started": started, "seconds": round(time.perf_counter() - t0, 3),
             "aggregation": self.agg.name, "secure_aggregation": self.agg.secure,
             "nodes_connected": len(connected), "nodes_asked": len(asked), "nodes_replied": len(ok),
             "nodes_benched": sorted(self.names.get(n, str(n)) for n in connected if n not in asked),
-            "failures": [{"node": r.name, "status": r.status, "reason": r.reason} for r in outcome.replies if not r.ok],
+            "failures": [{"node": r.name, "key": self.key(r.node_id), "status": r.status, "reason": r.reason}
+                         for r in outcome.replies if not r.ok],
             "train_loss": loss,
             "epsilon_per_node": eps, "epsilon_max": max((e for e in eps.values() if e is not None), default=None),
             "bytes_sent": outcome.bytes_sent, "bytes_received": outcome.bytes_received,
             "exchanges": outcome.exchanges, "server_eval": _compact(ev), "federated_eval": fed_ev,
             "server_per_class": (ev or {}).get("test", {}).get("per_class"),
             "secagg": outcome.extra or None,
-            "per_node": {r.name: {"status": r.status, **{k: r.metrics.get(k) for k in (
+            "per_node": {self.key(r.node_id): {"name": r.name, "status": r.status, **{k: r.metrics.get(k) for k in (
                 "weight", "train-loss", "epsilon", "max-epsilon", "delta", "seconds", "steps", "noise-multiplier",
                 "sample-rate", "accountant")}} for r in outcome.replies},
         }
@@ -187,8 +190,13 @@ class Federation:
         replies = exchange(grid, node_ids=nodes, message_type="evaluate", timeout=f.round_timeout,
                            group=f"eval-{rnd}", names=self.names,
                            content={"arrays": array_record(arrays), "config": config_record(conf)})
-        return pool_answers({r.name: r.metrics for r in replies if r.ok},
-                                 failed=[r.name for r in replies if not r.ok], task=self.cfg.model.task)
+        return pool_answers({self.key(r.node_id): {"name": r.name, **r.metrics} for r in replies if r.ok},
+                            failed=[r.name for r in replies if not r.ok], task=self.cfg.model.task)
+
+    def key(self, node_id: int) -> str:
+        """The key a node's figures are recorded under: its node id (names are self-declared and may collide);
+        in a simulation, where node ids are drawn afresh every run, its partition's name (unique there)."""
+        return self.names.get(node_id, str(node_id)) if self.simulated else str(node_id)
 
     def _summary(self, final: dict | None, status: str) -> dict:
         rounds = self.rd.rounds()

@@ -76,7 +76,9 @@ def exchange(grid: Grid, *, node_ids: Iterable[int], message_type: str, content,
             out.append(NodeReply(nid, name, "error", _last_line(reason)))
             continue
         info = r.content.config_records.get("info") or ConfigRecord({})
-        name = str(info.get("node", name))
+        name = str(info.get("node", name))[:200]
+        if names is not None:
+            names[nid] = name
         status = str(info.get("status", "ok"))
         metrics = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                    for rec in r.content.metric_records.values() for k, v in rec.items()}

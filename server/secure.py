@@ -1,15 +1,21 @@
-"""Secure aggregation as the server's aggregation step (protocol in ``common/secagg.py``).
+"""Secure aggregation as the server's aggregation step (protocol and message layout in ``common/secagg.py``).
 
-Exchanges: a key epoch costs two (``query.secagg_keys``: nodes advertise public
-keys; ``query.secagg_join``: the roster goes out, encrypted key shares come
-back) and happens in the first round and after any round whose dropouts forced
-the server to reconstruct a node's mask key. Every round then costs the
-``train`` exchange (masked upload + encrypted self-mask shares) and one
-``query.secagg_unmask`` exchange. The server never sees an individual update.
+The server proposes; nodes verify. A key epoch is set up among the round's cohort (the
+nodes asked to train): ``query.secagg_keys`` (nodes check the proposed cohort, graph and
+threshold against their own rules, and advertise signed public keys) and
+``query.secagg_join`` (nodes check every key, compute their own neighbours and return
+sealed mask-key shares). The epoch is reused for the next round only while the cohort is
+unchanged and nobody dropped (cross-silo, ``fed.fraction-train=1``); a sampled round sets
+up its own. Every round then costs the ``train`` exchange (masked upload, sealed self-mask
+shares, a commitment and a signature over the round's parameters), a
+``query.secagg_consistency`` exchange only when nodes dropped (survivors sign the survivor
+set), and ``query.secagg_unmask``. The server never sees an individual update; a malformed
+or inconsistent reply marks that node failed and never crashes the round loop.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import numpy as np
@@ -22,6 +28,8 @@ from server.messages import NodeReply, array_record, config_record, exchange
 
 log = logging.getLogger(__name__)
 
+SETUP_ATTEMPTS = 2  # a key epoch is retried once without the nodes that failed to join
+
 
 class SecureFedAvg:
     """FedAvg where the server learns only the (weighted) sum of the sampled nodes' updates."""
@@ -32,140 +40,184 @@ class SecureFedAvg:
     def __init__(self, *, weighting: str, min_nodes: int, timeout: float, clip: float, max_weight: int,
                  threshold: float, degree: int, seed: int = 0) -> None:
         self.weighting, self.min_nodes, self.timeout = weighting, min_nodes, timeout
-        self.clip, self.threshold, self.degree, self.seed = clip, threshold, degree or None, seed
+        self.clip, self.threshold_fraction, self.degree, self.seed = clip, threshold, degree or None, seed
         self.max_weight = 1 if weighting == "uniform" else max_weight
         self.epoch: sa.Epoch | None = None
-        self.index: dict[int, int] = {}  # Flower node id -> roster index
-        self.joined: set[int] = set()  # roster indices that sent their key shares
+        self.epochs = 0
         self.rekey = True
-        self._ids: dict = {}
 
     # -- key epochs -----------------------------------------------------------
-    def _setup(self, grid: Grid, node_ids: list[int], names: dict[int, str], server_round: int) -> list[NodeReply]:
-        number = (self.epoch.number + 1) if self.epoch else 1
-        index = {nid: i for i, nid in enumerate(sorted(node_ids))}
-        conf = lambda nid: {"secagg": config_record({**self._ids, "epoch": number, "index": index[nid]})}  # noqa: E731
-        replies = exchange(grid, node_ids=node_ids, message_type="query.secagg_keys", content=conf,
-                           timeout=self.timeout, group=f"keys-{server_round}", names=names)
-        roster = {}
-        for r in replies:
-            rec = r.content.config_records.get("secagg") if r.ok and r.content else None
-            if rec is not None:
-                roster[index[r.node_id]] = (bytes(rec["s_pk"]), bytes(rec["c_pk"]))
-        epoch = sa.Epoch.create(number, roster, degree=self.degree, threshold_fraction=self.threshold,
-                                seed=self.seed)
-        ids = sorted(roster)
-        joined: set[int] = set()
+    def _propose(self, job: str, cohort: list[int], server_round: int) -> sa.Params:
+        self.epochs += 1
+        n = len(cohort)
+        degree = sa.default_degree(n) if self.degree is None else min(self.degree, n - 1)
+        k = sa.effective_degree(n, degree)
+        return sa.Params(job=job, epoch=self.epochs, cohort=tuple(sorted(cohort)), seed=0, degree=degree,
+                         threshold=sa.threshold(k, self.threshold_fraction), clip=self.clip,
+                         max_weight=self.max_weight, weighting=self.weighting)
 
-        def roster_msg(nid: int) -> dict:
-            i = index[nid]
-            return {"secagg": config_record({
-                **self._ids, "epoch": number, "index": i, "threshold": epoch.threshold, "indices": ids,
-                "s_pks": [roster[j][0] for j in ids], "c_pks": [roster[j][1] for j in ids],
-                "neighbours": epoch.neighbours[i]})}
-
-        members = [nid for nid in node_ids if index[nid] in roster]
-        shares = exchange(grid, node_ids=members, message_type="query.secagg_join", content=roster_msg,
-                          timeout=self.timeout, group=f"join-{server_round}", names=names)
-        for r in shares:
-            rec = r.content.config_records.get("secagg") if r.ok and r.content else None
-            if rec is None:
+    def _setup(self, grid: Grid, job: str, cohort: list[int], names: dict[int, str], server_round: int
+               ) -> tuple[sa.Epoch | None, list[NodeReply], int]:
+        """A key epoch among ``cohort`` (retried without nodes that fail); (epoch or None, failures, exchanges)."""
+        failures: list[NodeReply] = []
+        exchanges = 0
+        for _ in range(SETUP_ATTEMPTS):
+            if len(cohort) < self.min_nodes:
+                break
+            params = self._propose(job, cohort, server_round)
+            wire = params.to_wire()
+            replies = exchange(grid, node_ids=cohort, message_type="query.secagg_keys", timeout=self.timeout,
+                               group=f"keys-{server_round}", names=names, content={"secagg": config_record(wire)})
+            exchanges += 1
+            adverts = {}
+            for r in replies:
+                try:
+                    a = sa.advert_from_wire(_secagg(r))
+                    if a.node != r.node_id:
+                        raise sa.SecAggError("keys advertised under another node id", "")
+                    adverts[r.node_id] = a
+                except sa.SecAggError as e:
+                    _fail(r, f"no usable keys: {e.problem}")
+            failures += [r for r in replies if not r.ok]
+            if sorted(adverts) != cohort:  # the cohort is part of the signed parameters: propose it again
+                cohort = sorted(adverts)
                 continue
-            try:
-                epoch.store_shares(index[r.node_id], dict(zip(rec["to"], [bytes(b) for b in rec["blob"]],
-                                                              strict=True)))
-                joined.add(index[r.node_id])
-            except (sa.SecAggError, ValueError) as e:
-                r.status, r.reason = "error", f"bad key shares: {e}"
-        self.epoch, self.index, self.joined, self.rekey = epoch, index, joined, False
-        log.info("secure aggregation: key epoch %d with %d nodes (degree %d, threshold %d)", number, len(joined),
-                 len(next(iter(epoch.neighbours.values()), [])), epoch.threshold)
-        return [r for r in replies + shares if not r.ok]
+            params = dataclasses.replace(params, seed=sa.graph_seed(job, params.epoch, adverts))
+            epoch = sa.Epoch(params=params, adverts=adverts)
+            join = {"secagg": config_record({**params.to_wire(), **sa.adverts_to_wire(adverts)})}
+            shares = exchange(grid, node_ids=cohort, message_type="query.secagg_join", content=join,
+                              timeout=self.timeout, group=f"join-{server_round}", names=names)
+            exchanges += 1
+            for r in shares:
+                try:
+                    epoch.store_shares(r.node_id, sa.map_from_wire(_secagg(r), "shares"))
+                except sa.SecAggError as e:
+                    _fail(r, f"no usable key shares: {e.problem}")
+            failures += [r for r in shares if not r.ok]
+            joined = sorted(r.node_id for r in shares if r.ok)
+            if joined == cohort:
+                log.info("secure aggregation: key epoch %d among %d nodes (degree %d, threshold %d)", params.epoch,
+                         len(cohort), sa.effective_degree(len(cohort), params.degree), params.threshold)
+                return epoch, failures, exchanges
+            cohort = joined
+        return None, failures, exchanges
 
     # -- one round ------------------------------------------------------------
     def run_round(self, grid: Grid, *, server_round: int, node_ids: list[int], global_arrays: dict[str, np.ndarray],
                   config: dict, names: dict[int, str]) -> RoundOutcome:
-        exchanges, setup_failures = 0, []
-        self._ids = {k: config[k] for k in ("job", "run-dir") if k in config}  # nodes locate their state by these
-        if self.rekey or self.epoch is None or any(nid not in self.index for nid in node_ids):
-            everyone = sorted(set(grid.get_node_ids()) | set(node_ids))
-            setup_failures = self._setup(grid, everyone, names, server_round)
-            exchanges += 2
-        assert self.epoch is not None
-        parts = sorted(self.index[nid] for nid in node_ids if self.index.get(nid) in self.joined)
-        by_index = {self.index[nid]: nid for nid in node_ids if nid in self.index}
-        if len(parts) < self.min_nodes:
-            return RoundOutcome(None, setup_failures, 0, 0, exchanges,
-                                f"only {len(parts)} nodes completed the key set-up (fed.min-nodes={self.min_nodes})")
-        L = sa.levels(n_nodes=len(parts), max_weight=self.max_weight)
+        job = str(config["job"])
+        cohort = sorted(node_ids)
+        exchanges, failures = 0, []
+        if self.rekey or self.epoch is None or list(self.epoch.params.cohort) != cohort:
+            self.epoch, failures, exchanges = self._setup(grid, job, cohort, names, server_round)
+            self.rekey = self.epoch is None
+        if self.epoch is None:
+            return RoundOutcome(None, failures, 0, 0, exchanges,
+                                f"fewer than fed.min-nodes={self.min_nodes} nodes completed the key set-up")
+        epoch = self.epoch
+        p = dataclasses.replace(epoch.params, round=server_round)
+        cohort = list(p.cohort)
         arrays = array_record(global_arrays)
-        base = {**config, "epoch": self.epoch.number, "participants": parts, "clip": self.clip, "levels": L,
-                "max-weight": self.max_weight, "weighting": self.weighting}
-        train_ids = [by_index[i] for i in parts]
-        replies = exchange(grid, node_ids=train_ids, message_type="train", timeout=self.timeout,
-                           group=f"round-{server_round}", names=names,
-                           content=lambda nid: {"arrays": arrays, "config": config_record(
-                               {**base, "index": self.index[nid]})})
+        train_msg = {"arrays": arrays, "config": config_record(config), "secagg": config_record(p.to_wire())}
+        replies = exchange(grid, node_ids=cohort, message_type="train", timeout=self.timeout,
+                           group=f"round-{server_round}", names=names, content=train_msg)
         exchanges += 1
         length = sum(v.size for v in global_arrays.values()) + 1
-        uploads, b_shares = {}, {}
+        uploads: dict[int, sa.Upload] = {}
         for r in replies:
             if not r.ok:
                 continue
-            rec = r.content.config_records.get("secagg") if r.content else None
-            masked = r.content.array_records.get("masked") if r.content else None
-            vec = masked["masked"].numpy() if masked is not None and "masked" in masked else None
-            if rec is None or vec is None or vec.dtype != np.uint32 or vec.size != length:
-                r.status, r.reason = "error", "malformed masked upload"
+            try:
+                rec = _secagg(r)
+                masked = r.content.array_records["masked"]["masked"].numpy()
+                up = sa.Upload(masked=masked, shares=sa.map_from_wire(rec, "shares"), commit=bytes(rec["commit"]),
+                               sig=bytes(rec["sig"]))
+            except (sa.SecAggError, KeyError, TypeError, ValueError, AttributeError) as e:
+                _fail(r, f"malformed masked upload ({e.__class__.__name__})")
                 continue
-            i = self.index[r.node_id]
-            uploads[i] = vec
-            b_shares[i] = dict(zip(rec["to"], [bytes(b) for b in rec["blob"]], strict=True))
-        sent = arrays.count_bytes() * len(train_ids)
+            problem = sa.check_upload(epoch, p, r.node_id, up, length)
+            if problem:
+                _fail(r, problem)
+                continue
+            uploads[r.node_id] = up
+        for r in replies:  # under secure aggregation a node's weight is not sent in the clear
+            r.metrics.setdefault("weight", None)
+        sent = arrays.count_bytes() * len(cohort)
         received = sum(r.bytes for r in replies)
-        all_replies = setup_failures + replies
+        all_replies = failures + replies
+        if len(uploads) < len(cohort):
+            self.rekey = True  # dropped nodes' mask keys will be revealed (nodes end the epoch themselves too)
+
+        def failed(reason: str) -> RoundOutcome:
+            self.rekey = True
+            return RoundOutcome(None, all_replies, sent, received, exchanges, reason)
+
         if len(uploads) < self.min_nodes:
-            return RoundOutcome(None, all_replies, sent, received, exchanges,
-                                f"only {len(uploads)} of {len(parts)} nodes uploaded a masked update "
-                                f"(fed.min-nodes={self.min_nodes})")
-        plan = sa.plan_unmask(self.epoch, participants=parts, uploads=uploads, b_shares=b_shares)
+            return failed(f"only {len(uploads)} of {len(cohort)} nodes uploaded a masked update "
+                          f"(fed.min-nodes={self.min_nodes})")
+        up_ids = sorted(uploads)
+        dropped = sorted(set(cohort) - set(up_ids))
+        survivor_sigs: dict[int, bytes] = {}
+        if dropped:  # SecAgg's consistency round: every survivor signs the one survivor set it accepts
+            check = {"secagg": config_record({**p.to_wire(), "survivors": sa.ids_to_wire(up_ids)})}
+            answers = exchange(grid, node_ids=up_ids, message_type="query.secagg_consistency", content=check,
+                               timeout=self.timeout, group=f"consistency-{server_round}", names=names)
+            exchanges += 1
+            received += sum(a.bytes for a in answers)
+            for a in answers:
+                try:
+                    survivor_sigs[a.node_id] = bytes(_secagg(a)["sig"])
+                except (sa.SecAggError, KeyError, TypeError, ValueError):
+                    _fail(a, "no survivor-set signature")
+            all_replies += [a for a in answers if not a.ok]
+            if sorted(survivor_sigs) != up_ids:
+                return failed("secure aggregation failed: not every survivor signed the survivor set (a node "
+                              "dropped during the consistency check)")
+        sigs = {u: uploads[u].sig for u in up_ids}
+        common = {**p.to_wire(), "uploaded": sa.ids_to_wire(up_ids), **sa.map_to_wire("sigs", sigs),
+                  **sa.map_to_wire("survivor-sigs", survivor_sigs)}
 
-        def unmask_msg(nid: int) -> dict:
-            b, s = plan.requests[self.index[nid]]
-            return {"secagg": config_record({
-                **self._ids, "epoch": self.epoch.number, "round": server_round, "uploaded": plan.uploaded,
-                "dropped": plan.dropped, "b_from": list(b), "b_blob": list(b.values()),
-                "s_from": list(s), "s_blob": list(s.values())})}
+        def unmask_msg(h: int) -> dict:
+            b = {o: uploads[o].shares[h] for o in up_ids if h in uploads[o].shares}
+            s = {d: epoch.s_shares[h][d] for d in dropped if d in epoch.s_shares.get(h, {})}
+            return {"secagg": config_record({**common, **sa.map_to_wire("b", b), **sa.map_to_wire("s", s)})}
 
-        holders = [by_index[i] for i in plan.uploaded]
-        answers = exchange(grid, node_ids=holders, message_type="query.secagg_unmask", content=unmask_msg,
+        answers = exchange(grid, node_ids=up_ids, message_type="query.secagg_unmask", content=unmask_msg,
                            timeout=self.timeout, group=f"unmask-{server_round}", names=names)
         exchanges += 1
         received += sum(a.bytes for a in answers)
         revealed = {}
         for a in answers:
-            rec = a.content.config_records.get("secagg") if a.ok and a.content else None
-            if rec is None:
-                continue
-            revealed[self.index[a.node_id]] = (
-                dict(zip(rec["b_from"], [bytes(x) for x in rec["b_share"]], strict=True)),
-                dict(zip(rec["s_from"], [bytes(x) for x in rec["s_share"]], strict=True)))
-        if plan.dropped:
-            self.rekey = True  # their mask keys are (about to be) known to the server: retire this epoch
+            try:
+                rec = _secagg(a)
+                revealed[a.node_id] = (sa.map_from_wire(rec, "b"), sa.map_from_wire(rec, "s"))
+            except sa.SecAggError as e:
+                _fail(a, f"unusable shares: {e.problem}")
+        all_replies += [a for a in answers if not a.ok and a.node_id not in uploads]
         try:
-            total = sa.unmask(self.epoch, server_round, plan=plan, uploads=uploads, revealed=revealed)
+            total = sa.unmask(epoch, p, uploads=uploads, revealed=revealed)
         except sa.SecAggError as e:
-            self.rekey = True
-            return RoundOutcome(None, all_replies, sent, received, exchanges, f"secure aggregation failed: {e.problem}")
+            reasons = "; ".join(f"{a.name}: {a.reason}" for a in answers if not a.ok)
+            return failed(f"secure aggregation failed: {e.problem}" + (f" (refusals: {reasons})" if reasons else ""))
         summed, weight = sa.split_sum(total)
         if weight <= 0:
-            return RoundOutcome(None, all_replies, sent, received, exchanges, "secure aggregation: zero total weight")
-        vec = sa.dequantize_sum(summed, clip=self.clip, levels_=L)
+            return failed("secure aggregation: zero total weight")
+        vec = sa.dequantize_sum(summed, clip=p.clip, levels_=p.levels)
         new = aggregate.apply(global_arrays, sa.unflatten(vec, global_arrays), float(weight))
-        extra = {"dropped_after_upload": [names.get(by_index[i], str(i)) for i in plan.uploaded
-                                          if i not in revealed], "weight_sum": weight, "levels": L,
-                 "epoch": self.epoch.number}
-        for r in replies:  # under secure aggregation a node's weight is not sent in the clear
-            r.metrics.setdefault("weight", None)
+        extra = {"epoch": p.epoch, "cohort": len(cohort), "degree": sa.effective_degree(len(cohort), p.degree),
+                 "threshold": p.threshold, "levels": p.levels, "weight_sum": weight,
+                 "dropped": [names.get(d, str(d)) for d in dropped],
+                 "dropped_after_upload": [names.get(u, str(u)) for u in up_ids if u not in revealed]}
         return RoundOutcome(new, all_replies, sent, received, exchanges, extra=extra)
 
+
+def _secagg(reply: NodeReply):
+    rec = reply.content.config_records.get("secagg") if reply.ok and reply.content is not None else None
+    if rec is None:
+        raise sa.SecAggError("the reply carried no secure-aggregation record", "")
+    return rec
+
+
+def _fail(reply: NodeReply, reason: str) -> None:
+    if reply.ok:
+        reply.status, reply.reason = "error", reason

@@ -124,7 +124,7 @@ def simulate(cfg: JobConfig, *, out: Callable[[str], None] = print, report: bool
     cores = os.cpu_count() or 1
     with _private_runtime(run_dir), _without_run_simulation_deprecation():
         logging.getLogger("flwr").setLevel(logging.WARNING)
-        run_simulation(server_app=make_server_app(settings, result=result, out=out),
+        run_simulation(server_app=make_server_app(settings, result=result, out=out, simulated=True),
                        client_app=make_client_app(settings, sim_state_root=run_dir / "nodes"),
                        num_supernodes=cfg.fed.num_nodes,
                        backend_config={"client_resources": {"num_cpus": cfg.sim.cpus_per_node, "num_gpus": 0.0},

@@ -127,7 +127,7 @@ def tiny_run(tmp_path_factory) -> Path:
 
     run_dir = tmp_path_factory.mktemp("tiny-run") / "run"
     cfg = load_config({"data.max-records": 240, "model.max-length": 16, "train.local-steps": 2,
-                       "train.batch-size": 8, "sim.partitioner": "iid", "fed.num-nodes": 3, "fed.min-nodes": 2,
+                       "train.batch-size": 8, "sim.partitioner": "iid", "fed.num-nodes": 3, "fed.min-nodes": 3,
                        "train.rounds": 2, "fed.run-dir": str(run_dir), "fed.node-wait-timeout": 120})
     simulate(cfg, out=lambda s: None, report=False)
     return run_dir

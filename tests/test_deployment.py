@@ -48,7 +48,7 @@ def test_tls_authenticated_federation_with_dp_and_secure_aggregation(tmp_path):
                 fed.kill("org-3")
                 killed.append(time.monotonic())
 
-        info = fed.run({"fed.run-dir": str(run_dir), "fed.num-nodes": 5, "fed.min-nodes": 2, "train.rounds": 3,
+        info = fed.run({"fed.run-dir": str(run_dir), "fed.num-nodes": 5, "fed.min-nodes": 3, "train.rounds": 3,
                         "fed.node-wait-timeout": 120.0, "fed.round-timeout": 60.0, "fed.fraction-evaluate": 0.0,
                         "data.path": str(held_out), "data.labels": ",".join(EASY_LABELS), "data.max-records": 0,
                         "model.max-length": 16, "train.batch-size": 8, "train.local-steps": 2,
@@ -68,18 +68,23 @@ def test_tls_authenticated_federation_with_dp_and_secure_aggregation(tmp_path):
         assert "does not exist" in rounds[0]["failures"][0]["reason"]
         # round 2: org-bad sits out one round; org-3 was killed: the round completes from the survivors
         assert "org-bad" in rounds[1]["nodes_benched"]
-        assert {"org-0", "org-1", "org-2"} <= set(rounds[1]["epsilon_per_node"]) and "org-3" not in rounds[1][
-            "epsilon_per_node"]
+
+        def named(rnd: dict) -> set[str]:  # per-node figures are keyed by node id; names are only displayed
+            return {rnd["per_node"][k]["name"] for k in rnd["epsilon_per_node"]}
+
+        assert {"org-0", "org-1", "org-2"} <= named(rounds[1]) and "org-3" not in named(rounds[1])
         # round 3 goes on without org-3 (and with org-bad failing again)
-        assert set(rounds[2]["epsilon_per_node"]) == {"org-0", "org-1", "org-2"}
+        assert named(rounds[2]) == {"org-0", "org-1", "org-2"}
+        assert all(k.isdigit() for r in rounds for k in r["per_node"])
         summary = json.loads((run_dir / "summary.json").read_text())
+        by_name = {p["name"]: p for p in summary["privacy"]["nodes"].values()}
         assert summary["status"] == "finished" and summary["privacy"]["secure_aggregation"]
         # each organization's ledger, on its own disk, holds exactly its two releases within its ceiling
         for o in ("org-0", "org-1", "org-2"):
             (ledger,) = open_all(tmp_path / "state" / o)
             assert [e.round for e in ledger.entries] == [1, 2, 3]
             assert 0 < ledger.spent() <= 8
-            assert ledger.spent() == pytest.approx(summary["privacy"]["nodes"][o]["epsilon"])
+            assert ledger.spent() == pytest.approx(by_name[o]["epsilon"])
         assert not open_all(tmp_path / "state" / "org-bad")
         base = AutoModelForSequenceClassification.from_pretrained(str(default_model_dir()), num_labels=2)
         PeftModel.from_pretrained(base, str(run_dir / "adapter"))

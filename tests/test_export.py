@@ -204,7 +204,7 @@ def test_causal_lm_run_exports_and_is_not_served_as_a_classifier(tiny_gpt2_dir, 
     run_dir = tmp_path / "run"
     simulate(load_config({"model.path": str(tiny_gpt2_dir), "model.task": "causal-lm", "model.max-length": 16,
                           "data.max-records": 120, "train.local-steps": 2, "train.batch-size": 8,
-                          "sim.partitioner": "iid", "fed.num-nodes": 2, "fed.min-nodes": 2, "train.rounds": 1,
+                          "sim.partitioner": "iid", "fed.num-nodes": 3, "fed.min-nodes": 3, "train.rounds": 1,
                           "fed.run-dir": str(run_dir), "fed.node-wait-timeout": 120}), out=lambda s: None,
              report=False)
     out = tmp_path / "export"

@@ -32,7 +32,7 @@ def test_simulation_writes_run_dir_and_skips_a_spent_node(tmp_path):
     # Prepare: 4 organizations; node-2 has already spent its whole budget on its data. With secure
     # aggregation (on by default; 4 nodes: 3 neighbours each, threshold 2) one refusal is tolerated.
     run_dir = tmp_path / "run"
-    cfg = load_config({**TINY, "fed.num-nodes": 4, "fed.min-nodes": 2, "train.rounds": 2,
+    cfg = load_config({**TINY, "fed.num-nodes": 4, "fed.min-nodes": 3, "train.rounds": 2,
                        "fed.run-dir": str(run_dir), "sim.node-max-epsilon": 8})
     spent = _ledger(run_dir, cfg, 2)
     spent.settle(spent.reserve(job="earlier", round=1, kind="train", noise_multiplier=0.3, sample_rate=0.5, steps=50,
@@ -54,8 +54,11 @@ def test_simulation_writes_run_dir_and_skips_a_spent_node(tmp_path):
         assert r["server_eval"]["test"]["n"] > 0 and r["federated_eval"]["nodes"] == 3
         assert r["federated_eval"]["failed"] == ["node-2"]  # its evaluation answer would pass its ceiling too
         assert r["aggregation"] == "secagg+" and r["secure_aggregation"]
-    # node-2's mask key had to be reconstructed in round 1, so round 2 starts a fresh key epoch
-    assert [r["exchanges"] for r in rounds] == [4, 4] and [r["secagg"]["epoch"] for r in rounds] == [1, 2]
+    # round 1: key epoch (2) + train + consistency check (node-2 dropped) + unmask; node-2's mask key was
+    # reconstructed and the cohort changed, so round 2 sets up a fresh key epoch among the three
+    assert [r["exchanges"] for r in rounds] == [5, 4] and [r["secagg"]["epoch"] for r in rounds] == [1, 2]
+    assert [r["secagg"]["dropped"] for r in rounds] == [["node-2"], []]
+    assert [r["secagg"]["cohort"] for r in rounds] == [4, 3]
     assert rounds[1]["epsilon_max"] > rounds[0]["epsilon_max"]
     for k in (1, 2):
         assert (run_dir / "checkpoints" / f"round-{k}" / "adapter_model.safetensors").is_file()
@@ -89,7 +92,7 @@ def test_resume_continues_without_respending(tmp_path):
     from common.modelcard import model_card
 
     run_dir = tmp_path / "run"
-    base = {**TINY, "fed.num-nodes": 2, "fed.min-nodes": 2, "fed.run-dir": str(run_dir)}
+    base = {**TINY, "fed.num-nodes": 3, "fed.min-nodes": 3, "fed.run-dir": str(run_dir)}
     cfg1 = load_config({**base, "train.rounds": 2})
 
     def stop_after_round_1(line: str) -> None:  # the operator's stop request (a STOP file in the run dir)
@@ -99,7 +102,7 @@ def test_resume_continues_without_respending(tmp_path):
     # Execute: the server stops after round 1 of 2 ...
     first = simulate(cfg1, out=stop_after_round_1, report=False)
     assert first["summary"]["status"] == "stopped" and first["summary"]["rounds_completed"] == 1
-    eps_after_1 = [_ledger(run_dir, cfg1, i).spent() for i in range(2)]
+    eps_after_1 = [_ledger(run_dir, cfg1, i).spent() for i in range(3)]
     # ... and is resumed with the same settings
     res = simulate(cfg1.replace(**{"fed.resume": True}), out=lambda s: None, report=False)
     # Assert
@@ -107,7 +110,7 @@ def test_resume_continues_without_respending(tmp_path):
     assert [r["round"] for r in rounds] == [1, 2]
     assert res["summary"]["rounds_completed"] == 2 and res["summary"]["status"] == "finished"
     assert not (run_dir / "STOP").exists()
-    for i in range(2):
+    for i in range(3):
         entries = _ledger(run_dir, cfg1, i).entries
         assert [(e.kind, e.round) for e in entries] == [("train", 1), ("eval", 1), ("train", 2), ("eval", 2)]
         assert entries[1].epsilon_after == pytest.approx(eps_after_1[i])  # round 1 was not spent again
@@ -115,7 +118,7 @@ def test_resume_continues_without_respending(tmp_path):
     summary_nodes = res["summary"]["privacy"]["nodes"]
     card_nodes = run_record(run_dir, name_nodes=True)["privacy"]["nodes"]
     card = model_card(run_record(run_dir, name_nodes=True))
-    for i in range(2):
+    for i in range(3):
         ledger = _ledger(run_dir, cfg1, i)
         train = [e for e in ledger.counted if e.kind == "train"]
         for nodes in (summary_nodes, card_nodes):
