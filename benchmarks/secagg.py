@@ -1,21 +1,26 @@
-"""Secure aggregation cost at 10, 50 and 100 nodes, side by side with plaintext and Flower's SecAgg+.
+"""Secure aggregation cost per round: a fixed cohort (cross-silo) and sampled cohorts, next to plain FedAvg.
 
-    python benchmarks/secagg.py                       # the demo's adapter update (FFA-LoRA, 38,790 values)
-    python benchmarks/secagg.py --nodes 10 --values 75654
+    python benchmarks/secagg.py                          # the demo's FFA-LoRA update (38,790 values)
+    python benchmarks/secagg.py --fixed 10 50 100 --population 100 --fraction 0.1 --rounds 3
 
-Runs the protocol of ``common/secagg.py`` for every node in this one process on the
-same random update vectors and reports, per node: upload bytes (masked vector +
-encrypted self-mask shares) against the plaintext float32 update, key-epoch bytes,
-the protocol's compute time per round (mask + reveal per node, unmask on the
-server) against one real local DP training round of a demo node, and message
-exchanges per round. Flower's SecAgg+ masking (its quantizer and ``pseudo_rand_gen``)
-is timed on the same vectors with the same neighbour count.
+Runs the protocol of ``common/secagg.py`` for every node in this one process, with the
+messages encoded exactly as on the wire, and reports per round:
+
+- fixed cohort: the key epoch is set up once and reused (2 exchanges per round after it);
+- sampled cohorts: every round samples ``fraction`` of ``population`` nodes and sets up a
+  key epoch among them (4 exchanges per round);
+
+with bytes sent and received per node and by the server, protocol CPU time per node and on
+the server, and the same figures for plain FedAvg (a float32 update up, a weighted mean on
+the server). A real local DP training round of a demo node is timed for scale, and the
+aggregate is checked against the plain weighted mean.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
+import dataclasses
+import random
 import sys
 import time
 from pathlib import Path
@@ -24,67 +29,132 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import secagg as sa
+from common import secagg as sa  # noqa: E402
+from common.aggregate import fedavg  # noqa: E402
+
+RULES = sa.NodeRules()
 
 
-def run_protocol(n: int, d: int, seed: int = 0) -> dict:
-    rng = np.random.default_rng(seed)
-    vals = {i: rng.normal(0, 0.05, d).astype(np.float32) for i in range(n)}
-    t0 = time.perf_counter()
-    keys = {i: sa.NodeKeys.generate(epoch=1, index=i) for i in range(n)}
-    roster = {i: (k.s_pk, k.c_pk) for i, k in keys.items()}
-    ep = sa.Epoch.create(1, roster)
-    setup_bytes = []
-    for i, k in keys.items():
-        sealed = k.join(roster, ep.neighbours[i], ep.threshold)
+def wire_bytes(obj) -> int:
+    """Bytes of a message as Flower carries it: arrays, bytes and strings (keys included), numbers as 8."""
+    if isinstance(obj, np.ndarray):
+        return obj.nbytes
+    if isinstance(obj, (bytes, bytearray)):
+        return len(obj)
+    if isinstance(obj, str):
+        return len(obj.encode())
+    if isinstance(obj, dict):
+        return sum(wire_bytes(k) + wire_bytes(v) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return sum(wire_bytes(v) for v in obj)
+    return 8
+
+
+class Meter:
+    def __init__(self) -> None:
+        self.node_bytes: dict[int, int] = {}
+        self.node_s: dict[int, float] = {}
+        self.server_s = 0.0
+        self.exchanges = 0
+
+    def node(self, nid: int, sent, received, seconds: float) -> None:
+        self.node_bytes[nid] = self.node_bytes.get(nid, 0) + wire_bytes(sent) + wire_bytes(received)
+        self.node_s[nid] = self.node_s.get(nid, 0.0) + seconds
+
+
+def setup(ids: list[int], epoch: int, meter: Meter) -> tuple[dict[int, sa.NodeKeys], sa.Epoch]:
+    n = len(ids)
+    degree = sa.default_degree(n)
+    p = sa.Params(job="bench", epoch=epoch, cohort=tuple(ids), seed=0, degree=degree,
+                  threshold=sa.threshold(sa.effective_degree(n, degree), 0.5), clip=1.0, max_weight=1000)
+    keys, adverts = {}, {}
+    for i in ids:
+        t = time.perf_counter()
+        keys[i], adverts[i] = sa.NodeKeys.generate(p, node=i, name=f"org-{i}", rules=RULES)
+        meter.node(i, p.to_wire(), sa.advert_to_wire(adverts[i]), time.perf_counter() - t)
+    t = time.perf_counter()
+    p = dataclasses.replace(p, seed=sa.graph_seed("bench", epoch, adverts))
+    ep = sa.Epoch(params=p, adverts=adverts)
+    join = {**p.to_wire(), **sa.adverts_to_wire(adverts)}
+    meter.server_s += time.perf_counter() - t
+    for i in ids:
+        t = time.perf_counter()
+        sealed = keys[i].join(p, adverts, roster=None)
+        dt = time.perf_counter() - t
+        t = time.perf_counter()
         ep.store_shares(i, sealed)
-        setup_bytes.append(64 + sum(len(b) + 4 for b in sealed.values()))
-    setup_s = (time.perf_counter() - t0) / n
-    parts = list(range(n))
-    L = sa.levels(n_nodes=n, max_weight=1000)
-    uploads, bsh, mask_t, up_bytes = {}, {}, [], []
-    for i in parts:
+        meter.server_s += time.perf_counter() - t
+        meter.node(i, join, sa.map_to_wire("shares", sealed), dt)
+    meter.exchanges += 2
+    return keys, ep
+
+
+def secure_round(keys, ep: sa.Epoch, rnd: int, vals, weights, meter: Meter) -> np.ndarray:
+    p = dataclasses.replace(ep.params, round=rnd)
+    ups = {}
+    for i in p.cohort:
         t = time.perf_counter()
-        uploads[i], bsh[i] = keys[i].mask(1, vals[i], weight=300, participants=parts, clip=1.0, levels_=L)
-        mask_t.append(time.perf_counter() - t)
-        up_bytes.append(uploads[i].nbytes + sum(len(b) + 4 for b in bsh[i].values()))
-    plan = sa.plan_unmask(ep, participants=parts, uploads=uploads, b_shares=bsh)
-    reveal_t, revealed = [], {}
-    for h, (b, s) in plan.requests.items():
-        t = time.perf_counter()
-        revealed[h] = keys[h].reveal(1, uploaded=plan.uploaded, dropped=plan.dropped, b_shares=b, s_shares=s)
-        reveal_t.append(time.perf_counter() - t)
+        out = keys[i].mask(p, vals[i], weight=weights[i], rules=RULES)
+        dt = time.perf_counter() - t
+        ups[i] = sa.Upload(masked=out["masked"], shares=out["shares"], commit=out["commit"], sig=out["sig"])
+        meter.node(i, p.to_wire(), {"masked": out["masked"], **sa.map_to_wire("shares", out["shares"]),
+                                    "commit": out["commit"], "sig": out["sig"]}, dt)
     t = time.perf_counter()
-    total = sa.unmask(ep, 1, plan=plan, uploads=uploads, revealed=revealed)
-    server_s = time.perf_counter() - t
+    up = sorted(ups)
+    sigs = {u: ups[u].sig for u in up}
+    reqs = {h: {"uploaded": up, "signatures": sigs, "survivor_signatures": {},
+                "b_shares": {o: ups[o].shares[h] for o in up if h in ups[o].shares}, "s_shares": {}} for h in up}
+    meter.server_s += time.perf_counter() - t
+    revealed = {}
+    for h, req in reqs.items():
+        t = time.perf_counter()
+        revealed[h] = keys[h].reveal(rnd, rules=RULES, **req)
+        dt = time.perf_counter() - t
+        wire = {**p.to_wire(), "uploaded": sa.ids_to_wire(up), **sa.map_to_wire("sigs", sigs),
+                **sa.map_to_wire("b", req["b_shares"])}
+        meter.node(h, wire, {**sa.map_to_wire("b", revealed[h][0]), **sa.map_to_wire("s", revealed[h][1])}, dt)
+    t = time.perf_counter()
+    total = sa.unmask(ep, p, uploads=ups, revealed=revealed)
     summed, w = sa.split_sum(total)
-    err = np.abs(sa.dequantize_sum(summed, clip=1.0, levels_=L) / w - sum(vals.values()) / n).max()
-    return {"n": n, "degree": len(ep.neighbours[0]), "threshold": ep.threshold,
-            "upload_bytes": statistics.mean(up_bytes), "plain_bytes": 4 * d, "setup_bytes": statistics.mean(setup_bytes),
-            "node_s": statistics.mean(mask_t) + statistics.mean(reveal_t), "server_s": server_s,
-            "setup_s": setup_s, "max_err": float(err)}
+    mean = sa.dequantize_sum(summed, clip=p.clip, levels_=p.levels) / w
+    meter.server_s += time.perf_counter() - t
+    meter.exchanges += 2
+    return mean
 
 
-def flower_secaggplus(n: int, d: int, degree: int, seed: int = 0) -> dict:
-    """Flower's SecAgg+ masking of the same-size vector with the same neighbour count (per node)."""
-    import os
-
-    from flwr.common.secure_aggregation.quantization import quantize
-    from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
-
-    rng = np.random.default_rng(seed)
-    x = [rng.normal(0, 0.05, d)]
+def plain_round(ids, vals, weights) -> tuple[np.ndarray, float]:
     t = time.perf_counter()
-    q = quantize(x, 1.0, 1 << 22)
-    masked = q[0].astype(np.int64)
-    mod = 1 << 32
-    for _ in range(degree + 1):  # pairwise masks with each neighbour + the self mask
-        masked = (masked + pseudo_rand_gen(os.urandom(32), mod, [masked.shape])[0]) % mod
-    return {"node_s": time.perf_counter() - t, "upload_bytes": masked.astype(np.int64).nbytes}
+    g = {"u": np.zeros_like(vals[ids[0]])}
+    mean = fedavg(g, [{"u": vals[i]} for i in ids], [float(weights[i]) for i in ids])["u"]
+    return mean, time.perf_counter() - t
+
+
+def run(mode: str, *, population: int, cohort: int, d: int, rounds: int, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    vals = {i: rng.normal(0, 0.05, d).astype(np.float32) for i in range(population)}
+    weights = {i: int(rng.integers(50, 500)) for i in range(population)}
+    meter, plain_s, err = Meter(), 0.0, 0.0
+    keys = ep = None
+    sampler = random.Random(seed)
+    for rnd in range(1, rounds + 1):
+        ids = sorted(sampler.sample(range(population), cohort)) if mode == "sampled" else list(range(cohort))
+        if ep is None or list(ep.params.cohort) != ids:
+            keys, ep = setup(ids, rnd, meter)
+        mean = secure_round(keys, ep, rnd, vals, weights, meter)
+        want, s = plain_round(ids, vals, weights)
+        plain_s += s
+        err = max(err, float(np.abs(mean - want).max()))
+    taken = rounds * cohort  # node participations
+    return {"mode": mode, "population": population, "cohort": cohort,
+            "degree": sa.effective_degree(cohort, ep.params.degree), "t": ep.params.threshold,
+            "exchanges": meter.exchanges / rounds, "node_bytes": sum(meter.node_bytes.values()) / taken,
+            "node_ms": 1000 * sum(meter.node_s.values()) / taken,
+            "server_bytes": sum(meter.node_bytes.values()) / rounds, "server_ms": 1000 * meter.server_s / rounds,
+            "plain_node_bytes": 4 * d + 8, "plain_server_ms": 1000 * plain_s / rounds, "max_err": err}
 
 
 def local_round_seconds() -> float:
-    """One real DP-SGD local round of a demo node (about 300 records, FFA-LoRA, SGD), in seconds."""
+    """One real DP-SGD local round of a demo node (FFA-LoRA, SGD), in seconds."""
     import tempfile
     import warnings
 
@@ -105,29 +175,35 @@ def local_round_seconds() -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--nodes", type=int, nargs="+", default=[10, 50, 100])
+    ap.add_argument("--fixed", type=int, nargs="+", default=[10, 50, 100], help="fixed cohort sizes")
+    ap.add_argument("--population", type=int, default=100)
+    ap.add_argument("--fraction", type=float, default=0.1)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--values", type=int, default=38_790, help="update length (demo FFA-LoRA: 38,790)")
     ap.add_argument("--no-training", action="store_true", help="skip timing a real local training round")
     args = ap.parse_args()
     train_s = None if args.no_training else local_round_seconds()
-    print(f"secure aggregation, update of {args.values:,} values; plaintext upload {4 * args.values:,} bytes")
+    print(f"update of {args.values:,} values; plain FedAvg upload {4 * args.values + 8:,} bytes per node; "
+          f"{args.rounds} rounds each")
     if train_s:
         print(f"one local DP training round of a demo node (1 thread): {train_s:.2f}s")
-    hdr = (f"{'nodes':>6}{'k':>4}{'t':>4}{'upload B':>11}{'x plain':>9}{'setup B':>9}{'node ms':>9}"
-           f"{'server ms':>10}{'% train':>9}{'max err':>10}{'Flower B':>10}{'Flower ms':>10}")
-    print(hdr)
-    for n in args.nodes:
-        r = run_protocol(n, args.values)
-        f = flower_secaggplus(n, args.values, r["degree"])
-        pct = f"{100 * (r['node_s'] + r['server_s'] / n) / train_s:.1f}" if train_s else "-"
-        print(f"{n:>6}{r['degree']:>4}{r['threshold']:>4}{r['upload_bytes']:>11,.0f}"
-              f"{r['upload_bytes'] / r['plain_bytes']:>9.3f}{r['setup_bytes']:>9,.0f}{1000 * r['node_s']:>9.1f}"
-              f"{1000 * r['server_s']:>10.0f}{pct:>9}{r['max_err']:>10.1e}{f['upload_bytes']:>10,}"
-              f"{1000 * f['node_s']:>10.1f}")
-    print("exchanges per round: fedtune 2 (train+upload, unmask) after the first round (4 in the first and after "
-          "a dropout's key was revealed); Flower SecAgg+ 4 (setup, share keys, collect masked, unmask)")
-    print("'% train': a node's protocol time plus its share of the server's unmasking, relative to its local "
-          "training round (goal <= 10% at 10 nodes)")
+    runs = [run("fixed", population=n, cohort=n, d=args.values, rounds=args.rounds) for n in args.fixed]
+    runs.append(run("sampled", population=args.population, cohort=max(3, round(args.fraction * args.population)),
+                    d=args.values, rounds=args.rounds))
+    print(f"{'cohort':<22}{'k':>4}{'t':>4}{'exch':>6}{'node KB':>9}{'x plain':>8}{'node ms':>9}{'% train':>8}"
+          f"{'server MB':>10}{'server ms':>10}{'plain ms':>9}{'max err':>9}")
+    for r in runs:
+        label = (f"fixed {r['cohort']}" if r["mode"] == "fixed" else
+                 f"sampled {r['cohort']} of {r['population']}")
+        pct = f"{100 * r['node_ms'] / 1000 / train_s:.1f}" if train_s else "-"
+        print(f"{label:<22}{r['degree']:>4}{r['t']:>4}{r['exchanges']:>6.1f}{r['node_bytes'] / 1e3:>9.1f}"
+              f"{r['node_bytes'] / r['plain_node_bytes']:>8.3f}{r['node_ms']:>9.1f}{pct:>8}"
+              f"{r['server_bytes'] / 1e6:>10.2f}{r['server_ms']:>10.1f}{r['plain_server_ms']:>9.2f}"
+              f"{r['max_err']:>9.1e}")
+    print("node KB / ms: one participating node's protocol traffic and CPU per round it takes part in (key set-up "
+          "included; a fixed cohort sets up once over all rounds); x plain: against a plain FedAvg upload. "
+          "server: all protocol traffic and the server's CPU per round. max err: largest difference between the "
+          "unmasked weighted mean and plain FedAvg's (quantization).")
 
 
 if __name__ == "__main__":

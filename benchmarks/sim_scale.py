@@ -3,11 +3,14 @@
     python benchmarks/sim_scale.py                  # 10, 100, 1000 virtual nodes, 3 rounds each
     python benchmarks/sim_scale.py --nodes 10 100 --rounds 2
 
-Each size runs in its own process on the real MiniLM (FFA-LoRA, 1 DP step of 4
-records of 16 tokens per node) over one fixed synthetic dataset of 20,000 short
-texts. Reported: wall time, peak memory of the whole process tree (driver + Ray),
-and the per-round overhead: a round's wall time minus its training time
-(the nodes' own seconds / parallel workers), rounds 2+ only (round 1 starts Ray's workers).
+Each size runs in its own process on the real MiniLM (FFA-LoRA, 1 SGD step of 4
+records of 16 tokens per node; DP off so that training is deterministic) over one fixed
+synthetic dataset of 20,000 short texts, with secure aggregation on (a key epoch among
+each round's sampled cohort). Reported: wall time, peak memory of the whole process tree
+(driver + Ray), the per-round overhead (a round's wall time minus its training time: the
+nodes' own seconds / parallel workers; rounds 2+ only, round 1 starts Ray's workers), and
+the check of every round's secure result against plain FedAvg recomputed over exactly the
+nodes that round sampled (largest difference, against one quantization step).
 """
 
 from __future__ import annotations
@@ -65,8 +68,9 @@ def child(nodes: int, rounds: int, data: str, run_dir: str) -> None:
                        "train.optimizer": "sgd", "train.lr": 1.0, "train.batch-size": 4, "train.local-steps": 1,
                        "train.rounds": rounds, "fed.num-nodes": nodes, "fed.min-nodes": 10,
                        "fed.fraction-train": 10 / nodes, "fed.server-eval": False, "fed.fraction-evaluate": 0,
-                       "sim.partitioner": "iid", "sim.local-test-fraction": 0.0, "sim.node-max-epsilon": 1e6,
-                       "privacy.noise-multiplier": 1.0, "fed.run-dir": run_dir, "fed.node-wait-timeout": 600})
+                       "sim.partitioner": "iid", "sim.local-test-fraction": 0.0, "sim.node-max-epsilon": float("inf"),
+                       "privacy.enabled": False, "fed.run-dir": run_dir, "fed.node-wait-timeout": 600,
+                       "fed.secagg-max-weight": 1000, "train.threads": 1})
     t0 = time.perf_counter()
     res = simulate(cfg, out=lambda s: None, report=False)
     wall = time.perf_counter() - t0
@@ -75,10 +79,52 @@ def child(nodes: int, rounds: int, data: str, run_dir: str) -> None:
     workers = 2
     overhead = [r["seconds"] - sum((p.get("seconds") or 0) for p in r["per_node"].values()) / workers
                 for r in rounds_[1:]]
+    diff, step = check_against_plain_fedavg(cfg, Path(run_dir), rounds_)
     print(json.dumps({"nodes": nodes, "wall": wall, "peak_mb": peak[0] / 2**20,
                       "round_s": statistics.mean(r["seconds"] for r in rounds_[1:]),
                       "overhead_s": statistics.mean(overhead), "asked": rounds_[-1]["nodes_asked"],
-                      "status": res["summary"]["status"]}))
+                      "status": res["summary"]["status"], "ok_rounds": sum(r["status"] == "ok" for r in rounds_),
+                      "max_diff": diff, "step": step}))
+
+
+def check_against_plain_fedavg(cfg, run_dir: Path, rounds: list[dict]) -> tuple[float, float]:
+    """Largest |secure - plain FedAvg| over every round, each recomputed from the same starting adapter over the
+    nodes that round sampled (deterministic local training), and one quantization step of the mean."""
+    import tempfile
+
+    import numpy as np
+
+    from common import adapter, secagg
+    from common.aggregate import fedavg, update
+    from common.model import build_lora_model
+    from common.node import NodePolicy, batch_weight, prepare, train_round
+    from simulations.federated_data import global_splits, node_splits
+
+    lc = cfg.lora
+    lm = build_lora_model(model_path="", task="seq-cls", labels=global_splits(cfg).labels, r=lc.r, alpha=lc.alpha,
+                          dropout=lc.dropout, target_modules=lc.target_module_list, ffa=lc.ffa, seed=lc.seed)
+    start = adapter.pack(lm.model, ffa=lc.ffa)
+    worst, cohort = 0.0, 0
+    with tempfile.TemporaryDirectory() as state:
+        for r in rounds:
+            if r["status"] != "ok":
+                raise SystemExit(f"round {r['round']} failed: {r['reason']}")
+            sampled = sorted(int(k.split("-")[1]) for k, m in r["per_node"].items() if m["status"] == "ok")
+            cohort = max(cohort, len(sampled))
+            updates, weights = [], []
+            for pid in sampled:
+                splits = node_splits(cfg, pid, cfg.fed.num_nodes)
+                node = prepare(cfg, NodePolicy(source=f"ref-{pid}", max_epsilon=float("inf")), state_dir=state,
+                               model=lm, splits=splits)
+                trained = train_round(node, job=f"ref-{r['round']}", round=r["round"], initial=start,
+                                      federated=False)
+                updates.append(update(trained.arrays, start))
+                weights.append(min(batch_weight(len(splits.train), cfg.train.batch_size), cfg.fed.secagg_max_weight))
+            plain = fedavg(start, updates, weights)
+            secure = adapter.read_adapter_file(run_dir / "checkpoints" / f"round-{r['round']}")
+            worst = max(worst, max(float(np.abs(plain[k] - secure[k]).max()) for k in plain))
+            start = {k: secure[k] for k in start}
+    return worst, cfg.fed.secagg_clip / secagg.levels(n_nodes=cohort, max_weight=cfg.fed.secagg_max_weight)
 
 
 def main() -> None:
@@ -103,10 +149,13 @@ def main() -> None:
                 raise SystemExit(f"run with {n} nodes failed")
             rows.append(json.loads(lines[-1]))
             print(f"  {n} nodes done in {rows[-1]['wall']:.0f}s", flush=True)
-    print(f"{'virtual nodes':>14}{'asked/round':>12}{'wall s':>9}{'round s':>9}{'overhead s':>12}{'peak MB':>9}")
+    print(f"{'virtual nodes':>14}{'asked/round':>12}{'wall s':>9}{'round s':>9}{'overhead s':>12}{'peak MB':>9}"
+          f"{'|secure - plain|':>18}{'1 step':>9}")
     for r in rows:
         print(f"{r['nodes']:>14}{r['asked']:>12}{r['wall']:>9.1f}{r['round_s']:>9.2f}{r['overhead_s']:>12.2f}"
-              f"{r['peak_mb']:>9.0f}")
+              f"{r['peak_mb']:>9.0f}{r['max_diff']:>18.1e}{r['step']:>9.1e}")
+    print("|secure - plain|: largest difference between a round's secure result and plain FedAvg over the same "
+          "sampled nodes (every round checked); '1 step' is one quantization step of the weighted mean")
     base = rows[0]
     for r in rows[1:]:
         print(f"{r['nodes']} vs {base['nodes']} nodes: memory x{r['peak_mb'] / base['peak_mb']:.2f}, "

@@ -31,6 +31,7 @@ class RoundOutcome:
     exchanges: int  # message exchanges (round trips) used
     reason: str = ""  # why the round failed
     extra: dict = field(default_factory=dict)
+    later: list[NodeReply] = field(default_factory=list)  # refusals after a node's training reply (e.g. unmasking)
 
 
 class PlainFedAvg:

@@ -167,7 +167,9 @@ class Federation:
             "nodes_connected": len(connected), "nodes_asked": len(asked), "nodes_replied": len(ok),
             "nodes_benched": sorted(self.names.get(n, str(n)) for n in connected if n not in asked),
             "failures": [{"node": r.name, "key": self.key(r.node_id), "status": r.status, "reason": r.reason}
-                         for r in outcome.replies if not r.ok],
+                         for r in outcome.replies if not r.ok]
+            + [{"node": r.name, "key": self.key(r.node_id), "status": r.status, "reason": r.reason,
+                "stage": "after training"} for r in outcome.later],
             "train_loss": loss,
             "epsilon_per_node": eps, "epsilon_max": max((e for e in eps.values() if e is not None), default=None),
             "bytes_sent": outcome.bytes_sent, "bytes_received": outcome.bytes_received,

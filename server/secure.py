@@ -145,12 +145,13 @@ class SecureFedAvg:
         sent = arrays.count_bytes() * len(cohort)
         received = sum(r.bytes for r in replies)
         all_replies = failures + replies
+        later: list[NodeReply] = []
         if len(uploads) < len(cohort):
             self.rekey = True  # dropped nodes' mask keys will be revealed (nodes end the epoch themselves too)
 
         def failed(reason: str) -> RoundOutcome:
             self.rekey = True
-            return RoundOutcome(None, all_replies, sent, received, exchanges, reason)
+            return RoundOutcome(None, all_replies, sent, received, exchanges, reason, later=later)
 
         if len(uploads) < self.min_nodes:
             return failed(f"only {len(uploads)} of {len(cohort)} nodes uploaded a masked update "
@@ -169,7 +170,7 @@ class SecureFedAvg:
                     survivor_sigs[a.node_id] = bytes(_secagg(a)["sig"])
                 except (sa.SecAggError, KeyError, TypeError, ValueError):
                     _fail(a, "no survivor-set signature")
-            all_replies += [a for a in answers if not a.ok]
+            later += [a for a in answers if not a.ok]
             if sorted(survivor_sigs) != up_ids:
                 return failed("secure aggregation failed: not every survivor signed the survivor set (a node "
                               "dropped during the consistency check)")
@@ -193,12 +194,11 @@ class SecureFedAvg:
                 revealed[a.node_id] = (sa.map_from_wire(rec, "b"), sa.map_from_wire(rec, "s"))
             except sa.SecAggError as e:
                 _fail(a, f"unusable shares: {e.problem}")
-        all_replies += [a for a in answers if not a.ok and a.node_id not in uploads]
+        later += [a for a in answers if not a.ok]
         try:
             total = sa.unmask(epoch, p, uploads=uploads, revealed=revealed)
         except sa.SecAggError as e:
-            reasons = "; ".join(f"{a.name}: {a.reason}" for a in answers if not a.ok)
-            return failed(f"secure aggregation failed: {e.problem}" + (f" (refusals: {reasons})" if reasons else ""))
+            return failed(f"secure aggregation failed: {e.problem}")
         summed, weight = sa.split_sum(total)
         if weight <= 0:
             return failed("secure aggregation: zero total weight")
@@ -208,7 +208,7 @@ class SecureFedAvg:
                  "threshold": p.threshold, "levels": p.levels, "weight_sum": weight,
                  "dropped": [names.get(d, str(d)) for d in dropped],
                  "dropped_after_upload": [names.get(u, str(u)) for u in up_ids if u not in revealed]}
-        return RoundOutcome(new, all_replies, sent, received, exchanges, extra=extra)
+        return RoundOutcome(new, all_replies, sent, received, exchanges, extra=extra, later=later)
 
 
 def _secagg(reply: NodeReply):

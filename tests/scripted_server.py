@@ -48,3 +48,40 @@ def reply_values(reply: Message) -> dict[str, Any]:
         for k, v in rec.items():
             out[f"{name}.{k}"] = v
     return out
+
+
+class InProcessGrid:
+    """A stand-in for Flower's Grid that delivers the server's messages to real ClientApps in this process.
+
+    The server code (round loop, aggregators) runs unchanged; ``tamper(message, reply)`` may rewrite or drop
+    (return None) a node's reply on its way back, as a faulty node or network would.
+    """
+
+    def __init__(self, nodes: dict[int, ScriptedServer], tamper=None) -> None:
+        self.nodes, self.tamper, self.log = nodes, tamper, []
+
+    def get_node_ids(self) -> list[int]:
+        return sorted(self.nodes)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        out = []
+        for m in messages:
+            node = self.nodes.get(m.metadata.dst_node_id)
+            if node is None:
+                continue
+            m.metadata._message_id = uuid.uuid4().hex  # what the SuperLink stamps
+            reply = node.app(m, node.context)
+            self.log.append((m.metadata.message_type, m.metadata.dst_node_id))
+            if self.tamper is not None:
+                reply = self.tamper(m, reply)
+            if reply is not None:
+                out.append(reply)
+        return out
+
+
+def task_identity(monkeypatch) -> None:
+    """Let server code build messages outside Flower's runtime (it stamps the task's identity on them)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, attr, value)

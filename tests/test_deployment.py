@@ -31,10 +31,16 @@ def test_tls_authenticated_federation_with_dp_and_secure_aggregation(tmp_path):
         timings["superlink"] = time.monotonic() - t0
         for o in orgs:
             fed.register(o)
+        # the roster the operator distributes: the public keys of the registered nodes, by name
+        roster = tmp_path / "roster"
+        roster.mkdir()
+        for o in orgs:
+            (roster / f"{o}.pub").write_bytes((fed.keys / "nodes" / f"{o}.pub").read_bytes())
         for i, o in enumerate(orgs):
             data = write_easy_csv(tmp_path / f"{o}.csv", n=60, seed=i)
             fed.start_supernode(o, {"name": o, "data-path": str(data) if o != "org-bad" else "/nonexistent/notes.csv",
-                                    "state-dir": str(tmp_path / "state" / o), "max-epsilon": 8})
+                                    "state-dir": str(tmp_path / "state" / o), "max-epsilon": 8,
+                                    "identity-key": str(fed.keys / "nodes" / f"{o}.key"), "roster": str(roster)})
         intruder = fed.start_supernode("org-unregistered", {"name": "intruder", "max-epsilon": 8,
                                                             "state-dir": str(tmp_path / "state" / "x")})
         held_out = write_easy_csv(tmp_path / "server-held-out.csv", n=80, seed=99)

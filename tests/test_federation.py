@@ -187,3 +187,57 @@ def test_secure_aggregation_matches_plain_fedavg(tmp_path, capfd):
     moved = {k: float(abs(results[False][k]).max()) for k in results[False] if "lora_B" in k}
     assert max(moved.values()) > 1e-3  # training really changed B, so the comparison means something
     assert max(diffs.values()) <= 4 * step, max(diffs.items(), key=lambda kv: kv[1])
+
+
+@pytest.mark.slow
+def test_sampled_cohorts_with_a_sparse_graph_equal_plain_fedavg_of_the_same_nodes(tmp_path, minilm_bbc):
+    """60 organizations, 10% sampled per round, a sparse neighbour graph (4 of 5 possible neighbours): each
+    round's secure result equals plain FedAvg over exactly the nodes that round sampled, recomputed here
+    from the same starting adapter with the same (deterministic, DP-free) local training."""
+    import copy
+
+    import numpy as np
+    import torch
+
+    from common import adapter, secagg
+    from common.aggregate import fedavg, update
+    from common.node import NodePolicy, batch_weight, prepare, train_round
+    from simulations.federated_data import node_splits
+
+    run_dir = tmp_path / "run"
+    cfg = load_config({**TINY, "data.max-records": 1200, "train.batch-size": 4, "train.local-steps": 1,
+                       "fed.num-nodes": 60, "fed.fraction-train": 0.1, "fed.min-nodes": 3, "fed.secagg-degree": 4,
+                       "fed.fraction-evaluate": 0, "train.rounds": 3, "privacy.enabled": False,
+                       "sim.node-max-epsilon": float("inf"), "train.optimizer": "sgd", "train.lr": 0.5,
+                       "fed.secagg-max-weight": 1000, "fed.run-dir": str(run_dir), "train.threads": 1})
+    simulate(cfg, out=lambda s: None, report=False)
+    rounds = [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in rounds] == ["ok"] * 3, [r["reason"] for r in rounds]
+    step = 1.0 / secagg.levels(n_nodes=6, max_weight=1000)
+    threads = torch.get_num_threads()
+    lm = copy.deepcopy(minilm_bbc)
+    try:
+        start = adapter.pack(lm.model, ffa=False)
+        cohorts = []
+        for r in rounds:
+            sampled = sorted(int(k.split("-")[1]) for k, m in r["per_node"].items() if m["status"] == "ok")
+            assert len(sampled) == 6 and r["secagg"]["cohort"] == 6 and r["secagg"]["degree"] == 4
+            cohorts.append(tuple(sampled))
+            updates, weights = [], []
+            for pid in sampled:
+                splits = node_splits(cfg, pid, 60)
+                node = prepare(cfg, NodePolicy(source=f"ref-{pid}", max_epsilon=float("inf")),
+                               state_dir=tmp_path / "ref" / str(pid), model=lm, splits=splits)
+                trained = train_round(node, job="ref", round=r["round"], initial=start, federated=False)
+                updates.append(update(trained.arrays, start))
+                weights.append(batch_weight(len(splits.train), 4))
+            plain = fedavg(start, updates, weights)
+            secure = adapter.read_adapter_file(run_dir / "checkpoints" / f"round-{r['round']}")
+            moved = max(float(np.abs(plain[k] - start[k]).max()) for k in plain)
+            diff = max(float(np.abs(plain[k] - secure[k]).max()) for k in plain)
+            assert moved > 100 * step and diff <= 2 * step, (r["round"], diff, moved, step)
+            start = {k: secure[k] for k in start}
+        assert len(set(cohorts)) == 3  # three different samples, each with its own key epoch
+        assert [r["secagg"]["epoch"] for r in rounds] == [1, 2, 3] and [r["exchanges"] for r in rounds] == [4, 4, 4]
+    finally:
+        torch.set_num_threads(threads)
