@@ -1,6 +1,7 @@
 """Durable file replacement: the one way fedtune writes a state file.
 
-``write_atomic`` writes a uniquely named temporary file beside the target, fsyncs it,
+``write_atomic`` writes a uniquely named temporary file beside the target (``.<name>.tmp*``,
+which a crashed writer may leave behind), fsyncs it,
 renames it over the target and fsyncs the directory, so a reader (or a process that
 restarts after a crash or power cut) sees either the old file or the new one, whole.
 """
@@ -27,7 +28,7 @@ def write_atomic(path: str | Path, data: str | bytes, *, mode: int | None = None
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     raw = data.encode("utf-8") if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(raw)

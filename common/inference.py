@@ -24,7 +24,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -34,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.atomic import write_atomic
 from common.errors import DataError, ModelError
 
 ON_BAD_BYTES = ("error", "replace", "skip")
@@ -243,19 +243,9 @@ def write_output(content: str, out: str | None) -> None:
         sys.stdout.flush()
         return
     path = Path(out).expanduser()
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
-            f.write(content)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_atomic(path, content)
     except OSError as e:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
         raise DataError(f"cannot write {path}: {e.strerror or e}",
                         "choose an output path you can write to (or leave out --out for stdout)") from None
 

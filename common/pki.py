@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from common.atomic import write_atomic
 from common.errors import FedtuneError
 
 CURVE = ec.SECP384R1
@@ -34,13 +34,7 @@ def _write(path: Path, data: bytes, *, private: bool, force: bool) -> Path:
         raise KeyFileError(f"{path} already exists; refusing to overwrite a key or certificate",
                            "pass --force to replace it (nodes and servers using the old one must be updated), "
                            "or choose another --out directory")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.chmod(tmp, 0o600 if private else 0o644)
-    os.replace(tmp, path)
+    write_atomic(path, data, mode=0o600 if private else 0o644)  # created 0600: never readable by others meanwhile
     return path
 
 

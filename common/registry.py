@@ -26,18 +26,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from common import export
+from common.atomic import fsync_dir, write_json_atomic
 from common.errors import AdapterError, ExportError, RegistryError
 
 STATE = "registry.json"
 _ID = re.compile(r"^v(\d+)$")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Registry:
@@ -77,14 +70,7 @@ class Registry:
                                 "and each holds its own fedtune-export.json") from None
 
     def _write_state(self, state: dict) -> None:
-        tmp = self.path / f".{STATE}.tmp{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(state, f, indent=2, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.state_file)  # the commit point
-        _fsync_dir(self.path)
+        write_json_atomic(self.state_file, state, indent=2, sort_keys=True)  # the commit point
 
     def _log(self, action: str, **fields) -> None:
         with open(self.path / "log.jsonl", "a", encoding="utf-8") as f:
@@ -173,7 +159,7 @@ class Registry:
             vid = f"v{max(taken, default=0) + 1}"
             record = export.export_run(run_dir, self.version_dir(vid), round=round, name_nodes=name_nodes,
                                        base_model=base_model, progress=progress)
-            _fsync_dir(self.path / "versions")
+            fsync_dir(self.path / "versions")
             entry = _entry(vid, record, note)
             st["versions"][vid] = entry
             self._write_state(st)

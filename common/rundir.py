@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from common.atomic import write_json_atomic
 from common.errors import FedtuneError
 
 
@@ -27,13 +28,7 @@ class RunDirError(FedtuneError):
 
 
 def _atomic_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=_jsonable)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_json_atomic(path, obj, indent=2, sort_keys=True, default=_jsonable)
 
 
 def _jsonable(o: Any) -> Any:

@@ -282,7 +282,7 @@ def test_ledger_file_is_complete_json_after_each_release(tmp_path):
         on_disk = json.loads(lg.path.read_text())
         assert len(on_disk["entries"]) == r + 1 and on_disk["entries"][-1]["status"] == "settled"
     assert on_disk["delta"] == pytest.approx(1e-5) and on_disk["source"] == "s"
-    assert not list(lg.path.parent.glob("*.tmp"))
+    assert not list(lg.path.parent.glob(".*.tmp*"))
 
 
 def test_disk_cache_gives_the_same_node(tmp_path, easy_csv, fresh_easy):

@@ -82,11 +82,14 @@ def test_crash_during_promotion_leaves_registry_consistent(reg):
     assert list(reg.path.glob(".registry.json.tmp*"))  # the crashed writer's leftover
     # a crash half-way through writing the temporary state file
     proc = _crash(reg.path, """
-        import json
-        real_dump = json.dump
-        def torn(obj, f, **kw):
-            f.write(json.dumps(obj)[:40]); f.flush(); os._exit(9)
-        json.dump = torn
+        import common.atomic as atomic
+        real_fdopen = os.fdopen
+        class Torn:
+            def __init__(self, f): self.f = f
+            def __enter__(self): return self
+            def __exit__(self, *a): return False
+            def write(self, data): self.f.write(data[:40]); self.f.flush(); os._exit(9)
+        atomic.os.fdopen = lambda fd, mode: Torn(real_fdopen(fd, mode))
         reg.promote("v2")
     """)
     assert proc.returncode == 9 and reg.state()["current"] == "v1"
