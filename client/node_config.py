@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 KEYS = {"name": str, "data-path": str, "source": str, "state-dir": str, "max-epsilon": float, "delta": float,
         "accountant": str, "evaluate": str, "task": str, "text-column": str, "label-column": str,
         "identity-key": str, "roster": str, "secagg-min-cohort": int, "secagg-min-threshold": int,
-        "secagg-max-weight": int}
+        "secagg-max-weight": int, "approved-apps": str}
 ON_OFF = {"on": True, "true": True, "yes": True, "off": False, "false": False, "no": False}
 
 

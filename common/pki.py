@@ -81,7 +81,8 @@ def make_server_cert(out: Path, *, hosts: Sequence[str], days: int = 825, force:
                            "pass --host with the address nodes use to reach it (e.g. --host 10.0.0.5 --host fl.example.org)")
     ca_key, ca_cert = _load_ca(out)
     sans: list[x509.GeneralName] = []
-    for h in hosts:
+    # the SuperLink's own helpers and fedtune's Fleet gateway reach it on 127.0.0.1
+    for h in dict.fromkeys([*hosts, "127.0.0.1", "localhost"]):
         try:
             sans.append(x509.IPAddress(ipaddress.ip_address(h)))
         except ValueError:

@@ -258,6 +258,21 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_node(args: argparse.Namespace) -> int:
+    from client import supernode
+
+    config = supernode.read_node_config(args.config)
+    return supernode.run(superlink=args.superlink, ca=args.ca, key=args.key, config=config, port=args.port,
+                         retries=args.max_retries, max_wait=args.max_wait_time)
+
+
+def cmd_superlink(args: argparse.Namespace) -> int:
+    from server import superlink
+
+    return superlink.run(keys=args.keys, database=args.database, host=args.host, port=args.port,
+                         control_port=args.control_port, log_file=args.log)
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from common.monitoring import run_view, status_table
 
@@ -277,11 +292,34 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     root = Path(args.root)
     if not root.is_dir():
         raise FedtuneError(f"{root} is not a directory", "give a run directory or the directory holding runs")
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"WARNING: the dashboard listens on {args.host}: anyone who can reach it sees run figures "
-              "(it has no login); put it behind your own authentication")
-    print(f"fedtune dashboard on http://{args.host}:{args.port}/ over {root.resolve()} (read-only; Ctrl-C stops)")
-    uvicorn.run(create_app(root), host=args.host, port=args.port, log_level="warning")
+    token = None
+    if args.token_file:
+        try:
+            token = Path(args.token_file).expanduser().read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise FedtuneError(f"cannot read --token-file {args.token_file} ({e.__class__.__name__})",
+                               "write a long random token into it, e.g. `openssl rand -hex 32 > token`") from None
+        if len(token) < 16:
+            raise FedtuneError(f"the token in {args.token_file} is too short ({len(token)} characters)",
+                               "use at least 16 random characters, e.g. `openssl rand -hex 32 > token`")
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise FedtuneError("--tls-cert and --tls-key go together", "give both (e.g. fed-keys/server.crt and .key)")
+    loopback = args.host in ("127.0.0.1", "localhost", "::1")
+    if not loopback and not (args.tls_cert and token):
+        if not args.insecure:
+            raise FedtuneError(
+                f"refusing to serve the dashboard on {args.host} without TLS and a token: anyone who can reach it "
+                "would read every run's figures", "give --tls-cert/--tls-key (e.g. from `fedtune keys`) and "
+                "--token-file, keep the default --host 127.0.0.1, or pass --insecure knowingly")
+        print(f"WARNING: --insecure: the dashboard on {args.host} is served without "
+              f"{'TLS' if not args.tls_cert else ''}{' and ' if not args.tls_cert and not token else ''}"
+              f"{'a token' if not token else ''}: anyone who can reach it sees every run's figures",
+              file=sys.stderr, flush=True)
+    scheme = "https" if args.tls_cert else "http"
+    print(f"fedtune dashboard on {scheme}://{args.host}:{args.port}/ over {root.resolve()} (read-only"
+          f"{', token required' if token else ''}; Ctrl-C stops)", flush=True)
+    uvicorn.run(create_app(root, token=token), host=args.host, port=args.port, log_level="warning",
+                ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key)
     return 0
 
 
@@ -521,6 +559,30 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("settings", nargs="*", help="overrides as key=value")
         sp.set_defaults(func=cmd_simulate if name == "simulate" else cmd_baselines)
 
+    np_ = sub.add_parser("node", help="an organization: start this node's SuperNode (TLS, node authentication, "
+                         "only the installed fedtune app)")
+    np_.add_argument("--superlink", required=True, help="the operator's SuperLink, HOST:PORT")
+    np_.add_argument("--ca", required=True, help="the federation's CA certificate (ca.crt from the operator)")
+    np_.add_argument("--key", required=True, help="this node's private key (`fedtune keys node`)")
+    np_.add_argument("--config", required=True, help="this node's config file (TOML; keys in docs/deployment.md)")
+    np_.add_argument("--port", type=int, default=9094, help="local port of the SuperNode's ClientApp API "
+                     "(127.0.0.1; default 9094)")
+    np_.add_argument("--max-retries", type=int, help="give up after this many failed connection attempts "
+                     "(default: Flower's, retry forever)")
+    np_.add_argument("--max-wait-time", type=float, help="give up reconnecting after this many seconds")
+    np_.set_defaults(func=cmd_node)
+
+    lp_ = sub.add_parser("superlink", help="the operator: start the SuperLink with its Control API on this host "
+                         "only and a Fleet gateway for SuperNodes")
+    lp_.add_argument("--keys", required=True, help="directory of `fedtune keys init` (ca.crt, server.crt/.key)")
+    lp_.add_argument("--database", required=True, help="SuperLink state file (registrations and runs persist)")
+    lp_.add_argument("--host", default="0.0.0.0", help="address SuperNodes reach (default all interfaces)")
+    lp_.add_argument("--port", type=int, default=9092, help="Fleet gateway port for SuperNodes (default 9092)")
+    lp_.add_argument("--control-port", type=int, default=9093, help="the SuperLink's own port on 127.0.0.1 "
+                     "(Control API for flwr; default 9093)")
+    lp_.add_argument("--log", help="append the SuperLink's log to this file")
+    lp_.set_defaults(func=cmd_superlink)
+
     kp = sub.add_parser("keys", help="make TLS certificates and SuperNode authentication keys")
     kp.add_argument("action", choices=["init", "node"], help="init: CA + SuperLink certificate (+ --node keys); "
                     "node: only SuperNode key pairs")
@@ -540,6 +602,10 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("root", nargs="?", default="runs", help="a run directory or a directory of runs (default runs)")
     dp.add_argument("--host", default="127.0.0.1", help="address to listen on (default localhost only)")
     dp.add_argument("--port", type=int, default=8050)
+    dp.add_argument("--tls-cert", help="serve HTTPS with this certificate (needed off this host)")
+    dp.add_argument("--tls-key", help="the certificate's private key")
+    dp.add_argument("--token-file", help="require this token (file content) on every request (needed off this host)")
+    dp.add_argument("--insecure", action="store_true", help="allow a non-loopback address without TLS and a token")
     dp.set_defaults(func=cmd_dashboard)
 
     xp = sub.add_parser("export", help="export a run's model: merged model + PEFT adapter + model card")

@@ -16,8 +16,8 @@ import json
 import time
 from pathlib import Path
 
-from fastapi import FastAPI, HTTPException
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
 
 from common.monitoring import run_view
 from common.rundir import RunDirError
@@ -27,6 +27,28 @@ td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right}th{background:#f
 .bar{width:160px;height:12px;background:#eee;display:inline-block;vertical-align:middle}
 .fill{height:12px;display:block}.ok{background:#3a7}.amber{background:#e9a400}.red{background:#d33}.unknown{background:#999}
 tr.r-failed td{color:#b00}b.failed{color:#b00}.charts img{width:420px;margin-right:1em}"""
+
+
+def _require_token(app: FastAPI, token: str) -> None:
+    import hmac
+
+    want = token.encode()
+
+    def ok(given: str | None) -> bool:
+        return given is not None and hmac.compare_digest(given.encode(), want)
+
+    @app.middleware("http")
+    async def check(request: Request, call_next):
+        auth = request.headers.get("authorization", "")
+        if ok(auth[7:] if auth.lower().startswith("bearer ") else None) or ok(request.cookies.get(TOKEN_COOKIE)):
+            return await call_next(request)
+        if ok(request.query_params.get("token")):
+            resp = RedirectResponse(request.url.remove_query_params("token").path or "/", status_code=303)
+            resp.set_cookie(TOKEN_COOKIE, token, httponly=True, secure=True, samesite="strict")
+            return resp
+        return PlainTextResponse("authentication required: send the dashboard token (Authorization: Bearer "
+                                 "<token>, or open the page once with ?token=<token>)", status_code=401,
+                                 headers={"WWW-Authenticate": "Bearer"})
 
 
 def _runs(root: Path) -> dict[str, Path]:
@@ -142,9 +164,20 @@ setInterval(refresh, %d);
 </script>"""
 
 
-def create_app(root: str | Path, *, poll_ms: int = 2000) -> FastAPI:
+TOKEN_COOKIE = "fedtune_dashboard"
+
+
+def create_app(root: str | Path, *, poll_ms: int = 2000, token: str | None = None) -> FastAPI:
+    """The dashboard over ``root``; with ``token`` every request must carry it (401 otherwise).
+
+    The token is accepted as ``Authorization: Bearer <token>`` (scripts, Prometheus) or once as
+    ``?token=<token>`` (a browser), which sets an HttpOnly, Secure cookie and redirects to the
+    same page without it.
+    """
     root = Path(root).resolve()
     app = FastAPI(title="fedtune dashboard", docs_url=None, redoc_url=None, openapi_url=None)
+    if token:
+        _require_token(app, token)
 
     def view_of(name: str) -> dict:
         runs = _runs(root)
