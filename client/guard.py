@@ -78,9 +78,13 @@ def check_bundle(content: bytes, *, fab_id: str, fab_version: str, node_config) 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point, with ``flwr-clientapp``'s arguments (the SuperNode launches it under that name)."""
+    import importlib
+
     from flwr.clientapp.client_app import ClientApp
-    from flwr.supernode.cli import flwr_clientapp as cli
-    from flwr.supernode.runtime import run_clientapp as runtime
+
+    # the modules (their package re-exports functions of the same names)
+    cli = importlib.import_module("flwr.supernode.cli.flwr_clientapp")
+    runtime = importlib.import_module("flwr.supernode.runtime.run_clientapp")
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     seen: dict = {}

@@ -1,9 +1,10 @@
 """A node's side of secure aggregation: every server request is checked against the node's own rules.
 
 The node's secret keys for a key epoch live in Flower's per-node state (JSON bytes, never
-pickled). The last round it masked per job is also kept on its own disk (written
-atomically and fsync'd before the masked upload leaves), so a restart cannot make it mask
-a round twice. Server-supplied strings never become paths: the job name is hashed.
+pickled). The last round it masked per job and key epoch is also kept on its own disk
+(written atomically and fsync'd before the masked upload leaves), so a crash between the
+upload and the state update cannot make it mask a round twice under the same keys.
+Server-supplied strings never become paths: the job name is hashed.
 """
 
 from __future__ import annotations
@@ -42,13 +43,21 @@ def marker_file(state_dir: Path, job: str) -> Path:
     return Path(state_dir) / "secagg" / f"{hashlib.sha256(job.encode('utf-8')).hexdigest()[:32]}.json"
 
 
-def _last_round_on_disk(state_dir: Path, job: str) -> int:
+def _epoch_key(keys: sa.NodeKeys) -> str:
+    """Which key epoch a round was masked in: a hash of this node's own mask key for it.
+
+    Masking one round number twice under the same keys would let the server learn the difference of
+    the two updates; under new keys (a new epoch, e.g. after a server restart) it is a new masking."""
+    return hashlib.sha256(keys.peers[keys.node].s_pk).hexdigest()[:32]
+
+
+def _markers(state_dir: Path, job: str) -> dict:
     f = marker_file(state_dir, job)
     if not f.exists():
-        return 0
+        return {}
     try:
-        return int(json.loads(f.read_text(encoding="utf-8"))["last_round"])
-    except (OSError, ValueError, KeyError, TypeError):
+        return {str(k): int(v) for k, v in json.loads(f.read_text(encoding="utf-8"))["epochs"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         raise sa.SecAggError(f"the secure-aggregation round record {f} is unreadable",
                              "restore it from backup, or remove it only if this node never masked a round of "
                              "this job") from None
@@ -96,10 +105,11 @@ def check_train(context: Context, ns, job: str, rec) -> tuple[sa.NodeKeys, sa.Pa
     keys = load_keys(context)
     p = _params(rec, job)
     keys.check_round(p, ns.secagg_rules)
-    last = _last_round_on_disk(ns.state_dir, job)
+    last = _markers(ns.state_dir, job).get(_epoch_key(keys), 0)
     if p.round <= last:
-        raise sa.SecAggError(f"refusing to mask round {p.round}: this node's disk says it masked round {last}",
-                             "a round number may be used once per node; the server must move on")
+        raise sa.SecAggError(f"refusing to mask round {p.round}: this node's disk says it masked round {last} "
+                             "under these keys", "a round number may be used once per key epoch; the server must "
+                             "move on (or start a new key epoch)")
     return keys, p
 
 
@@ -107,7 +117,9 @@ def mask(context: Context, ns, keys: sa.NodeKeys, p: sa.Params, update: dict[str
          weight: int) -> tuple[np.ndarray, dict]:
     out = keys.mask(p, sa.flatten(update), weight=weight, rules=ns.secagg_rules)
     save_keys(context, keys)
-    write_json_atomic(marker_file(ns.state_dir, p.job), {"job": p.job, "last_round": p.round})  # before it leaves
+    epochs = _markers(ns.state_dir, p.job)
+    epochs[_epoch_key(keys)] = p.round
+    write_json_atomic(marker_file(ns.state_dir, p.job), {"job": p.job, "epochs": epochs})  # before the upload leaves
     return out["masked"], {**sa.map_to_wire("shares", out["shares"]), "commit": out["commit"], "sig": out["sig"]}
 
 

@@ -65,7 +65,8 @@ def guard_bin(state_dir: Path) -> Path:
     d = Path(state_dir) / "bin"
     d.mkdir(parents=True, exist_ok=True)
     shim = d / "flwr-clientapp"
-    shim.write_text(f"#!/bin/sh\nexec {sys.executable} -m client.guard \"$@\"\n", encoding="utf-8")
+    run = "import sys; from client.guard import main; sys.exit(main())"
+    shim.write_text(f"#!/bin/sh\nexec {sys.executable} -c '{run}' \"$@\"\n", encoding="utf-8")
     shim.chmod(stat.S_IRWXU | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH)
     return d
 

@@ -206,7 +206,7 @@ class PrivacyLedger:
         """Check the ceiling and record the release, under the lock, before any work starts.
 
         Args:
-            job_limit: the most releases of this ``kind`` the job planned for (None: no limit).
+            job_limit: the most rounds with a release of this ``kind`` the job planned for (None: no limit).
 
         Raises:
             PrivacyError: delta above 1/N for this source's size.
@@ -215,8 +215,10 @@ class PrivacyLedger:
         """
         with self._locked():
             privacy.check_delta(self.delta, n_records, where=f"data source {self.source!r}")
-            done = sum(1 for e in self.counted if e.job == job and e.kind == kind)
-            if job_limit is not None and done >= job_limit:
+            # a job's plan covers job_limit rounds; a round interrupted (e.g. by a server crash) and run again
+            # after a resume is the same round: its second release counts in full, but not as a new round
+            done = {e.round for e in self.counted if e.job == job and e.kind == kind}
+            if job_limit is not None and int(round) not in done and len(done) >= job_limit:
                 raise BudgetExceededError(
                     f"job {job!r} already made its {job_limit} planned {kind} release(s) on data source "
                     f"{self.source!r}; its budget covers no more",

@@ -17,6 +17,10 @@ import contextlib
 import logging
 import ssl
 
+import httpx
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+
 log = logging.getLogger(__name__)
 
 FLEET_PREFIX = "/v1/fleet/"
@@ -27,10 +31,6 @@ _DROP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization"
 
 def create_app(upstream: str, *, ca_file: str | None, timeout: float = 120.0):
     """An ASGI app forwarding ``/v1/fleet/*`` to ``upstream`` (``https://127.0.0.1:PORT``) and refusing the rest."""
-    import httpx
-    from fastapi import FastAPI, Request, Response
-    from fastapi.responses import JSONResponse
-
     verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=ca_file) if ca_file else True
     client = httpx.AsyncClient(base_url=upstream.rstrip("/"), verify=verify, timeout=timeout)
 

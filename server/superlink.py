@@ -31,6 +31,7 @@ def _exe(name: str) -> str:
 
 def _free(host: str, port: int) -> bool:
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers do: TIME_WAIT is no conflict
         try:
             s.bind((host, port))
         except OSError:
@@ -98,7 +99,9 @@ def run(*, keys: str, database: str, host: str, port: int, control_port: int, lo
 
     keys_p, db = Path(keys).expanduser(), Path(database).expanduser()
     check(keys_p, db, host, port, control_port)
-    env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0")
+    # Flower's helpers (flower-superexec, flwr-serverapp) are started by name: those of this installation
+    env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0",
+               PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
     out = open(log_file, "ab") if log_file else None  # noqa: SIM115 - lives as long as the child
     link = subprocess.Popen(superlink_command(keys=keys_p, database=db, control_port=control_port), env=env,
                             stdout=out, stderr=subprocess.STDOUT if out else None, start_new_session=True)
@@ -110,6 +113,8 @@ def run(*, keys: str, database: str, host: str, port: int, control_port: int, lo
               f"root-certificates = \"{keys_p.resolve() / 'ca.crt'}\"", flush=True)
         print(f"  SuperNodes: --superlink <this host>:{port}; Ctrl-C stops both", flush=True)
         app = create_app(f"https://127.0.0.1:{control_port}", ca_file=str(keys_p / "ca.crt"))
+        # uvicorn re-raises SIGTERM after its graceful shutdown: make that an exit that runs the cleanup below
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
         uvicorn.run(app, host=host, port=port, ssl_certfile=str(keys_p / "server.crt"),
                     ssl_keyfile=str(keys_p / "server.key"), log_level="warning")
         return 0

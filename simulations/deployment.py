@@ -79,17 +79,23 @@ class LocalFederation:
             pki.make_node_keys(self.keys / "nodes", n)
 
     def start_superlink(self, timeout: float = 60) -> None:
-        self.port = free_port()
-        self.start("superlink", [
-            _exe("flower-superlink"), "--ssl-ca-certfile", str(self.keys / "ca.crt"),
-            "--ssl-certfile", str(self.keys / "server.crt"), "--ssl-keyfile", str(self.keys / "server.key"),
-            "--enable-supernode-auth", "--database", str(self.base / "superlink.db"), "--isolation", "subprocess",
-            "--host", "127.0.0.1", "--port", str(self.port), "--disable-runtime-dependency-installation"])
+        """``fedtune superlink``: the SuperLink on loopback (Control API) and the Fleet gateway on ``port``.
+
+        Started again after a crash with the same ports and database."""
+        if not self.port:
+            self.port, self.control_port = free_port(), free_port()
+        self.start("superlink", [sys.executable, "-m", "fedtune", "superlink", "--keys", str(self.keys),
+                                 "--database", str(self.base / "superlink.db"), "--host", "127.0.0.1",
+                                 "--port", str(self.port), "--control-port", str(self.control_port),
+                                 "--log", str(self.logs / "flower-superlink.log")])
+        wait_port(self.control_port, timeout)
         wait_port(self.port, timeout)
         self.home.mkdir(parents=True, exist_ok=True)
+        ca = self.keys / "ca.crt"
         (self.home / "config.toml").write_text(
-            '[superlink]\ndefault = "local-tls"\n\n[superlink.local-tls]\n'
-            f'address = "127.0.0.1:{self.port}"\nroot-certificates = "{self.keys / "ca.crt"}"\n')
+            '[superlink]\ndefault = "local-tls"\n\n'
+            f'[superlink.local-tls]\naddress = "127.0.0.1:{self.control_port}"\nroot-certificates = "{ca}"\n\n'
+            f'[superlink.outside]\naddress = "127.0.0.1:{self.port}"\nroot-certificates = "{ca}"\n')
 
     def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         return subprocess.run([_exe("flwr"), *args], capture_output=True, text=True, env=self.env(), cwd=self.base,
@@ -102,13 +108,13 @@ class LocalFederation:
             raise RuntimeError(f"registering {name} failed: {r.stdout} {r.stderr}")
 
     def start_supernode(self, name: str, node_config: dict) -> subprocess.Popen:
-        conf = " ".join(f'{k}="{v}"' if isinstance(v, str) else f"{k}={v}" for k, v in node_config.items())
-        return self.start(name, [
-            _exe("flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
-            "--root-certificates", str(self.keys / "ca.crt"),
-            "--auth-supernode-private-key", str(self.keys / "nodes" / f"{name}.key"),
-            "--node-config", conf, "--isolation", "subprocess", "--host", "127.0.0.1", "--port", str(free_port()),
-            "--max-retries", "3", "--max-wait-time", "30"])
+        """``fedtune node`` for organization ``name`` with ``node_config`` (written as its TOML file)."""
+        conf = self.base / f"{name}.toml"
+        conf.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in node_config.items()), encoding="utf-8")
+        return self.start(name, [sys.executable, "-m", "fedtune", "node", "--superlink", f"127.0.0.1:{self.port}",
+                                 "--ca", str(self.keys / "ca.crt"), "--key", str(self.keys / "nodes" / f"{name}.key"),
+                                 "--config", str(conf), "--port", str(free_port()), "--max-retries", "60",
+                                 "--max-wait-time", "300"])
 
     def run(self, run_config: dict, *, timeout: float, while_waiting=None) -> dict:
         """``flwr run`` this project against the SuperLink; wait for the run to end; its ``flwr ls`` entry."""
