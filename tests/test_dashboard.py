@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 
+import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from test_monitoring import _make_run, _round
@@ -61,3 +62,73 @@ def test_path_traversal_and_markup_are_harmless(tmp_path):
         assert "<script>alert" not in text and "<img src=x" not in text and "&lt;script&gt;" in text
     after = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in live.path.rglob("*") if p.is_file()}
     assert before == after  # the dashboard never writes
+
+
+def test_a_token_guards_every_page_and_metrics(tmp_path):
+    _make_run(tmp_path / "runs" / "run-a", finished=True)
+    token = "s3cret-token-0123456789"
+    client = TestClient(create_app(tmp_path / "runs", token=token), base_url="https://testserver")
+    for path in ("/", "/runs/run-a", "/metrics", "/api/runs"):
+        r = client.get(path)
+        assert r.status_code == 401 and "authentication required" in r.text and "run-a" not in r.text
+        assert client.get(path, headers={"Authorization": "Bearer wrong-token-0123456789"}).status_code == 401
+        assert client.get(path, headers={"Authorization": f"Bearer {token}"}).status_code == 200
+    browser = TestClient(create_app(tmp_path / "runs", token=token), base_url="https://testserver")
+    first = browser.get(f"/runs/run-a?token={token}", follow_redirects=False)
+    assert first.status_code == 303 and first.headers["location"] == "/runs/run-a"
+    assert "httponly" in first.headers["set-cookie"].lower() and "secure" in first.headers["set-cookie"].lower()
+    assert browser.get("/runs/run-a").status_code == 200  # the cookie now carries the token
+
+
+def test_off_this_host_the_dashboard_needs_tls_and_a_token(tmp_path, capsys):
+    import socket
+    import ssl
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    from common import pki
+    from fedtune.cli import main
+
+    _make_run(tmp_path / "runs" / "run-a", finished=True)
+    runs = str(tmp_path / "runs")
+    assert main(["dashboard", runs, "--host", "0.0.0.0"]) == 2
+    err = capsys.readouterr().err
+    assert "refusing to serve the dashboard on 0.0.0.0 without TLS and a token" in err and "fix:" in err
+    pki.make_ca(tmp_path / "keys")
+    pki.make_server_cert(tmp_path / "keys", hosts=["127.0.0.1"])
+    cert, key = str(tmp_path / "keys" / "server.crt"), str(tmp_path / "keys" / "server.key")
+    assert main(["dashboard", runs, "--host", "0.0.0.0", "--tls-cert", cert, "--tls-key", key]) == 2  # no token
+    assert "without TLS and a token" in capsys.readouterr().err
+    (tmp_path / "token").write_text("short")
+    assert main(["dashboard", runs, "--host", "0.0.0.0", "--tls-cert", cert, "--tls-key", key,
+                 "--token-file", str(tmp_path / "token")]) == 2
+    assert "too short" in capsys.readouterr().err
+    token = "0123456789abcdef0123456789abcdef"
+    (tmp_path / "token").write_text(token + "\n")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "fedtune", "dashboard", runs, "--host", "0.0.0.0", "--port",
+                               str(port), "--tls-cert", cert, "--tls-key", key, "--token-file",
+                               str(tmp_path / "token")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        ctx = ssl.create_default_context(cafile=str(tmp_path / "keys" / "ca.crt"))
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                r = httpx.get(f"https://127.0.0.1:{port}/", verify=ctx)
+                break
+            except httpx.HTTPError:
+                assert time.monotonic() < deadline and server.poll() is None, server.stdout.read()
+                time.sleep(0.3)
+        assert r.status_code == 401
+        ok = httpx.get(f"https://127.0.0.1:{port}/", verify=ctx, headers={"Authorization": f"Bearer {token}"})
+        assert ok.status_code == 200 and "run-a" in ok.text
+        with pytest.raises(httpx.HTTPError):  # and no plain HTTP at all
+            httpx.get(f"http://127.0.0.1:{port}/", timeout=5)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

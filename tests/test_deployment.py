@@ -104,7 +104,11 @@ def _wait_online(fed, n, timeout=120):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         r = fed.flwr("supernode", "ls", "local-tls", "--format", "json")
-        if r.returncode == 0 and sum(x.get("status") == "online" for x in json.loads(r.stdout)["nodes"]) >= n:
+        try:
+            online = sum(x.get("status") == "online" for x in json.loads(r.stdout).get("nodes", []))
+        except ValueError:  # the SuperLink is (re)starting
+            online = 0
+        if r.returncode == 0 and online >= n:
             return
         time.sleep(2)
     raise TimeoutError(f"fewer than {n} SuperNodes online after {timeout}s")

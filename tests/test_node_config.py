@@ -64,3 +64,66 @@ def test_server_cannot_raise_a_nodes_ceiling(tmp_path, easy_csv, fresh_easy):
     with pytest.raises(BudgetExceededError):
         node.train_round(n, job="j", round=3, federated=False)
     assert r1.epsilon_spent < r2.epsilon_spent
+
+
+def _bundle(publisher="fedtune", name="fedtune", version=None, clientapp="client.app:app") -> bytes:
+    import io
+    import zipfile
+
+    from client.guard import installed_version
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("pyproject.toml", f'[project]\nname = "{name}"\nversion = "{version or installed_version()}"\n'
+                                     f'[tool.flwr.app]\npublisher = "{publisher}"\n'
+                                     f'[tool.flwr.app.components]\nclientapp = "{clientapp}"\n')
+        z.writestr("client/app.py", "raise SystemExit('this code must never run')\n")
+    return buf.getvalue()
+
+
+def test_the_app_guard_accepts_only_the_installed_fedtune_app():
+    import hashlib
+
+    from client.guard import AppRefused, check_bundle, installed_version
+
+    ok = _bundle()
+    digest = hashlib.sha256(ok).hexdigest()
+    assert check_bundle(ok, fab_id="fedtune/fedtune", fab_version=installed_version(), node_config={}) == digest
+    assert check_bundle(ok, fab_id="fedtune/fedtune", fab_version=installed_version(),
+                        node_config={"approved-apps": f"{'0' * 64}, {digest.upper()}"}) == digest
+    cases = [
+        (_bundle(publisher="intruder", name="evil"), "intruder/evil", None, {}, "not the fedtune app"),
+        (_bundle(clientapp="evil.app:app"), "fedtune/fedtune", None, {}, "its ClientApp is 'evil.app:app'"),
+        (_bundle(version="9.9.9"), "fedtune/fedtune", "9.9.9", {}, "it is fedtune 9.9.9, this node runs"),
+        (ok, "fedtune/fedtune", None, {"approved-apps": "0" * 64}, "not among this node's approved-apps"),
+        (b"not a zip", "fedtune/fedtune", None, {}, "unreadable"),
+    ]
+    for content, fab_id, version, conf, needle in cases:
+        with pytest.raises(AppRefused, match=needle):
+            check_bundle(content, fab_id=fab_id, fab_version=version or installed_version(), node_config=conf)
+
+
+def test_fedtune_node_checks_its_setup_before_starting(tmp_path, capsys):
+    from fedtune.cli import main
+
+    key = tmp_path / "node.key"
+    key.write_text("x")
+    key.chmod(0o644)
+    conf = tmp_path / "node.toml"
+    conf.write_text('name = "a"\ndata-path = "/nonexistent.csv"\nmax-epsilon = 8.0\n')
+    argv = ["node", "--superlink", "127.0.0.1:9092", "--ca", str(tmp_path / "ca.crt"), "--key", str(key),
+            "--config", str(conf)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "ca.crt: no such file" in err and "chmod 600" in err and "Traceback" not in err
+    (tmp_path / "ca.crt").write_text("x")
+    key.chmod(0o600)
+    assert main(argv) == 2
+    assert "data-path /nonexistent.csv does not exist" in capsys.readouterr().err
+    conf.write_text('name = "a"\ndata-path = "/d.csv"\nmax-epsilon = 8.0\nmax-epsiln = 3\n[table]\nx = 1\n')
+    assert main(argv) == 2
+    assert "tables are not node config keys" in capsys.readouterr().err
+    conf.write_text('name = "a"\ndata-path = "/d.csv"\nmax-epsilon = -1\nroster = "/nowhere"\n')
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "'max-epsilon': expected > 0" in err and "'roster': /nowhere does not exist" in err
