@@ -28,10 +28,10 @@ PREPARE = """
 import sys, time, warnings
 warnings.simplefilter("ignore")
 t0 = time.perf_counter()
-import client.app
-from client.runtime import get_node
-from client.node_config import node_settings
-from common.config import load_config
+import fedtune.client.app
+from fedtune.client.runtime import get_node
+from fedtune.client.node_config import node_settings
+from fedtune.common.config import load_config
 t1 = time.perf_counter()
 cfg = load_config({"data.path": sys.argv[1], "data.labels": "finance,sport", "model.max-length": 64,
                    "train.batch-size": 8, "train.rounds": 4, "train.threads": 1})
@@ -58,9 +58,10 @@ def startup(tmp: Path) -> dict:
 
 
 def rounds_side_by_side(tmp: Path) -> tuple[list[float], list[float], float, float]:
-    from common.config import load_config
-    from simulations.deployment import LocalFederation
-    from simulations.run import simulate
+    from fedtune.common.config import load_config
+    from fedtune.simulations.deployment import LocalFederation
+    from fedtune.simulations.run import simulate
+
     from tests.conftest import write_easy_csv
 
     job = {"fed.num-nodes": 3, "fed.min-nodes": 3, "train.rounds": 2, "fed.fraction-evaluate": 0.0,

@@ -29,8 +29,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import secagg as sa  # noqa: E402
-from common.aggregate import fedavg  # noqa: E402
+from fedtune.common import secagg as sa  # noqa: E402
+from fedtune.common.aggregate import fedavg  # noqa: E402
 
 RULES = sa.NodeRules()
 
@@ -158,10 +158,10 @@ def local_round_seconds() -> float:
     import tempfile
     import warnings
 
-    from common.config import load_config
-    from common.node import NodePolicy, prepare, train_round
-    from simulations.federated_data import node_splits
-    from simulations.run import read_scenario
+    from fedtune.common.config import load_config
+    from fedtune.common.node import NodePolicy, prepare, train_round
+    from fedtune.simulations.federated_data import node_splits
+    from fedtune.simulations.run import read_scenario
 
     warnings.simplefilter("ignore")
     cfg = load_config({**read_scenario("demo"), "train.threads": 1})

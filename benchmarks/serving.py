@@ -31,13 +31,12 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    from fedtune.common.assets import default_model_dir
+    from fedtune.common.data import read_bbc_news
+    from fedtune.common.export import export_run
+    from fedtune.common.inference import Classifier
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from common.assets import default_model_dir
-    from common.data import read_bbc_news
-    from common.export import export_run
-    from common.inference import Classifier
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "export"

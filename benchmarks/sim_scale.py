@@ -46,9 +46,8 @@ def write_data(path: Path, n: int = 20_000) -> None:
 
 def child(nodes: int, rounds: int, data: str, run_dir: str) -> None:
     import psutil
-
-    from common.config import load_config
-    from simulations.run import simulate
+    from fedtune.common.config import load_config
+    from fedtune.simulations.run import simulate
 
     me = psutil.Process()
     peak, done = [0], threading.Event()
@@ -93,12 +92,11 @@ def check_against_plain_fedavg(cfg, run_dir: Path, rounds: list[dict]) -> tuple[
     import tempfile
 
     import numpy as np
-
-    from common import adapter, secagg
-    from common.aggregate import fedavg, update
-    from common.model import build_lora_model
-    from common.node import NodePolicy, batch_weight, prepare, train_round
-    from simulations.federated_data import global_splits, node_splits
+    from fedtune.common import adapter, secagg
+    from fedtune.common.aggregate import fedavg, update
+    from fedtune.common.model import build_lora_model
+    from fedtune.common.node import NodePolicy, batch_weight, prepare, train_round
+    from fedtune.simulations.federated_data import global_splits, node_splits
 
     lc = cfg.lora
     lm = build_lora_model(model_path="", task="seq-cls", labels=global_splits(cfg).labels, r=lc.r, alpha=lc.alpha,

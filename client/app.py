@@ -12,6 +12,14 @@ import logging
 import time
 from pathlib import Path
 
+from fedtune.client import secure_node
+from fedtune.client.node_config import NodeSettings, node_settings, simulated_settings
+from fedtune.client.runtime import get_node
+from fedtune.common import adapter, aggregate, privacy
+from fedtune.common.config import JobConfig, load_config
+from fedtune.common.errors import BudgetExceededError, FedtuneError
+from fedtune.common.evaluate import LM_LOSS_CLIP
+from fedtune.common.node import EvalAnswer, answer_evaluation, train_round
 from flwr.app import (
     Array,
     ArrayRecord,
@@ -22,15 +30,6 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.clientapp import ClientApp
-
-from client import secure_node
-from client.node_config import NodeSettings, node_settings, simulated_settings
-from client.runtime import get_node
-from common import adapter, aggregate, privacy
-from common.config import JobConfig, load_config
-from common.errors import BudgetExceededError, FedtuneError
-from common.evaluate import LM_LOSS_CLIP
-from common.node import EvalAnswer, answer_evaluation, train_round
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ log = logging.getLogger("fedtune.guard")
 
 APP_PUBLISHER = "fedtune"
 APP_NAME = "fedtune"
-CLIENTAPP = "client.app:app"
+CLIENTAPP = "fedtune.client.app:app"
 
 
 class AppRefused(Exception):
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def installed_client_app(*_args, **_kw):
         def load(*_a) -> ClientApp:
-            from client.app import app
+            from fedtune.client.app import app
 
             return app
 

@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common import privacy
-from common.config import TASKS, JobConfig
-from common.errors import ConfigError, FedtuneError
-from common.node import NodePolicy
-from common.secagg import NodeRules, load_identity_key, load_roster
+from fedtune.common import privacy
+from fedtune.common.config import TASKS, JobConfig
+from fedtune.common.errors import ConfigError, FedtuneError
+from fedtune.common.node import NodePolicy
+from fedtune.common.secagg import NodeRules, load_identity_key, load_roster
 
 log = logging.getLogger(__name__)
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 from collections import OrderedDict
 
-from client.node_config import NodeSettings
-from common.config import JobConfig
-from common.model import LoraModel, build_lora_model
-from common.node import Node, prepare
+from fedtune.client.node_config import NodeSettings
+from fedtune.common.config import JobConfig
+from fedtune.common.model import LoraModel, build_lora_model
+from fedtune.common.node import Node, prepare
 
 _MODELS: dict[str, LoraModel] = {}
 _NODES: OrderedDict[str, Node] = OrderedDict()
@@ -42,11 +42,11 @@ def get_node(cfg: JobConfig, ns: NodeSettings) -> Node:
         _NODES.move_to_end(key)
         return _NODES[key]
     if ns.partition is not None:
-        from simulations.federated_data import node_splits
+        from fedtune.simulations.federated_data import node_splits
 
         splits = node_splits(cfg, *ns.partition)
     else:
-        from common import data
+        from fedtune.common import data
 
         d = cfg.data  # the node's own columns are already applied (NodeSettings.apply)
         splits = data.load_splits(path=str(ns.data_path), text_column=d.text_column, label_column=d.label_column,

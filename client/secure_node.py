@@ -15,10 +15,9 @@ import logging
 from pathlib import Path
 
 import numpy as np
+from fedtune.common import secagg as sa
+from fedtune.common.atomic import write_json_atomic
 from flwr.app import ConfigRecord, Context
-
-from common import secagg as sa
-from common.atomic import write_json_atomic
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ import sys
 import tomllib
 from pathlib import Path
 
-from client.node_config import KEYS, node_settings
-from common.errors import ConfigError, FedtuneError
+from fedtune.client.node_config import KEYS, node_settings
+from fedtune.common.errors import ConfigError, FedtuneError
 
 
 def read_node_config(path: str | Path) -> dict:
@@ -65,7 +65,7 @@ def guard_bin(state_dir: Path) -> Path:
     d = Path(state_dir) / "bin"
     d.mkdir(parents=True, exist_ok=True)
     shim = d / "flwr-clientapp"
-    run = "import sys; from client.guard import main; sys.exit(main())"
+    run = "import sys; from fedtune.client.guard import main; sys.exit(main())"
     shim.write_text(f"#!/bin/sh\nexec {sys.executable} -c '{run}' \"$@\"\n", encoding="utf-8")
     shim.chmod(stat.S_IRWXU | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH)
     return d

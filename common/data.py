@@ -18,10 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from fedtune.common.assets import BBC_LABELS, bbc_class_dirs
+from fedtune.common.errors import DataError
 from torch.utils.data import TensorDataset
-
-from common.assets import BBC_LABELS, bbc_class_dirs
-from common.errors import DataError
 
 log = logging.getLogger(__name__)
 

@@ -12,17 +12,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-
-from common.errors import DataError, ModelError
-from common.evaluate import classification_metrics
-from common.inference import Classifier
+from fedtune.common.errors import DataError, ModelError
+from fedtune.common.evaluate import classification_metrics
+from fedtune.common.inference import Classifier
 
 SMALL_SAMPLE = 100
 
 
 def read_labelled(path: str | Path, clf: Classifier, *, text_column: str, label_column: str):
     """The fresh records, checked against the model's label set."""
-    from common.data import read_records
+    from fedtune.common.data import read_records
 
     try:
         return read_records(path, text_column=text_column, label_column=label_column, labels=clf.labels)

@@ -8,9 +8,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from fedtune.common.train import batch_loss
 from torch.utils.data import DataLoader, TensorDataset
-
-from common.train import batch_loss
 
 
 @torch.no_grad()

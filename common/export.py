@@ -22,12 +22,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from common import adapter
-from common.assets import BBC_LABELS, DEFAULT_MODEL_NAME
-from common.config import JobConfig, load_config
-from common.errors import AdapterError, ExportError
-from common.monitoring import node_privacy
-from common.rundir import RunDir
+from fedtune.common import adapter
+from fedtune.common.assets import BBC_LABELS, DEFAULT_MODEL_NAME
+from fedtune.common.config import JobConfig, load_config
+from fedtune.common.errors import AdapterError, ExportError
+from fedtune.common.monitoring import node_privacy
+from fedtune.common.rundir import RunDir
 
 EXPORT_FILE = "fedtune-export.json"
 FORMAT = 1
@@ -192,7 +192,7 @@ def export_run(run_dir: str | Path, out: str | Path, *, round: int | None = None
     Returns:
         The export record also written to ``out/fedtune-export.json`` (with every file's sha256).
     """
-    from common.modelcard import model_card
+    from fedtune.common.modelcard import model_card
 
     out = Path(out)
     if out.exists():
@@ -254,7 +254,7 @@ def _merged_model(cfg: JobConfig, record: dict, src: Path):
     """The base model with the adapter folded into its weights (a plain transformers model)."""
     import warnings
 
-    from common.model import build_lora_model
+    from fedtune.common.model import build_lora_model
 
     m, lc = record["model"], cfg.lora
     if m["task"] == "seq-cls" and not m["labels"]:

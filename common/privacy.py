@@ -22,9 +22,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
+from fedtune.common.errors import PrivacyError
 from torch.utils.data import DataLoader
-
-from common.errors import PrivacyError
 
 log = logging.getLogger(__name__)
 

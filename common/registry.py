@@ -25,9 +25,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from common import export
-from common.atomic import fsync_dir, write_json_atomic
-from common.errors import AdapterError, ExportError, RegistryError
+from fedtune.common import export
+from fedtune.common.atomic import fsync_dir, write_json_atomic
+from fedtune.common.errors import AdapterError, ExportError, RegistryError
 
 STATE = "registry.json"
 _ID = re.compile(r"^v(\d+)$")
@@ -209,7 +209,7 @@ def _files_hash(record: dict) -> str:
 
 
 def _entry(vid: str, record: dict, note: str) -> dict:
-    from common.modelcard import privacy_summary
+    from fedtune.common.modelcard import privacy_summary
 
     test = (record["metrics"].get("test") or {})
     fed = (record["metrics"].get("federated") or {})

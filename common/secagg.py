@@ -52,8 +52,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-
-from common.errors import FedtuneError
+from fedtune.common.errors import FedtuneError
 
 MOD_BITS = 32
 MOD = 1 << MOD_BITS

@@ -12,12 +12,11 @@ import logging
 from dataclasses import dataclass, field
 
 import numpy as np
+from fedtune.common import aggregate
+from fedtune.common.adapter import check_arrays
+from fedtune.common.errors import AdapterError
+from fedtune.server.messages import NodeReply, array_record, config_record, exchange
 from flwr.serverapp import Grid
-
-from common import aggregate
-from common.adapter import check_arrays
-from common.errors import AdapterError
-from server.messages import NodeReply, array_record, config_record, exchange
 
 log = logging.getLogger(__name__)
 

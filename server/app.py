@@ -6,14 +6,13 @@ import logging
 import time
 from pathlib import Path
 
+from fedtune.common.config import load_config
+from fedtune.common.rundir import RunDir
+from fedtune.server.aggregation import PlainFedAvg
+from fedtune.server.federation import Federation
+from fedtune.server.secure import SecureFedAvg
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
-
-from common.config import load_config
-from common.rundir import RunDir
-from server.aggregation import PlainFedAvg
-from server.federation import Federation
-from server.secure import SecureFedAvg
 
 log = logging.getLogger(__name__)
 

@@ -14,20 +14,19 @@ import time
 from collections.abc import Callable
 
 import numpy as np
-from flwr.serverapp import Grid
-
-from common import adapter, data
-from common.config import JobConfig
-from common.evaluate import evaluate, pool_answers
-from common.model import build_lora_model
-from common.monitoring import node_privacy
-from common.rundir import RunDir
-from server.messages import (
+from fedtune.common import adapter, data
+from fedtune.common.config import JobConfig
+from fedtune.common.evaluate import evaluate, pool_answers
+from fedtune.common.model import build_lora_model
+from fedtune.common.monitoring import node_privacy
+from fedtune.common.rundir import RunDir
+from fedtune.server.messages import (
     array_record,
     config_record,
     exchange,
     wait_for_nodes,
 )
+from flwr.serverapp import Grid
 
 log = logging.getLogger(__name__)
 

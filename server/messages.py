@@ -9,10 +9,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
+from fedtune.common.errors import FedtuneError
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
-
-from common.errors import FedtuneError
 
 log = logging.getLogger(__name__)
 

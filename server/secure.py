@@ -19,12 +19,11 @@ import dataclasses
 import logging
 
 import numpy as np
+from fedtune.common import aggregate
+from fedtune.common import secagg as sa
+from fedtune.server.aggregation import RoundOutcome
+from fedtune.server.messages import NodeReply, array_record, config_record, exchange
 from flwr.serverapp import Grid
-
-from common import aggregate
-from common import secagg as sa
-from server.aggregation import RoundOutcome
-from server.messages import NodeReply, array_record, config_record, exchange
 
 log = logging.getLogger(__name__)
 

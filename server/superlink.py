@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from common.errors import FedtuneError
+from fedtune.common.errors import FedtuneError
 
 
 def _exe(name: str) -> str:
@@ -94,8 +94,7 @@ def check(keys: Path, database: Path, host: str, port: int, control_port: int) -
 def run(*, keys: str, database: str, host: str, port: int, control_port: int, log_file: str | None = None) -> int:
     """Run the SuperLink (loopback) and the Fleet gateway (``host:port``) until interrupted."""
     import uvicorn
-
-    from server.gateway import create_app
+    from fedtune.server.gateway import create_app
 
     keys_p, db = Path(keys).expanduser(), Path(database).expanduser()
     check(keys_p, db, host, port, control_port)

@@ -16,11 +16,11 @@ import tempfile
 import time
 from collections.abc import Callable
 
-from common import data
-from common.config import JobConfig
-from common.node import NodePolicy, evaluate_split, prepare, train_round
-from common.privacy import DEFAULT_DELTA
-from simulations.federated_data import global_splits, node_splits
+from fedtune.common import data
+from fedtune.common.config import JobConfig
+from fedtune.common.node import NodePolicy, evaluate_split, prepare, train_round
+from fedtune.common.privacy import DEFAULT_DELTA
+from fedtune.simulations.federated_data import global_splits, node_splits
 
 
 def _train_eval(cfg: JobConfig, splits: data.Splits, *, dp: bool, label: str,

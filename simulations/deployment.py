@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common import pki
+from fedtune.common import pki
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -84,7 +84,7 @@ class LocalFederation:
         Started again after a crash with the same ports and database."""
         if not self.port:
             self.port, self.control_port = free_port(), free_port()
-        self.start("superlink", [sys.executable, "-m", "fedtune", "superlink", "--keys", str(self.keys),
+        self.start("superlink", [sys.executable, "-m", "fedtune.cli", "superlink", "--keys", str(self.keys),
                                  "--database", str(self.base / "superlink.db"), "--host", "127.0.0.1",
                                  "--port", str(self.port), "--control-port", str(self.control_port),
                                  "--log", str(self.logs / "flower-superlink.log")])
@@ -111,7 +111,7 @@ class LocalFederation:
         """``fedtune node`` for organization ``name`` with ``node_config`` (written as its TOML file)."""
         conf = self.base / f"{name}.toml"
         conf.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in node_config.items()), encoding="utf-8")
-        return self.start(name, [sys.executable, "-m", "fedtune", "node", "--superlink", f"127.0.0.1:{self.port}",
+        return self.start(name, [sys.executable, "-m", "fedtune.cli", "node", "--superlink", f"127.0.0.1:{self.port}",
                                  "--ca", str(self.keys / "ca.crt"), "--key", str(self.keys / "nodes" / f"{name}.key"),
                                  "--config", str(conf), "--port", str(free_port()), "--max-retries", "60",
                                  "--max-wait-time", "300"])

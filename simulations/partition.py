@@ -12,8 +12,7 @@ import logging
 from collections.abc import Sequence
 
 import numpy as np
-
-from common.errors import DataError
+from fedtune.common.errors import DataError
 
 log = logging.getLogger(__name__)
 

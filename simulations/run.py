@@ -20,8 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from common.config import JobConfig, load_config
-from common.errors import ConfigError, FedtuneError
+from fedtune.common.config import JobConfig, load_config
+from fedtune.common.errors import ConfigError, FedtuneError
 
 log = logging.getLogger(__name__)
 SCENARIOS = Path(__file__).resolve().parent / "scenarios"
@@ -97,10 +97,9 @@ def _without_run_simulation_deprecation():
 
 def simulate(cfg: JobConfig, *, out: Callable[[str], None] = print, report: bool = True) -> dict:
     """Run ``cfg`` as a Flower simulation; returns {"summary", "run_dir", "seconds"}."""
+    from fedtune.client.app import make_client_app
+    from fedtune.server.app import make_server_app
     from flwr.simulation import run_simulation
-
-    from client.app import make_client_app
-    from server.app import make_server_app
 
     run_dir = Path(cfg.fed.run_dir or Path("runs") / time.strftime("sim-%Y%m%d-%H%M%S")).resolve()
     settings = cfg.to_flat()
@@ -108,7 +107,7 @@ def simulate(cfg: JobConfig, *, out: Callable[[str], None] = print, report: bool
     if not cfg.train.threads:
         settings["train.threads"] = cfg.sim.cpus_per_node
     cfg = load_config(settings)
-    from simulations.federated_data import partition_sizes
+    from fedtune.simulations.federated_data import partition_sizes
 
     sizes = partition_sizes(cfg, cfg.fed.num_nodes)  # fail early, with a clear message, on impossible splits
     out(f"fedtune simulate: {cfg.fed.num_nodes} virtual nodes ({cfg.sim.partitioner} partitions of "
@@ -116,7 +115,7 @@ def simulate(cfg: JobConfig, *, out: Callable[[str], None] = print, report: bool
         f"{'DP-SGD at epsilon ' + format(cfg.privacy.target_epsilon, 'g') if cfg.privacy.enabled else 'NO DP'}, "
         f"{'FFA-LoRA' if cfg.lora.ffa else 'LoRA'} r={cfg.lora.r}; run directory {run_dir}")
     if not cfg.privacy.enabled:
-        from common.privacy import DP_OFF_WARNING
+        from fedtune.common.privacy import DP_OFF_WARNING
 
         out(f"WARNING: {DP_OFF_WARNING}")
     result: dict = {}
@@ -134,7 +133,7 @@ def simulate(cfg: JobConfig, *, out: Callable[[str], None] = print, report: bool
                            "fix the error reported above and run again")
     result["seconds"] = time.perf_counter() - t0
     if report:
-        from simulations.report import write_report
+        from fedtune.simulations.report import write_report
 
         path = write_report(run_dir)
         out(f"report: {path}")

@@ -7,10 +7,9 @@ import pytest
 from conftest import EASY_LABELS, small_config
 from dp_accounting.pld import pld_privacy_accountant
 from dp_accounting.rdp import rdp_privacy_accountant
+from fedtune.common import node, privacy
+from fedtune.common.ledger import PrivacyLedger
 from opacus.accountants.rdp import RDPAccountant
-
-from common import node, privacy
-from common.ledger import PrivacyLedger
 
 
 def _event(sigma: float, q: float, steps: int):

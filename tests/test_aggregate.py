@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from common import adapter, aggregate
+from fedtune.common import adapter, aggregate
 
 
 def test_weighted_fedavg_exact():
@@ -55,9 +54,8 @@ def test_mismatched_updates_are_rejected():
 
 # -- the server's aggregation step (message exchange replaced by canned replies) ---------------
 def _reply(name: str, update: dict | None, n: int = 10, status: str = "ok"):
+    from fedtune.server.messages import NodeReply, array_record
     from flwr.app import MetricRecord, RecordDict
-
-    from server.messages import NodeReply, array_record
 
     content = RecordDict({"metrics": MetricRecord({"weight": n})})
     if update is not None:
@@ -67,7 +65,7 @@ def _reply(name: str, update: dict | None, n: int = 10, status: str = "ok"):
 
 
 def _run_round(monkeypatch, replies, min_nodes=2):
-    import server.aggregation as agg
+    import fedtune.server.aggregation as agg
 
     monkeypatch.setattr(agg, "exchange", lambda *a, **k: replies)
     g = {"w": np.zeros(2, np.float32)}

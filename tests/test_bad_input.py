@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 from conftest import EASY_LABELS, write_easy_csv, write_jsonl
-
 from fedtune.cli import main
 
 LABELS = "data.labels=" + ",".join(EASY_LABELS)
@@ -127,7 +126,7 @@ def test_pickled_adapter_is_refused(capsys, tmp_path):
 
 def test_wrong_adapter_for_model(capsys, tmp_path, fresh_easy):
     """An adapter trained for 2 labels does not silently load into a 5-label model."""
-    from common import adapter
+    from fedtune.common import adapter
 
     out = adapter.save_adapter(fresh_easy.model, tmp_path / "two-labels")
     code, err = run_cli(capsys, "evaluate", "--adapter", str(out), "data.max-records=30")
@@ -139,7 +138,7 @@ def test_process_exit_code_and_no_traceback(tmp_path):
     p = tmp_path / "latin.csv"
     p.write_bytes(b"text,label\n\xff\xfe,sport\n")
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, "-m", "fedtune", "local", "--data", str(p), "--state-dir",
+    proc = subprocess.run([sys.executable, "-m", "fedtune.cli", "local", "--data", str(p), "--state-dir",
                            str(tmp_path / "s"), LABELS], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr

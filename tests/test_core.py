@@ -12,11 +12,10 @@ import numpy as np
 import pytest
 import torch
 from conftest import EASY_LABELS, write_easy_csv
-
-from common import adapter, data, privacy
-from common.assets import BBC_LABELS
-from common.config import JobConfig, all_keys, load_config
-from common.errors import AdapterError, ConfigError
+from fedtune.common import adapter, data, privacy
+from fedtune.common.assets import BBC_LABELS
+from fedtune.common.config import JobConfig, all_keys, load_config
+from fedtune.common.errors import AdapterError, ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -122,7 +121,7 @@ def test_ffa_exchanges_only_b_and_head(minilm_easy):
 
 def test_same_seed_gives_identical_initial_adapters(minilm_easy):
     """FFA-LoRA relies on every node building the same frozen A from the shared seed."""
-    from common.model import build_lora_model
+    from fedtune.common.model import build_lora_model
 
     again = build_lora_model(model_path="", task="seq-cls", labels=EASY_LABELS, r=8, alpha=16, dropout=0.0,
                              target_modules=None, ffa=True, seed=0)
@@ -156,7 +155,8 @@ def test_common_never_imports_flower():
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] == "flwr"]
     assert not offenders
-    code = ("import sys, pkgutil, importlib, common\n"
-            "for m in pkgutil.iter_modules(common.__path__): importlib.import_module('common.' + m.name)\n"
+    code = ("import sys, pkgutil, importlib, fedtune.common as c\n"
+            "for m in pkgutil.walk_packages(c.__path__, 'fedtune.common.'): importlib.import_module(m.name)\n"
+            "assert len([m for m in sys.modules if m.startswith('fedtune.common.')]) > 10\n"
             "assert not [m for m in sys.modules if m.split('.')[0] == 'flwr'], 'flwr imported'\n")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=120)

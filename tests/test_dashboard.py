@@ -7,10 +7,9 @@ import json
 
 import pytest
 from fastapi.testclient import TestClient
+from fedtune.server.dashboard import create_app
 from prometheus_client.parser import text_string_to_metric_families
 from test_monitoring import _make_run, _round
-
-from server.dashboard import create_app
 
 
 def _client(tmp_path):
@@ -88,9 +87,8 @@ def test_off_this_host_the_dashboard_needs_tls_and_a_token(tmp_path, capsys):
     import time
 
     import httpx
-
-    from common import pki
     from fedtune.cli import main
+    from fedtune.common import pki
 
     _make_run(tmp_path / "runs" / "run-a", finished=True)
     runs = str(tmp_path / "runs")
@@ -111,7 +109,7 @@ def test_off_this_host_the_dashboard_needs_tls_and_a_token(tmp_path, capsys):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "fedtune", "dashboard", runs, "--host", "0.0.0.0", "--port",
+    server = subprocess.Popen([sys.executable, "-m", "fedtune.cli", "dashboard", runs, "--host", "0.0.0.0", "--port",
                                str(port), "--tls-cert", cert, "--tls-key", key, "--token-file",
                                str(tmp_path / "token")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

@@ -10,11 +10,10 @@ import time
 from pathlib import Path
 
 import pytest
-
-from common.config import load_config
-from common.monitoring import run_view
-from simulations.deployment import free_port, wait_port
-from simulations.run import simulate
+from fedtune.common.config import load_config
+from fedtune.common.monitoring import run_view
+from fedtune.simulations.deployment import free_port, wait_port
+from fedtune.simulations.run import simulate
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 CHROMIUM = "/usr/bin/chromium"
@@ -32,7 +31,7 @@ def test_dashboard_renders_and_updates_live_in_chromium(tmp_path):
     simulate(cfg, out=lambda s: None, report=False)
     view = run_view(run_dir)
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "fedtune", "dashboard", str(tmp_path / "runs"), "--port",
+    server = subprocess.Popen([sys.executable, "-m", "fedtune.cli", "dashboard", str(tmp_path / "runs"), "--port",
                                str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         wait_port(port, 60)

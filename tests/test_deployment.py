@@ -13,9 +13,8 @@ import httpx
 import psutil
 import pytest
 from conftest import EASY_LABELS, write_easy_csv
-
-from common.ledger import open_all
-from simulations.deployment import LocalFederation
+from fedtune.common.ledger import open_all
+from fedtune.simulations.deployment import LocalFederation
 
 JOB = {"fed.min-nodes": 3, "fed.node-wait-timeout": 180.0, "data.labels": ",".join(EASY_LABELS),
        "data.max-records": 0, "model.max-length": 16, "train.batch-size": 8, "train.local-steps": 2,
@@ -116,10 +115,9 @@ def _wait_online(fed, n, timeout=120):
 
 @pytest.mark.slow
 def test_only_the_operator_controls_and_only_the_installed_app_runs(tmp_path):
+    from fedtune.common.assets import default_model_dir
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
-
-    from common.assets import default_model_dir
 
     fed = LocalFederation(tmp_path / "fed")
     orgs = ["org-0", "org-1", "org-2", "org-3", "org-bad"]

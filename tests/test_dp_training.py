@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 import torch
 from conftest import EASY_LABELS, small_config, write_easy_csv
+from fedtune.common import adapter, data, node, privacy
+from fedtune.common.train import make_optimizer, train_steps
 from torch.utils.data import DataLoader
-
-from common import adapter, data, node, privacy
-from common.train import make_optimizer, train_steps
 
 
 def _loader(lm, records, seed=0, batch_size=8):

@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from common.assets import default_model_dir
-from common.export import EXPORT_FILE, export_run, read_record
 from fedtune.cli import main
+from fedtune.common.assets import default_model_dir
+from fedtune.common.export import EXPORT_FILE, export_run, read_record
 
 TEXTS = ["Shares in the bank fell after it reported lower profits.",
          "The striker scored twice as the club won the cup final.",
@@ -32,7 +31,7 @@ tok = AutoTokenizer.from_pretrained(d, local_files_only=True)
 model = AutoModelForSequenceClassification.from_pretrained(d, local_files_only=True).eval()
 with torch.no_grad():
     logits = model(**tok(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")).logits
-leaked = sorted(m for m in sys.modules if m.split(".")[0] in ("fedtune", "common", "peft", "opacus", "flwr"))
+leaked = sorted(m for m in sys.modules if m.split(".")[0] in ("fedtune", "peft", "opacus", "flwr"))
 print(json.dumps({"logits": logits.tolist(), "id2label": model.config.id2label, "leaked": leaked}))
 """
 
@@ -185,7 +184,7 @@ def test_export_record_hashes_every_file(tiny_export):
 
 @pytest.mark.slow
 def test_export_cli_prints_the_guarantee(tiny_run, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "fedtune", "export", str(tiny_run), "--out", str(tmp_path / "x")],
+    proc = subprocess.run([sys.executable, "-m", "fedtune.cli", "export", str(tiny_run), "--out", str(tmp_path / "x")],
                           capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr
     assert "sample-level DP per node dataset, epsilon <=" in proc.stdout and "secure aggregation on" in proc.stdout
@@ -194,12 +193,11 @@ def test_export_cli_prints_the_guarantee(tiny_run, tmp_path):
 
 @pytest.mark.slow
 def test_causal_lm_run_exports_and_is_not_served_as_a_classifier(tiny_gpt2_dir, tmp_path, capsys):
+    from fedtune.common.config import load_config
+    from fedtune.simulations.run import simulate
     from huggingface_hub import ModelCard
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
-
-    from common.config import load_config
-    from simulations.run import simulate
 
     run_dir = tmp_path / "run"
     simulate(load_config({"model.path": str(tiny_gpt2_dir), "model.task": "causal-lm", "model.max-length": 16,

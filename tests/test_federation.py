@@ -7,10 +7,9 @@ import tomllib
 from pathlib import Path
 
 import pytest
-
-from common.config import load_config
-from common.ledger import PrivacyLedger
-from simulations.run import read_scenario, simulate
+from fedtune.common.config import load_config
+from fedtune.common.ledger import PrivacyLedger
+from fedtune.simulations.run import read_scenario, simulate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,7 +78,7 @@ def test_simulation_writes_run_dir_and_skips_a_spent_node(tmp_path):
     assert [(e.kind, e.round) for e in _ledger(run_dir, cfg, 0).entries] == [
         ("train", 1), ("eval", 1), ("train", 2), ("eval", 2)]
     # the final adapter loads in stock PEFT and matches the server's final evaluation
-    from common.assets import default_model_dir
+    from fedtune.common.assets import default_model_dir
 
     base = AutoModelForSequenceClassification.from_pretrained(str(default_model_dir()), num_labels=5)
     model = PeftModel.from_pretrained(base, str(run_dir / "adapter"))
@@ -88,8 +87,8 @@ def test_simulation_writes_run_dir_and_skips_a_spent_node(tmp_path):
 
 @pytest.mark.slow
 def test_resume_continues_without_respending(tmp_path):
-    from common.export import run_record
-    from common.modelcard import model_card
+    from fedtune.common.export import run_record
+    from fedtune.common.modelcard import model_card
 
     run_dir = tmp_path / "run"
     base = {**TINY, "fed.num-nodes": 3, "fed.min-nodes": 3, "fed.run-dir": str(run_dir)}
@@ -130,7 +129,7 @@ def test_resume_continues_without_respending(tmp_path):
 
 
 def test_resume_refuses_changed_settings(tmp_path):
-    from common.rundir import RunDir, RunDirError
+    from fedtune.common.rundir import RunDir, RunDirError
 
     rd = RunDir(tmp_path / "r")
     rd.create(config={"a": 1, "train.rounds": 2}, planned_rounds=2, resume=False)
@@ -145,7 +144,7 @@ def test_flower_app_config_is_the_demo_job():
     """`flwr run .` runs the default demo: pyproject's run config equals the demo scenario's settings."""
     py = tomllib.loads((ROOT / "pyproject.toml").read_text())
     app = py["tool"]["flwr"]["app"]
-    assert app["components"] == {"serverapp": "server.app:app", "clientapp": "client.app:app"}
+    assert app["components"] == {"serverapp": "fedtune.server.app:app", "clientapp": "fedtune.client.app:app"}
     demo = load_config(read_scenario(ROOT / "simulations" / "scenarios" / "demo.toml"))
     assert load_config(app["config"]) == demo
     assert set(app["config"]) == set(demo.to_flat())
@@ -156,7 +155,7 @@ def test_secure_aggregation_matches_plain_fedavg(tmp_path, capfd):
     """Same job with and without secure aggregation (DP off, so training is deterministic).
 
     Also: each privacy-weakening warning reaches the user once per run, not once per node and round."""
-    from common.adapter import read_adapter_file
+    from fedtune.common.adapter import read_adapter_file
 
     base = {**TINY, "fed.num-nodes": 3, "fed.min-nodes": 3, "train.rounds": 2, "privacy.enabled": False,
             "sim.node-max-epsilon": float("inf"), "fed.fraction-evaluate": 0, "fed.secagg-max-weight": 1000,
@@ -198,11 +197,10 @@ def test_sampled_cohorts_with_a_sparse_graph_equal_plain_fedavg_of_the_same_node
 
     import numpy as np
     import torch
-
-    from common import adapter, secagg
-    from common.aggregate import fedavg, update
-    from common.node import NodePolicy, batch_weight, prepare, train_round
-    from simulations.federated_data import node_splits
+    from fedtune.common import adapter, secagg
+    from fedtune.common.aggregate import fedavg, update
+    from fedtune.common.node import NodePolicy, batch_weight, prepare, train_round
+    from fedtune.simulations.federated_data import node_splits
 
     run_dir = tmp_path / "run"
     cfg = load_config({**TINY, "data.max-records": 1200, "train.batch-size": 4, "train.local-steps": 1,

@@ -11,9 +11,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-
-from common.inference import Classifier
 from fedtune.cli import main
+from fedtune.common.inference import Classifier
 
 TEXTS = ["Shares in the bank fell after it reported lower profits.",
          "The striker scored twice as the club won the cup final.",
@@ -124,7 +123,7 @@ def test_predict_table_input_and_input_errors(tiny_export, tmp_path, capsys):
 @pytest.mark.slow
 def test_predict_reads_stdin_in_a_subprocess(tiny_export):
     data = ("\n".join(TEXTS) + "\n\n").encode()
-    proc = subprocess.run([sys.executable, "-m", "fedtune", "predict", "--model", str(tiny_export)], input=data,
+    proc = subprocess.run([sys.executable, "-m", "fedtune.cli", "predict", "--model", str(tiny_export)], input=data,
                           capture_output=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr.decode()
     rows = list(csv.DictReader(io.StringIO(proc.stdout.decode())))
@@ -141,7 +140,7 @@ def _labelled_csv(path, texts, labels):
 
 
 def test_drift_check_compares_with_the_export_figures(clf, tiny_export, tmp_path, capsys):
-    from common.data import read_bbc_news
+    from fedtune.common.data import read_bbc_news
 
     bbc = read_bbc_news()
     texts = bbc.texts[::40][:40]
@@ -177,10 +176,10 @@ def test_drift_check_compares_with_the_export_figures(clf, tiny_export, tmp_path
 
 def test_drift_on_the_servers_test_split_reproduces_the_recorded_figures(clf, tiny_run, tmp_path):
     """The merged model served by fedtune scores the run's own test split as the server's PEFT model did."""
-    from common import data
-    from common.config import load_config
-    from common.drift import check
-    from common.rundir import RunDir
+    from fedtune.common import data
+    from fedtune.common.config import load_config
+    from fedtune.common.drift import check
+    from fedtune.common.rundir import RunDir
 
     cfg = load_config(RunDir(tiny_run).read_config())
     d = cfg.data

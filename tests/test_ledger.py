@@ -15,11 +15,10 @@ from pathlib import Path
 
 import pytest
 from conftest import EASY_LABELS, small_config, write_easy_csv
-
-from common import adapter, node, privacy
-from common.config import load_config
-from common.errors import BudgetExceededError, ConfigError, LedgerError, PrivacyError
-from common.ledger import PrivacyLedger, legacy_files, open_all
+from fedtune.common import adapter, node, privacy
+from fedtune.common.config import load_config
+from fedtune.common.errors import BudgetExceededError, ConfigError, LedgerError, PrivacyError
+from fedtune.common.ledger import PrivacyLedger, legacy_files, open_all
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -167,7 +166,7 @@ def test_a_failure_after_the_release_keeps_the_spend_one_before_returns_it(tmp_p
 CRASH_CHILD = r"""
 import os, sys
 from conftest import EASY_LABELS, small_config
-from common import node, train
+from fedtune.common import node, train
 cfg = small_config(**{"data.path": sys.argv[1], "data.labels": ",".join(EASY_LABELS), "data.max-records": 0,
                       "train.local-steps": 2})
 n = node.prepare(cfg, node.NodePolicy(source="clinic-notes", max_epsilon=10), state_dir=sys.argv[2])
@@ -194,8 +193,8 @@ CONCURRENT_CHILD = r"""
 import json, sys, time
 from pathlib import Path
 from conftest import EASY_LABELS, small_config
-from common import node
-from common.errors import BudgetExceededError
+from fedtune.common import node
+from fedtune.common.errors import BudgetExceededError
 csv, state, job, sync = sys.argv[1:5]
 cfg = small_config(**{"data.path": csv, "data.labels": ",".join(EASY_LABELS), "data.max-records": 0,
                       "train.local-steps": 2, "privacy.target-epsilon": 3.5})

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import hashlib
 
-from common.monitoring import budget_state, run_view, status_table
-from common.rundir import RunDir
 from fedtune.cli import main
+from fedtune.common.monitoring import budget_state, run_view, status_table
+from fedtune.common.rundir import RunDir
 
 
 def _round(k, *, status="ok", per_node, failures=(), reason=""):

@@ -6,10 +6,9 @@ import logging
 
 import pytest
 from conftest import EASY_LABELS, small_config
-
-from client.node_config import node_settings
-from common import node
-from common.errors import BudgetExceededError, ConfigError, FedtuneError
+from fedtune.client.node_config import node_settings
+from fedtune.common import node
+from fedtune.common.errors import BudgetExceededError, ConfigError, FedtuneError
 
 
 def test_node_config_is_parsed_and_checked(tmp_path):
@@ -42,7 +41,7 @@ def test_node_config_values_out_of_range_are_refused(bad, needle):
 def test_a_job_cannot_change_a_deployed_nodes_columns_or_task(caplog):
     ns = node_settings({"data-path": "/d.csv", "max-epsilon": 3, "text-column": "body", "label-column": "y"}, 1)
     cfg = small_config(**{"data.text-column": "secret_notes", "data.label-column": "diagnosis"})
-    with caplog.at_level(logging.INFO, logger="client.node_config"):
+    with caplog.at_level(logging.INFO, logger="fedtune.client.node_config"):
         run = ns.apply(cfg)
     assert (run.data.text_column, run.data.label_column) == ("body", "y")
     assert "ignoring data.text-column='secret_notes'" in caplog.text
@@ -66,11 +65,11 @@ def test_server_cannot_raise_a_nodes_ceiling(tmp_path, easy_csv, fresh_easy):
     assert r1.epsilon_spent < r2.epsilon_spent
 
 
-def _bundle(publisher="fedtune", name="fedtune", version=None, clientapp="client.app:app") -> bytes:
+def _bundle(publisher="fedtune", name="fedtune", version=None, clientapp="fedtune.client.app:app") -> bytes:
     import io
     import zipfile
 
-    from client.guard import installed_version
+    from fedtune.client.guard import installed_version
 
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as z:
@@ -84,7 +83,7 @@ def _bundle(publisher="fedtune", name="fedtune", version=None, clientapp="client
 def test_the_app_guard_accepts_only_the_installed_fedtune_app():
     import hashlib
 
-    from client.guard import AppRefused, check_bundle, installed_version
+    from fedtune.client.guard import AppRefused, check_bundle, installed_version
 
     ok = _bundle()
     digest = hashlib.sha256(ok).hexdigest()

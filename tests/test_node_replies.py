@@ -7,11 +7,10 @@ import math
 import numpy as np
 import pytest
 from conftest import EASY_LABELS, small_settings, write_easy_csv
+from fedtune.client.app import make_client_app
+from fedtune.common import adapter, data
+from fedtune.common.ledger import PrivacyLedger
 from scripted_server import ScriptedServer, reply_values
-
-from client.app import make_client_app
-from common import adapter, data
-from common.ledger import PrivacyLedger
 
 HEAD_W, HEAD_B = "base_model.model.classifier.weight", "base_model.model.classifier.bias"
 

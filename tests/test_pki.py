@@ -11,9 +11,8 @@ from cryptography.hazmat.primitives.serialization import (
     load_ssh_private_key,
     load_ssh_public_key,
 )
-
-from common import pki
 from fedtune.cli import main
+from fedtune.common import pki
 
 
 def test_init_makes_a_ca_a_server_cert_with_sans_and_node_keys(tmp_path, capsys):

@@ -9,14 +9,13 @@ import json
 import numpy as np
 import pytest
 from conftest import EASY_LABELS, small_settings, write_easy_csv
+from fedtune.client.app import make_client_app
+from fedtune.common import adapter
+from fedtune.common import secagg as sa
+from fedtune.server.aggregation import PlainFedAvg
+from fedtune.server.secure import SecureFedAvg
 from flwr.app import Array, ArrayRecord, ConfigRecord
 from scripted_server import InProcessGrid, ScriptedServer, task_identity
-
-from client.app import make_client_app
-from common import adapter
-from common import secagg as sa
-from server.aggregation import PlainFedAvg
-from server.secure import SecureFedAvg
 
 IDS = [101, 102, 103, 104, 105, 106]
 
@@ -150,9 +149,9 @@ def test_a_corrupted_self_mask_share_is_detected(tmp_path, start):
 @pytest.mark.parametrize("attack", ["lowered-threshold", "different-max-weight"])
 def test_a_lying_server_is_refused_and_the_refusals_are_recorded(tmp_path, monkeypatch, attack):
     """Real nodes in Flower's simulation engine (their code untouched); the server side is made to lie."""
-    import server.secure as secure
-    from common.config import load_config
-    from simulations.run import simulate
+    import fedtune.server.secure as secure
+    from fedtune.common.config import load_config
+    from fedtune.simulations.run import simulate
 
     if attack == "lowered-threshold":
         honest = secure.SecureFedAvg._propose

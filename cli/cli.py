@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from common.errors import FedtuneError
+from fedtune.common.errors import FedtuneError
 
 DEFAULT_STATE_DIR = "fedtune-state"
 PACKAGED_SOURCE = "bbc-news (packaged)"
@@ -42,7 +42,7 @@ def _progress_printer(label: str):
 
 
 def cmd_local(args: argparse.Namespace) -> int:
-    from common.config import load_config, parse_overrides
+    from fedtune.common.config import load_config, parse_overrides
 
     cfg = load_config(parse_overrides(args.settings))
     if args.data:
@@ -55,13 +55,13 @@ def cmd_local(args: argparse.Namespace) -> int:
             "pass --max-epsilon inf to allow non-private training on this data (the ledger then records an "
             "infinite spend for it), or keep DP on",
         )
-    from common import adapter
-    from common import node as node_mod
-    from common.privacy import DP_OFF_WARNING
+    from fedtune.common import adapter
+    from fedtune.common import node as node_mod
+    from fedtune.common.privacy import DP_OFF_WARNING
 
     if not cfg.privacy.enabled:
         print(f"WARNING: {DP_OFF_WARNING}", file=sys.stderr, flush=True)
-    from common.privacy import DEFAULT_DELTA
+    from fedtune.common.privacy import DEFAULT_DELTA
 
     t0 = time.perf_counter()
     source = args.source or (str(Path(cfg.data.path).expanduser().resolve()) if cfg.data.path else PACKAGED_SOURCE)
@@ -119,9 +119,9 @@ def cmd_local(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import tempfile
 
-    from common import adapter
-    from common import node as node_mod
-    from common.config import load_config, parse_overrides
+    from fedtune.common import adapter
+    from fedtune.common import node as node_mod
+    from fedtune.common.config import load_config, parse_overrides
 
     cfg = load_config(parse_overrides(args.settings))
     if args.data:
@@ -143,7 +143,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_ledger(args: argparse.Namespace) -> int:
-    from common.ledger import legacy_files, open_all
+    from fedtune.common.ledger import legacy_files, open_all
 
     ledgers = open_all(args.state_dir)
     legacy = legacy_files(args.state_dir)
@@ -177,8 +177,8 @@ def cmd_ledger(args: argparse.Namespace) -> int:
 
 
 def _sim_config(args: argparse.Namespace, default_scenario: str | None):
-    from common.config import load_config, parse_overrides
-    from simulations.run import read_scenario
+    from fedtune.common.config import load_config, parse_overrides
+    from fedtune.simulations.run import read_scenario
 
     if args.scenario and "=" in args.scenario:  # `fedtune demo key=value`: no scenario given
         args.settings, args.scenario = [args.scenario, *args.settings], None
@@ -191,7 +191,7 @@ def _sim_config(args: argparse.Namespace, default_scenario: str | None):
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from simulations.run import simulate
+    from fedtune.simulations.run import simulate
 
     res = simulate(_sim_config(args, None))
     _print_final(res["summary"])
@@ -206,9 +206,9 @@ def _print_final(summary: dict) -> None:
 
 def cmd_baselines(args: argparse.Namespace) -> int:
     """A federated DP run plus baselines on the same split; the table lands in its report."""
-    from simulations import baselines
-    from simulations.report import baseline_table, write_report
-    from simulations.run import simulate
+    from fedtune.simulations import baselines
+    from fedtune.simulations.report import baseline_table, write_report
+    from fedtune.simulations.run import simulate
 
     cfg = _sim_config(args, "demo" if args.command == "demo" else None)
     t0 = time.perf_counter()
@@ -238,7 +238,7 @@ def cmd_baselines(args: argparse.Namespace) -> int:
 
 def cmd_keys(args: argparse.Namespace) -> int:
     """Make a federation's CA + SuperLink certificate, and/or SuperNode key pairs."""
-    from common import pki
+    from fedtune.common import pki
 
     out = Path(args.out)
     made = []
@@ -259,7 +259,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 def cmd_node(args: argparse.Namespace) -> int:
-    from client import supernode
+    from fedtune.client import supernode
 
     config = supernode.read_node_config(args.config)
     return supernode.run(superlink=args.superlink, ca=args.ca, key=args.key, config=config, port=args.port,
@@ -267,14 +267,14 @@ def cmd_node(args: argparse.Namespace) -> int:
 
 
 def cmd_superlink(args: argparse.Namespace) -> int:
-    from server import superlink
+    from fedtune.server import superlink
 
     return superlink.run(keys=args.keys, database=args.database, host=args.host, port=args.port,
                          control_port=args.control_port, log_file=args.log)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from common.monitoring import run_view, status_table
+    from fedtune.common.monitoring import run_view, status_table
 
     view = run_view(args.run_dir)
     if args.json:
@@ -286,8 +286,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
     import uvicorn
-
-    from server.dashboard import create_app
+    from fedtune.server.dashboard import create_app
 
     root = Path(args.root)
     if not root.is_dir():
@@ -328,7 +327,7 @@ def _say(msg: str) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from common.export import export_run
+    from fedtune.common.export import export_run
 
     rec = export_run(args.run_dir, args.out, round=args.round, name_nodes=args.name_nodes, base_model=args.base_model,
                      progress=_say)
@@ -337,7 +336,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def _print_export_summary(rec: dict, where: Path) -> None:
-    from common.modelcard import privacy_summary
+    from fedtune.common.modelcard import privacy_summary
 
     test = rec["metrics"].get("test") or {}
     ps = privacy_summary(rec)
@@ -355,13 +354,13 @@ def _print_export_summary(rec: dict, where: Path) -> None:
 
 
 def _registry(args: argparse.Namespace):
-    from common.registry import Registry
+    from fedtune.common.registry import Registry
 
     return Registry(args.registry)
 
 
 def cmd_registry(args: argparse.Namespace) -> int:
-    from common.registry import compare
+    from fedtune.common.registry import compare
 
     reg = _registry(args)
     if args.action == "add":
@@ -448,7 +447,7 @@ def _check_model_args(args: argparse.Namespace) -> None:
 
 
 def _classifier(args: argparse.Namespace):
-    from common.inference import Classifier
+    from fedtune.common.inference import Classifier
 
     _check_model_args(args)
     kw = {"batch_size": args.batch_size, "max_length": args.max_length}
@@ -458,7 +457,7 @@ def _classifier(args: argparse.Namespace):
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from common.inference import (
+    from fedtune.common.inference import (
         format_predictions,
         label_inputs,
         progress_printer,
@@ -487,13 +486,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_drift(args: argparse.Namespace) -> int:
-    from common import drift
+    from fedtune.common import drift
 
     clf = _classifier(args)
     records = drift.read_labelled(args.data, clf, text_column=args.text_column, label_column=args.label_column)
     report = drift.check(clf, records.texts, records.labels, threshold=args.threshold)
     if args.report:
-        from common.inference import write_output
+        from fedtune.common.inference import write_output
 
         write_output(json.dumps(report, indent=2) + "\n", args.report)
     if args.json:
@@ -504,7 +503,7 @@ def cmd_drift(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    from common.config import describe
+    from fedtune.common.config import describe
 
     for key, typ, default, help_ in describe():
         print(f"{key:<28} {typ:<6} {default!s:<10} {help_}")
