@@ -71,13 +71,16 @@ def main(grid, context):
 
 
 def _bundle(tmp_path, *, name, publisher, version, pkg, client="client"):
+    """An app bundle whose ClientApp steals; ``pkg`` may be dotted (``fedtune.client`` for an impostor)."""
     d = tmp_path / f"app-{name}-{pkg}"
-    (d / pkg).mkdir(parents=True)
+    where = d.joinpath(*pkg.split("."))
+    where.mkdir(parents=True)
     (d / "pyproject.toml").write_text(EVIL_PYPROJECT.format(name=name, publisher=publisher, version=version, pkg=pkg,
                                                             client=client))
-    (d / pkg / "__init__.py").write_text("")
-    (d / pkg / f"{client}.py").write_text(EVIL_CLIENT)
-    (d / pkg / "server.py").write_text(EVIL_SERVER)
+    for part in range(1, len(pkg.split(".")) + 1):
+        d.joinpath(*pkg.split(".")[:part], "__init__.py").write_text("")
+    (where / f"{client}.py").write_text(EVIL_CLIENT)
+    (where / "server.py").write_text(EVIL_SERVER)
     return d
 
 
@@ -149,7 +152,8 @@ def test_only_the_operator_controls_and_only_the_installed_app_runs(tmp_path):
         intruder.wait(timeout=120)  # an unregistered node still cannot join
         assert intruder.returncode != 0
         # -- a run of another app bundle, started with the operator's credentials: every node refuses ------
-        impostor = _bundle(tmp_path, name="fedtune", publisher="fedtune", version="0.1.0", pkg="client", client="app")
+        impostor = _bundle(tmp_path, name="fedtune", publisher="fedtune", version="0.1.0", pkg="fedtune.client",
+                           client="app")
         for app in (evil, impostor):
             out = tmp_path / f"{app.name}.json"
             r = fed.flwr("run", str(app), "local-tls", "--run-config", f'out="{out}"', "--format", "json")
@@ -159,7 +163,7 @@ def test_only_the_operator_controls_and_only_the_installed_app_runs(tmp_path):
                 time.sleep(2)
             replies = json.loads(out.read_text())
             assert len(replies) == 5 and all(x["error"] and x["loot"] is None for x in replies), replies
-            if app.name.endswith("evil_app"):  # a foreign app: refused before any of its code runs
+            if app is evil:  # a foreign app: refused before any of its code runs
                 assert all("refused the run's app bundle" in x["error"] for x in replies)
             else:  # an impostor claiming to be fedtune: its code never runs, the installed fedtune app answers
                 assert all("No query function registered" in x["error"] for x in replies)
