@@ -31,7 +31,7 @@ t0 = time.perf_counter()
 import fedtune.client.app
 from fedtune.client.runtime import get_node
 from fedtune.client.node_config import node_settings
-from fedtune.common.config import load_config
+from fedtune.common.training.config import load_config
 t1 = time.perf_counter()
 cfg = load_config({"data.path": sys.argv[1], "data.labels": "finance,sport", "model.max-length": 64,
                    "train.batch-size": 8, "train.rounds": 4, "train.threads": 1})
@@ -58,7 +58,7 @@ def startup(tmp: Path) -> dict:
 
 
 def rounds_side_by_side(tmp: Path) -> tuple[list[float], list[float], float, float]:
-    from fedtune.common.config import load_config
+    from fedtune.common.training.config import load_config
     from fedtune.simulations.deployment import LocalFederation
     from fedtune.simulations.run import simulate
 

@@ -23,9 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def _setup(batch: int, seq: int):
     import torch
-    from fedtune.common import data
-    from fedtune.common.assets import BBC_LABELS
-    from fedtune.common.model import build_lora_model
+    from fedtune.common.training import data
+    from fedtune.common.training.assets import BBC_LABELS
+    from fedtune.common.training.model import build_lora_model
     from torch.utils.data import DataLoader
 
     torch.set_num_threads(2)
@@ -38,8 +38,8 @@ def _setup(batch: int, seq: int):
 
 def _stepper(lm, loader, *, dp: bool):
     """Return a function doing one optimizer step (Poisson-sampled and private when ``dp``)."""
-    from fedtune.common import privacy
-    from fedtune.common.train import make_optimizer, train_steps
+    from fedtune.common.privacy import accounting as privacy
+    from fedtune.common.training.train import make_optimizer, train_steps
 
     model = lm.model
     opt = make_optimizer(model, name="adamw", lr=1e-3, weight_decay=0.0)
@@ -86,8 +86,8 @@ def main() -> None:
     if args.memory_child:
         return memory_child(args.memory_child, args.batch, args.seq, 2)
 
-    from fedtune.common.adapter import save_adapter
-    from fedtune.common.assets import default_model_dir
+    from fedtune.common.training.adapter import save_adapter
+    from fedtune.common.training.assets import default_model_dir
 
     print(f"fedtune DP-step benchmark: batch {args.batch}, seq {args.seq}, {args.steps} timed steps per mode")
     lm, loader = _setup(args.batch, args.seq)

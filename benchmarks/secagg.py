@@ -3,7 +3,7 @@
     python benchmarks/secagg.py                          # the demo's FFA-LoRA update (38,790 values)
     python benchmarks/secagg.py --fixed 10 50 100 --population 100 --fraction 0.1 --rounds 3
 
-Runs the protocol of ``common/secagg.py`` for every node in this one process, with the
+Runs the protocol of ``common/secagg/`` for every node in this one process, with the
 messages encoded exactly as on the wire, and reports per round:
 
 - fixed cohort: the key epoch is set up once and reused (2 exchanges per round after it);
@@ -29,8 +29,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fedtune.common import secagg as sa  # noqa: E402
-from fedtune.common.aggregate import fedavg  # noqa: E402
+from fedtune.common.secagg import protocol as sa  # noqa: E402
+from fedtune.common.training.aggregate import fedavg  # noqa: E402
 
 RULES = sa.NodeRules()
 
@@ -158,9 +158,9 @@ def local_round_seconds() -> float:
     import tempfile
     import warnings
 
-    from fedtune.common.config import load_config
-    from fedtune.common.node import NodePolicy, prepare, train_round
-    from fedtune.simulations.federated_data import node_splits
+    from fedtune.common.training.config import load_config
+    from fedtune.common.training.federated_data import node_splits
+    from fedtune.common.training.node import NodePolicy, prepare, train_round
     from fedtune.simulations.run import read_scenario
 
     warnings.simplefilter("ignore")

@@ -31,10 +31,10 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from fedtune.common.assets import default_model_dir
-    from fedtune.common.data import read_bbc_news
-    from fedtune.common.export import export_run
-    from fedtune.common.inference import Classifier
+    from fedtune.common.serving.export import export_run
+    from fedtune.common.serving.inference import Classifier
+    from fedtune.common.training.assets import default_model_dir
+    from fedtune.common.training.data import read_bbc_news
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 

@@ -46,7 +46,7 @@ def write_data(path: Path, n: int = 20_000) -> None:
 
 def child(nodes: int, rounds: int, data: str, run_dir: str) -> None:
     import psutil
-    from fedtune.common.config import load_config
+    from fedtune.common.training.config import load_config
     from fedtune.simulations.run import simulate
 
     me = psutil.Process()
@@ -92,11 +92,12 @@ def check_against_plain_fedavg(cfg, run_dir: Path, rounds: list[dict]) -> tuple[
     import tempfile
 
     import numpy as np
-    from fedtune.common import adapter, secagg
-    from fedtune.common.aggregate import fedavg, update
-    from fedtune.common.model import build_lora_model
-    from fedtune.common.node import NodePolicy, batch_weight, prepare, train_round
-    from fedtune.simulations.federated_data import global_splits, node_splits
+    from fedtune.common.secagg import protocol as secagg
+    from fedtune.common.training import adapter
+    from fedtune.common.training.aggregate import fedavg, update
+    from fedtune.common.training.federated_data import global_splits, node_splits
+    from fedtune.common.training.model import build_lora_model
+    from fedtune.common.training.node import NodePolicy, batch_weight, prepare, train_round
 
     lc = cfg.lora
     lm = build_lora_model(model_path="", task="seq-cls", labels=global_splits(cfg).labels, r=lc.r, alpha=lc.alpha,

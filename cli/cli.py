@@ -42,7 +42,7 @@ def _progress_printer(label: str):
 
 
 def cmd_local(args: argparse.Namespace) -> int:
-    from fedtune.common.config import load_config, parse_overrides
+    from fedtune.common.training.config import load_config, parse_overrides
 
     cfg = load_config(parse_overrides(args.settings))
     if args.data:
@@ -55,13 +55,13 @@ def cmd_local(args: argparse.Namespace) -> int:
             "pass --max-epsilon inf to allow non-private training on this data (the ledger then records an "
             "infinite spend for it), or keep DP on",
         )
-    from fedtune.common import adapter
-    from fedtune.common import node as node_mod
-    from fedtune.common.privacy import DP_OFF_WARNING
+    from fedtune.common.privacy.accounting import DP_OFF_WARNING
+    from fedtune.common.training import adapter
+    from fedtune.common.training import node as node_mod
 
     if not cfg.privacy.enabled:
         print(f"WARNING: {DP_OFF_WARNING}", file=sys.stderr, flush=True)
-    from fedtune.common.privacy import DEFAULT_DELTA
+    from fedtune.common.privacy.accounting import DEFAULT_DELTA
 
     t0 = time.perf_counter()
     source = args.source or (str(Path(cfg.data.path).expanduser().resolve()) if cfg.data.path else PACKAGED_SOURCE)
@@ -119,9 +119,9 @@ def cmd_local(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import tempfile
 
-    from fedtune.common import adapter
-    from fedtune.common import node as node_mod
-    from fedtune.common.config import load_config, parse_overrides
+    from fedtune.common.training import adapter
+    from fedtune.common.training import node as node_mod
+    from fedtune.common.training.config import load_config, parse_overrides
 
     cfg = load_config(parse_overrides(args.settings))
     if args.data:
@@ -143,7 +143,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_ledger(args: argparse.Namespace) -> int:
-    from fedtune.common.ledger import legacy_files, open_all
+    from fedtune.common.privacy.ledger import legacy_files, open_all
 
     ledgers = open_all(args.state_dir)
     legacy = legacy_files(args.state_dir)
@@ -177,7 +177,7 @@ def cmd_ledger(args: argparse.Namespace) -> int:
 
 
 def _sim_config(args: argparse.Namespace, default_scenario: str | None):
-    from fedtune.common.config import load_config, parse_overrides
+    from fedtune.common.training.config import load_config, parse_overrides
     from fedtune.simulations.run import read_scenario
 
     if args.scenario and "=" in args.scenario:  # `fedtune demo key=value`: no scenario given
@@ -238,7 +238,7 @@ def cmd_baselines(args: argparse.Namespace) -> int:
 
 def cmd_keys(args: argparse.Namespace) -> int:
     """Make a federation's CA + SuperLink certificate, and/or SuperNode key pairs."""
-    from fedtune.common import pki
+    from fedtune.common.operations import keys as pki
 
     out = Path(args.out)
     made = []
@@ -274,7 +274,7 @@ def cmd_superlink(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from fedtune.common.monitoring import run_view, status_table
+    from fedtune.common.operations.monitoring import run_view, status_table
 
     view = run_view(args.run_dir)
     if args.json:
@@ -327,7 +327,7 @@ def _say(msg: str) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from fedtune.common.export import export_run
+    from fedtune.common.serving.export import export_run
 
     rec = export_run(args.run_dir, args.out, round=args.round, name_nodes=args.name_nodes, base_model=args.base_model,
                      progress=_say)
@@ -336,7 +336,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def _print_export_summary(rec: dict, where: Path) -> None:
-    from fedtune.common.modelcard import privacy_summary
+    from fedtune.common.serving.modelcard import privacy_summary
 
     test = rec["metrics"].get("test") or {}
     ps = privacy_summary(rec)
@@ -354,13 +354,13 @@ def _print_export_summary(rec: dict, where: Path) -> None:
 
 
 def _registry(args: argparse.Namespace):
-    from fedtune.common.registry import Registry
+    from fedtune.common.serving.registry import Registry
 
     return Registry(args.registry)
 
 
 def cmd_registry(args: argparse.Namespace) -> int:
-    from fedtune.common.registry import compare
+    from fedtune.common.serving.registry import compare
 
     reg = _registry(args)
     if args.action == "add":
@@ -447,7 +447,7 @@ def _check_model_args(args: argparse.Namespace) -> None:
 
 
 def _classifier(args: argparse.Namespace):
-    from fedtune.common.inference import Classifier
+    from fedtune.common.serving.inference import Classifier
 
     _check_model_args(args)
     kw = {"batch_size": args.batch_size, "max_length": args.max_length}
@@ -457,7 +457,7 @@ def _classifier(args: argparse.Namespace):
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from fedtune.common.inference import (
+    from fedtune.common.serving.inference import (
         format_predictions,
         label_inputs,
         progress_printer,
@@ -486,13 +486,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_drift(args: argparse.Namespace) -> int:
-    from fedtune.common import drift
+    from fedtune.common.serving import drift
 
     clf = _classifier(args)
     records = drift.read_labelled(args.data, clf, text_column=args.text_column, label_column=args.label_column)
     report = drift.check(clf, records.texts, records.labels, threshold=args.threshold)
     if args.report:
-        from fedtune.common.inference import write_output
+        from fedtune.common.serving.inference import write_output
 
         write_output(json.dumps(report, indent=2) + "\n", args.report)
     if args.json:
@@ -503,7 +503,7 @@ def cmd_drift(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    from fedtune.common.config import describe
+    from fedtune.common.training.config import describe
 
     for key, typ, default, help_ in describe():
         print(f"{key:<28} {typ:<6} {default!s:<10} {help_}")

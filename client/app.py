@@ -15,11 +15,12 @@ from pathlib import Path
 from fedtune.client import secure_node
 from fedtune.client.node_config import NodeSettings, node_settings, simulated_settings
 from fedtune.client.runtime import get_node
-from fedtune.common import adapter, aggregate, privacy
-from fedtune.common.config import JobConfig, load_config
 from fedtune.common.errors import BudgetExceededError, FedtuneError
-from fedtune.common.evaluate import LM_LOSS_CLIP
-from fedtune.common.node import EvalAnswer, answer_evaluation, train_round
+from fedtune.common.privacy import accounting as privacy
+from fedtune.common.training import adapter, aggregate
+from fedtune.common.training.config import JobConfig, load_config
+from fedtune.common.training.evaluate import LM_LOSS_CLIP
+from fedtune.common.training.node import EvalAnswer, answer_evaluation, train_round
 from flwr.app import (
     Array,
     ArrayRecord,

@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedtune.common import privacy
-from fedtune.common.config import TASKS, JobConfig
 from fedtune.common.errors import ConfigError, FedtuneError
-from fedtune.common.node import NodePolicy
-from fedtune.common.secagg import NodeRules, load_identity_key, load_roster
+from fedtune.common.privacy import accounting as privacy
+from fedtune.common.secagg.protocol import NodeRules, load_identity_key, load_roster
+from fedtune.common.training.config import TASKS, JobConfig
+from fedtune.common.training.node import NodePolicy
 
 log = logging.getLogger(__name__)
 

@@ -11,9 +11,9 @@ import json
 from collections import OrderedDict
 
 from fedtune.client.node_config import NodeSettings
-from fedtune.common.config import JobConfig
-from fedtune.common.model import LoraModel, build_lora_model
-from fedtune.common.node import Node, prepare
+from fedtune.common.training.config import JobConfig
+from fedtune.common.training.model import LoraModel, build_lora_model
+from fedtune.common.training.node import Node, prepare
 
 _MODELS: dict[str, LoraModel] = {}
 _NODES: OrderedDict[str, Node] = OrderedDict()
@@ -42,11 +42,11 @@ def get_node(cfg: JobConfig, ns: NodeSettings) -> Node:
         _NODES.move_to_end(key)
         return _NODES[key]
     if ns.partition is not None:
-        from fedtune.simulations.federated_data import node_splits
+        from fedtune.common.training.federated_data import node_splits
 
         splits = node_splits(cfg, *ns.partition)
     else:
-        from fedtune.common import data
+        from fedtune.common.training import data
 
         d = cfg.data  # the node's own columns are already applied (NodeSettings.apply)
         splits = data.load_splits(path=str(ns.data_path), text_column=d.text_column, label_column=d.label_column,

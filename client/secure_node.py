@@ -15,8 +15,8 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from fedtune.common import secagg as sa
-from fedtune.common.atomic import write_json_atomic
+from fedtune.common.operations.atomic import write_json_atomic
+from fedtune.common.secagg import protocol as sa
 from flwr.app import ConfigRecord, Context
 
 log = logging.getLogger(__name__)

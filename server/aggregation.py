@@ -12,9 +12,9 @@ import logging
 from dataclasses import dataclass, field
 
 import numpy as np
-from fedtune.common import aggregate
-from fedtune.common.adapter import check_arrays
 from fedtune.common.errors import AdapterError
+from fedtune.common.training import aggregate
+from fedtune.common.training.adapter import check_arrays
 from fedtune.server.messages import NodeReply, array_record, config_record, exchange
 from flwr.serverapp import Grid
 

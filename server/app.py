@@ -6,8 +6,8 @@ import logging
 import time
 from pathlib import Path
 
-from fedtune.common.config import load_config
-from fedtune.common.rundir import RunDir
+from fedtune.common.operations.rundir import RunDir
+from fedtune.common.training.config import load_config
 from fedtune.server.aggregation import PlainFedAvg
 from fedtune.server.federation import Federation
 from fedtune.server.secure import SecureFedAvg

@@ -18,8 +18,8 @@ from pathlib import Path
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
-from fedtune.common.monitoring import run_view
-from fedtune.common.rundir import RunDirError
+from fedtune.common.operations.monitoring import run_view
+from fedtune.common.operations.rundir import RunDirError
 
 STYLE = """body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}table{border-collapse:collapse;margin:.5em 0}
 td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right}th{background:#f3f3f3}td.l{text-align:left}

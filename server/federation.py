@@ -14,12 +14,12 @@ import time
 from collections.abc import Callable
 
 import numpy as np
-from fedtune.common import adapter, data
-from fedtune.common.config import JobConfig
-from fedtune.common.evaluate import evaluate, pool_answers
-from fedtune.common.model import build_lora_model
-from fedtune.common.monitoring import node_privacy
-from fedtune.common.rundir import RunDir
+from fedtune.common.operations.monitoring import node_privacy
+from fedtune.common.operations.rundir import RunDir
+from fedtune.common.training import adapter, data
+from fedtune.common.training.config import JobConfig
+from fedtune.common.training.evaluate import evaluate, pool_answers
+from fedtune.common.training.model import build_lora_model
 from fedtune.server.messages import (
     array_record,
     config_record,

@@ -1,4 +1,4 @@
-"""Secure aggregation as the server's aggregation step (protocol and message layout in ``common/secagg.py``).
+"""Secure aggregation as the server's aggregation step (protocol and message layout in ``common/secagg/``).
 
 The server proposes; nodes verify. A key epoch is set up among the round's cohort (the
 nodes asked to train): ``query.secagg_keys`` (nodes check the proposed cohort, graph and
@@ -19,8 +19,8 @@ import dataclasses
 import logging
 
 import numpy as np
-from fedtune.common import aggregate
-from fedtune.common import secagg as sa
+from fedtune.common.secagg import protocol as sa
+from fedtune.common.training import aggregate
 from fedtune.server.aggregation import RoundOutcome
 from fedtune.server.messages import NodeReply, array_record, config_record, exchange
 from flwr.serverapp import Grid

@@ -16,11 +16,11 @@ import tempfile
 import time
 from collections.abc import Callable
 
-from fedtune.common import data
-from fedtune.common.config import JobConfig
-from fedtune.common.node import NodePolicy, evaluate_split, prepare, train_round
-from fedtune.common.privacy import DEFAULT_DELTA
-from fedtune.simulations.federated_data import global_splits, node_splits
+from fedtune.common.privacy.accounting import DEFAULT_DELTA
+from fedtune.common.training import data
+from fedtune.common.training.config import JobConfig
+from fedtune.common.training.federated_data import global_splits, node_splits
+from fedtune.common.training.node import NodePolicy, evaluate_split, prepare, train_round
 
 
 def _train_eval(cfg: JobConfig, splits: data.Splits, *, dp: bool, label: str,

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedtune.common import pki
+from fedtune.common.operations import keys as pki
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

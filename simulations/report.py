@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fedtune.common.rundir import RunDir
+from fedtune.common.operations.rundir import RunDir
 
 
 def _plot(path: Path, title: str, ylabel: str, series: dict[str, tuple[list, list]]) -> bool:

@@ -20,8 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fedtune.common.config import JobConfig, load_config
 from fedtune.common.errors import ConfigError, FedtuneError
+from fedtune.common.training.config import JobConfig, load_config
 
 log = logging.getLogger(__name__)
 SCENARIOS = Path(__file__).resolve().parent / "scenarios"
@@ -107,7 +107,7 @@ def simulate(cfg: JobConfig, *, out: Callable[[str], None] = print, report: bool
     if not cfg.train.threads:
         settings["train.threads"] = cfg.sim.cpus_per_node
     cfg = load_config(settings)
-    from fedtune.simulations.federated_data import partition_sizes
+    from fedtune.common.training.federated_data import partition_sizes
 
     sizes = partition_sizes(cfg, cfg.fed.num_nodes)  # fail early, with a clear message, on impossible splits
     out(f"fedtune simulate: {cfg.fed.num_nodes} virtual nodes ({cfg.sim.partitioner} partitions of "
@@ -115,7 +115,7 @@ def simulate(cfg: JobConfig, *, out: Callable[[str], None] = print, report: bool
         f"{'DP-SGD at epsilon ' + format(cfg.privacy.target_epsilon, 'g') if cfg.privacy.enabled else 'NO DP'}, "
         f"{'FFA-LoRA' if cfg.lora.ffa else 'LoRA'} r={cfg.lora.r}; run directory {run_dir}")
     if not cfg.privacy.enabled:
-        from fedtune.common.privacy import DP_OFF_WARNING
+        from fedtune.common.privacy.accounting import DP_OFF_WARNING
 
         out(f"WARNING: {DP_OFF_WARNING}")
     result: dict = {}

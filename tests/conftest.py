@@ -18,8 +18,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(2)
 
-from fedtune.common.config import JobConfig, load_config  # noqa: E402
-from fedtune.common.model import LoraModel, build_lora_model  # noqa: E402
+from fedtune.common.training.config import JobConfig, load_config  # noqa: E402
+from fedtune.common.training.model import LoraModel, build_lora_model  # noqa: E402
 
 EASY_LABELS = ["sport", "finance"]
 _SPORT = ["the striker scored a late goal", "the team won the championship final", "the coach praised his players",
@@ -63,7 +63,7 @@ def write_easy_csv(path: Path, n: int = 96, seed: int = 0) -> Path:
 @pytest.fixture(scope="session")
 def minilm_bbc() -> LoraModel:
     """The real all-MiniLM-L6-v2 with a LoRA adapter for the 5 BBC labels (load once)."""
-    from fedtune.common.assets import BBC_LABELS
+    from fedtune.common.training.assets import BBC_LABELS
 
     return build_lora_model(model_path="", task="seq-cls", labels=list(BBC_LABELS), r=8, alpha=16, dropout=0.0,
                             target_modules=None, ffa=False, seed=0)
@@ -136,7 +136,7 @@ def tiny_run(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_export(tiny_run, tmp_path_factory) -> Path:
     """The run's final model exported (merged model + adapter + card); tests must not modify it."""
-    from fedtune.common.export import export_run
+    from fedtune.common.serving.export import export_run
 
     out = tmp_path_factory.mktemp("tiny-export") / "final"
     export_run(tiny_run, out)
@@ -146,7 +146,7 @@ def tiny_export(tiny_run, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_registry(tiny_run, tmp_path_factory) -> Path:
     """A registry holding v1 = round 1 and v2 = the final model, neither promoted; tests copy it."""
-    from fedtune.common.registry import Registry
+    from fedtune.common.serving.registry import Registry
 
     reg = Registry(tmp_path_factory.mktemp("tiny-registry") / "registry")
     reg.add(tiny_run, round=1)

@@ -7,8 +7,9 @@ import pytest
 from conftest import EASY_LABELS, small_config
 from dp_accounting.pld import pld_privacy_accountant
 from dp_accounting.rdp import rdp_privacy_accountant
-from fedtune.common import node, privacy
-from fedtune.common.ledger import PrivacyLedger
+from fedtune.common.privacy import accounting as privacy
+from fedtune.common.privacy.ledger import PrivacyLedger
+from fedtune.common.training import node
 from opacus.accountants.rdp import RDPAccountant
 
 

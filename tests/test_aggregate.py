@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from fedtune.common import adapter, aggregate
+from fedtune.common.training import adapter, aggregate
 
 
 def test_weighted_fedavg_exact():

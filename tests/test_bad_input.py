@@ -126,7 +126,7 @@ def test_pickled_adapter_is_refused(capsys, tmp_path):
 
 def test_wrong_adapter_for_model(capsys, tmp_path, fresh_easy):
     """An adapter trained for 2 labels does not silently load into a 5-label model."""
-    from fedtune.common import adapter
+    from fedtune.common.training import adapter
 
     out = adapter.save_adapter(fresh_easy.model, tmp_path / "two-labels")
     code, err = run_cli(capsys, "evaluate", "--adapter", str(out), "data.max-records=30")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 from conftest import _FINANCE, _SPORT, write_jsonl
-from fedtune.common import adapter, node
-from fedtune.common.config import load_config
+from fedtune.common.training import adapter, node
+from fedtune.common.training.config import load_config
 
 
 def test_causal_lm_trains_with_dp_and_reloads(tmp_path, tiny_gpt2_dir):

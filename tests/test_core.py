@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 import torch
 from conftest import EASY_LABELS, write_easy_csv
-from fedtune.common import adapter, data, privacy
-from fedtune.common.assets import BBC_LABELS
-from fedtune.common.config import JobConfig, all_keys, load_config
 from fedtune.common.errors import AdapterError, ConfigError
+from fedtune.common.privacy import accounting as privacy
+from fedtune.common.training import adapter, data
+from fedtune.common.training.assets import BBC_LABELS
+from fedtune.common.training.config import JobConfig, all_keys, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -121,7 +122,7 @@ def test_ffa_exchanges_only_b_and_head(minilm_easy):
 
 def test_same_seed_gives_identical_initial_adapters(minilm_easy):
     """FFA-LoRA relies on every node building the same frozen A from the shared seed."""
-    from fedtune.common.model import build_lora_model
+    from fedtune.common.training.model import build_lora_model
 
     again = build_lora_model(model_path="", task="seq-cls", labels=EASY_LABELS, r=8, alpha=16, dropout=0.0,
                              target_modules=None, ffa=True, seed=0)

@@ -88,7 +88,7 @@ def test_off_this_host_the_dashboard_needs_tls_and_a_token(tmp_path, capsys):
 
     import httpx
     from fedtune.cli import main
-    from fedtune.common import pki
+    from fedtune.common.operations import keys as pki
 
     _make_run(tmp_path / "runs" / "run-a", finished=True)
     runs = str(tmp_path / "runs")

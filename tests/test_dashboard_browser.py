@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-from fedtune.common.config import load_config
-from fedtune.common.monitoring import run_view
+from fedtune.common.operations.monitoring import run_view
+from fedtune.common.training.config import load_config
 from fedtune.simulations.deployment import free_port, wait_port
 from fedtune.simulations.run import simulate
 

@@ -13,7 +13,7 @@ import httpx
 import psutil
 import pytest
 from conftest import EASY_LABELS, write_easy_csv
-from fedtune.common.ledger import open_all
+from fedtune.common.privacy.ledger import open_all
 from fedtune.simulations.deployment import LocalFederation
 
 JOB = {"fed.min-nodes": 3, "fed.node-wait-timeout": 180.0, "data.labels": ",".join(EASY_LABELS),
@@ -118,7 +118,7 @@ def _wait_online(fed, n, timeout=120):
 
 @pytest.mark.slow
 def test_only_the_operator_controls_and_only_the_installed_app_runs(tmp_path):
-    from fedtune.common.assets import default_model_dir
+    from fedtune.common.training.assets import default_model_dir
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 

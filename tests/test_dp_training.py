@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 from conftest import EASY_LABELS, small_config, write_easy_csv
-from fedtune.common import adapter, data, node, privacy
-from fedtune.common.train import make_optimizer, train_steps
+from fedtune.common.privacy import accounting as privacy
+from fedtune.common.training import adapter, data, node
+from fedtune.common.training.train import make_optimizer, train_steps
 from torch.utils.data import DataLoader
 
 

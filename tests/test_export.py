@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 from fedtune.cli import main
-from fedtune.common.assets import default_model_dir
-from fedtune.common.export import EXPORT_FILE, export_run, read_record
+from fedtune.common.serving.export import EXPORT_FILE, export_run, read_record
+from fedtune.common.training.assets import default_model_dir
 
 TEXTS = ["Shares in the bank fell after it reported lower profits.",
          "The striker scored twice as the club won the cup final.",
@@ -193,7 +193,7 @@ def test_export_cli_prints_the_guarantee(tiny_run, tmp_path):
 
 @pytest.mark.slow
 def test_causal_lm_run_exports_and_is_not_served_as_a_classifier(tiny_gpt2_dir, tmp_path, capsys):
-    from fedtune.common.config import load_config
+    from fedtune.common.training.config import load_config
     from fedtune.simulations.run import simulate
     from huggingface_hub import ModelCard
     from peft import PeftModel

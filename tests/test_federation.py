@@ -7,8 +7,8 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from fedtune.common.config import load_config
-from fedtune.common.ledger import PrivacyLedger
+from fedtune.common.privacy.ledger import PrivacyLedger
+from fedtune.common.training.config import load_config
 from fedtune.simulations.run import read_scenario, simulate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,7 +78,7 @@ def test_simulation_writes_run_dir_and_skips_a_spent_node(tmp_path):
     assert [(e.kind, e.round) for e in _ledger(run_dir, cfg, 0).entries] == [
         ("train", 1), ("eval", 1), ("train", 2), ("eval", 2)]
     # the final adapter loads in stock PEFT and matches the server's final evaluation
-    from fedtune.common.assets import default_model_dir
+    from fedtune.common.training.assets import default_model_dir
 
     base = AutoModelForSequenceClassification.from_pretrained(str(default_model_dir()), num_labels=5)
     model = PeftModel.from_pretrained(base, str(run_dir / "adapter"))
@@ -87,8 +87,8 @@ def test_simulation_writes_run_dir_and_skips_a_spent_node(tmp_path):
 
 @pytest.mark.slow
 def test_resume_continues_without_respending(tmp_path):
-    from fedtune.common.export import run_record
-    from fedtune.common.modelcard import model_card
+    from fedtune.common.serving.export import run_record
+    from fedtune.common.serving.modelcard import model_card
 
     run_dir = tmp_path / "run"
     base = {**TINY, "fed.num-nodes": 3, "fed.min-nodes": 3, "fed.run-dir": str(run_dir)}
@@ -129,7 +129,7 @@ def test_resume_continues_without_respending(tmp_path):
 
 
 def test_resume_refuses_changed_settings(tmp_path):
-    from fedtune.common.rundir import RunDir, RunDirError
+    from fedtune.common.operations.rundir import RunDir, RunDirError
 
     rd = RunDir(tmp_path / "r")
     rd.create(config={"a": 1, "train.rounds": 2}, planned_rounds=2, resume=False)
@@ -155,7 +155,7 @@ def test_secure_aggregation_matches_plain_fedavg(tmp_path, capfd):
     """Same job with and without secure aggregation (DP off, so training is deterministic).
 
     Also: each privacy-weakening warning reaches the user once per run, not once per node and round."""
-    from fedtune.common.adapter import read_adapter_file
+    from fedtune.common.training.adapter import read_adapter_file
 
     base = {**TINY, "fed.num-nodes": 3, "fed.min-nodes": 3, "train.rounds": 2, "privacy.enabled": False,
             "sim.node-max-epsilon": float("inf"), "fed.fraction-evaluate": 0, "fed.secagg-max-weight": 1000,
@@ -197,10 +197,11 @@ def test_sampled_cohorts_with_a_sparse_graph_equal_plain_fedavg_of_the_same_node
 
     import numpy as np
     import torch
-    from fedtune.common import adapter, secagg
-    from fedtune.common.aggregate import fedavg, update
-    from fedtune.common.node import NodePolicy, batch_weight, prepare, train_round
-    from fedtune.simulations.federated_data import node_splits
+    from fedtune.common.secagg import protocol as secagg
+    from fedtune.common.training import adapter
+    from fedtune.common.training.aggregate import fedavg, update
+    from fedtune.common.training.federated_data import node_splits
+    from fedtune.common.training.node import NodePolicy, batch_weight, prepare, train_round
 
     run_dir = tmp_path / "run"
     cfg = load_config({**TINY, "data.max-records": 1200, "train.batch-size": 4, "train.local-steps": 1,

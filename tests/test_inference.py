@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from fedtune.cli import main
-from fedtune.common.inference import Classifier
+from fedtune.common.serving.inference import Classifier
 
 TEXTS = ["Shares in the bank fell after it reported lower profits.",
          "The striker scored twice as the club won the cup final.",
@@ -140,7 +140,7 @@ def _labelled_csv(path, texts, labels):
 
 
 def test_drift_check_compares_with_the_export_figures(clf, tiny_export, tmp_path, capsys):
-    from fedtune.common.data import read_bbc_news
+    from fedtune.common.training.data import read_bbc_news
 
     bbc = read_bbc_news()
     texts = bbc.texts[::40][:40]
@@ -176,10 +176,10 @@ def test_drift_check_compares_with_the_export_figures(clf, tiny_export, tmp_path
 
 def test_drift_on_the_servers_test_split_reproduces_the_recorded_figures(clf, tiny_run, tmp_path):
     """The merged model served by fedtune scores the run's own test split as the server's PEFT model did."""
-    from fedtune.common import data
-    from fedtune.common.config import load_config
-    from fedtune.common.drift import check
-    from fedtune.common.rundir import RunDir
+    from fedtune.common.operations.rundir import RunDir
+    from fedtune.common.serving.drift import check
+    from fedtune.common.training import data
+    from fedtune.common.training.config import load_config
 
     cfg = load_config(RunDir(tiny_run).read_config())
     d = cfg.data

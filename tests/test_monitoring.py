@@ -5,8 +5,8 @@ from __future__ import annotations
 import hashlib
 
 from fedtune.cli import main
-from fedtune.common.monitoring import budget_state, run_view, status_table
-from fedtune.common.rundir import RunDir
+from fedtune.common.operations.monitoring import budget_state, run_view, status_table
+from fedtune.common.operations.rundir import RunDir
 
 
 def _round(k, *, status="ok", per_node, failures=(), reason=""):

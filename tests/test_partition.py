@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from fedtune.common.errors import DataError
-from fedtune.simulations.partition import label_counts, partition
+from fedtune.common.training.partition import label_counts, partition
 
 LABELS = [lab for lab in "abcde" for _ in range(200)]  # 1,000 records, 5 balanced labels
 

@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.serialization import (
     load_ssh_public_key,
 )
 from fedtune.cli import main
-from fedtune.common import pki
+from fedtune.common.operations import keys as pki
 
 
 def test_init_makes_a_ca_a_server_cert_with_sans_and_node_keys(tmp_path, capsys):

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from fedtune.cli import main
 from fedtune.common.errors import RegistryError
-from fedtune.common.inference import Classifier
-from fedtune.common.registry import Registry
+from fedtune.common.serving.inference import Classifier
+from fedtune.common.serving.registry import Registry
 
 
 @pytest.fixture
@@ -32,7 +32,7 @@ def _cli(capsys, *argv: str) -> tuple[int, str, str]:
 
 def _crash(registry: Path, body: str) -> subprocess.CompletedProcess:
     """Run ``body`` in a fresh interpreter with ``reg`` open; os._exit(9) in it is a hard crash (no cleanup)."""
-    script = ("import os, sys\nfrom fedtune.common.registry import Registry\nreg = Registry(sys.argv[1])\n"
+    script = ("import os, sys\nfrom fedtune.common.serving.registry import Registry\nreg = Registry(sys.argv[1])\n"
               + textwrap.dedent(body))
     return subprocess.run([sys.executable, "-c", script, str(registry)], capture_output=True, text=True, timeout=300,
                           check=False)
@@ -81,7 +81,7 @@ def test_crash_during_promotion_leaves_registry_consistent(reg):
     assert list(reg.path.glob(".registry.json.tmp*"))  # the crashed writer's leftover
     # a crash half-way through writing the temporary state file
     proc = _crash(reg.path, """
-        import fedtune.common.atomic as atomic
+        import fedtune.common.operations.atomic as atomic
         real_fdopen = os.fdopen
         class Torn:
             def __init__(self, f): self.f = f
@@ -101,7 +101,7 @@ def test_crash_during_promotion_leaves_registry_consistent(reg):
 
 def test_crash_while_adding_a_version_leaves_no_trace(reg, tiny_run):
     proc = _crash(reg.path, f"""
-        import fedtune.common.export as ex
+        import fedtune.common.serving.export as ex
         ex.os.rename = lambda a, b: os._exit(9)  # all files written, not yet renamed into place
         reg.add({str(tiny_run)!r})
     """)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from fedtune.common import secagg as sa
+from fedtune.common.secagg import protocol as sa
 
 CLIP = 1.0
 RULES = sa.NodeRules()
@@ -357,7 +357,7 @@ def test_attack_substituted_public_key_is_refused_with_a_roster():
 
 
 def test_roster_files_from_fedtune_keys_load(tmp_path):
-    from fedtune.common import pki
+    from fedtune.common.operations import keys as pki
 
     pki.make_node_keys(tmp_path / "nodes", "org-a")
     roster = sa.load_roster(str(tmp_path / "nodes"))

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from conftest import EASY_LABELS, small_settings, write_easy_csv
 from fedtune.client.app import make_client_app
-from fedtune.common import adapter
-from fedtune.common import secagg as sa
+from fedtune.common.secagg import protocol as sa
+from fedtune.common.training import adapter
 from fedtune.server.aggregation import PlainFedAvg
 from fedtune.server.secure import SecureFedAvg
 from flwr.app import Array, ArrayRecord, ConfigRecord
@@ -150,7 +150,7 @@ def test_a_corrupted_self_mask_share_is_detected(tmp_path, start):
 def test_a_lying_server_is_refused_and_the_refusals_are_recorded(tmp_path, monkeypatch, attack):
     """Real nodes in Flower's simulation engine (their code untouched); the server side is made to lie."""
     import fedtune.server.secure as secure
-    from fedtune.common.config import load_config
+    from fedtune.common.training.config import load_config
     from fedtune.simulations.run import simulate
 
     if attack == "lowered-threshold":

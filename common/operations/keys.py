@@ -18,8 +18,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from fedtune.common.atomic import write_atomic
 from fedtune.common.errors import FedtuneError
+from fedtune.common.operations.atomic import write_atomic
 
 CURVE = ec.SECP384R1
 

@@ -1,7 +1,7 @@
 """A registry of exported model versions, with a "current" version, promotion and rollback.
 
     <registry>/registry.json      the whole state: versions, current, history (replaced atomically)
-    <registry>/versions/<id>/     one export directory per version (common/export.py), never modified
+    <registry>/versions/<id>/     one export directory per version (common/serving/export.py), never modified
     <registry>/log.jsonl          what was done when (add / promote / rollback), for audit
     <registry>/.lock              writers hold an exclusive lock on it
 
@@ -25,9 +25,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from fedtune.common import export
-from fedtune.common.atomic import fsync_dir, write_json_atomic
 from fedtune.common.errors import AdapterError, ExportError, RegistryError
+from fedtune.common.operations.atomic import fsync_dir, write_json_atomic
+from fedtune.common.serving import export
 
 STATE = "registry.json"
 _ID = re.compile(r"^v(\d+)$")
@@ -209,7 +209,7 @@ def _files_hash(record: dict) -> str:
 
 
 def _entry(vid: str, record: dict, note: str) -> dict:
-    from fedtune.common.modelcard import privacy_summary
+    from fedtune.common.serving.modelcard import privacy_summary
 
     test = (record["metrics"].get("test") or {})
     fed = (record["metrics"].get("federated") or {})

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from fedtune.common.train import batch_loss
+from fedtune.common.training.train import batch_loss
 from torch.utils.data import DataLoader, TensorDataset
 
 

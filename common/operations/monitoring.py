@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from fedtune.common.rundir import RunDir
+from fedtune.common.operations.rundir import RunDir
 
 AMBER = 0.8  # share of a node's ceiling at which its budget bar turns amber
 

@@ -21,13 +21,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from fedtune.common import adapter, data, privacy
-from fedtune.common.config import JobConfig
 from fedtune.common.errors import BudgetExceededError, FedtuneError
-from fedtune.common.evaluate import evaluate, private_counts
-from fedtune.common.ledger import PrivacyLedger
-from fedtune.common.model import LoraModel, build_lora_model, set_threads
-from fedtune.common.train import ProgressFn, TrainStats, make_optimizer, train_steps
+from fedtune.common.privacy import accounting as privacy
+from fedtune.common.privacy.ledger import PrivacyLedger
+from fedtune.common.training import adapter, data
+from fedtune.common.training.config import JobConfig
+from fedtune.common.training.evaluate import evaluate, private_counts
+from fedtune.common.training.model import LoraModel, build_lora_model, set_threads
+from fedtune.common.training.train import ProgressFn, TrainStats, make_optimizer, train_steps
 from torch.utils.data import DataLoader, TensorDataset
 
 log = logging.getLogger(__name__)
@@ -346,6 +347,6 @@ def _store_tokens(cache_dir, key: str, sets: list[TensorDataset]) -> None:
 
     tensors = {f"{n}/{i}": t.contiguous() for n, ds in zip(("0train", "1val", "2test"), sets, strict=True)
                for i, t in enumerate(ds.tensors)}
-    from fedtune.common.atomic import write_atomic
+    from fedtune.common.operations.atomic import write_atomic
 
     write_atomic(Path(cache_dir) / f"tokens-{key}.safetensors", save(tensors))

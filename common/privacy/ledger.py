@@ -31,9 +31,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from fedtune.common import privacy
-from fedtune.common.atomic import write_json_atomic
 from fedtune.common.errors import BudgetExceededError, LedgerError
+from fedtune.common.operations.atomic import write_json_atomic
+from fedtune.common.privacy import accounting as privacy
 
 log = logging.getLogger(__name__)
 

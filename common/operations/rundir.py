@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedtune.common.atomic import write_json_atomic
 from fedtune.common.errors import FedtuneError
+from fedtune.common.operations.atomic import write_json_atomic
 
 
 class RunDirError(FedtuneError):

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from fedtune.common.assets import BBC_LABELS, bbc_class_dirs
 from fedtune.common.errors import DataError
+from fedtune.common.training.assets import BBC_LABELS, bbc_class_dirs
 from torch.utils.data import TensorDataset
 
 log = logging.getLogger(__name__)

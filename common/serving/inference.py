@@ -1,7 +1,7 @@
 """Label texts with an exported model: a small Python API for services, and the file handling of
 ``fedtune predict``.
 
-    from fedtune.common.inference import Classifier
+    from fedtune.common.serving.inference import Classifier
     clf = Classifier.from_registry("registry")          # the current version, verified
     clf = Classifier("exports/v3")                      # or any exported (or plain HF) directory
     clf.predict(["Shares fell sharply ...", "The striker scored ..."])
@@ -32,8 +32,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from fedtune.common.atomic import write_atomic
 from fedtune.common.errors import DataError, ModelError
+from fedtune.common.operations.atomic import write_atomic
 
 ON_BAD_BYTES = ("error", "replace", "skip")
 FORMATS = ("csv", "jsonl")
@@ -62,7 +62,7 @@ class Classifier:
 
     def __init__(self, directory: str | Path, *, batch_size: int = 32, max_length: int | None = None,
                  verify: bool = True) -> None:
-        from fedtune.common import export
+        from fedtune.common.serving import export
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
@@ -98,7 +98,7 @@ class Classifier:
     @classmethod
     def from_registry(cls, registry: str | Path, version: str | None = None, **kw) -> Classifier:
         """The registry's current version (or ``version``), after checking its files' hashes."""
-        from fedtune.common.registry import Registry
+        from fedtune.common.serving.registry import Registry
 
         return cls(Registry(registry).resolve(version), verify=False, **kw)
 
@@ -187,7 +187,7 @@ def read_inputs(source: str, *, text_column: str = "text", on_bad_bytes: str = "
 
 
 def _read_table(path: Path, text_column: str) -> list[InputText]:
-    from fedtune.common.data import _read_rows
+    from fedtune.common.training.data import _read_rows
 
     rows, columns = _read_rows(path)
     if not rows:

@@ -1,6 +1,6 @@
 """Export a run's global adapter (final, or any round's checkpoint) as a model an organization can ship.
 
-    <out>/README.md              model card (Hugging Face format, YAML metadata; see common/modelcard.py)
+    <out>/README.md              model card (Hugging Face format, YAML metadata; see common/serving/modelcard.py)
     <out>/config.json            merged model: base + LoRA folded in (``merge_and_unload``), with
     <out>/model.safetensors        id2label/label2id, and its tokenizer files; stock
     <out>/tokenizer*.json ...      ``AutoModelFor...from_pretrained(out)`` loads it, no fedtune needed
@@ -22,12 +22,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from fedtune.common import adapter
-from fedtune.common.assets import BBC_LABELS, DEFAULT_MODEL_NAME
-from fedtune.common.config import JobConfig, load_config
 from fedtune.common.errors import AdapterError, ExportError
-from fedtune.common.monitoring import node_privacy
-from fedtune.common.rundir import RunDir
+from fedtune.common.operations.monitoring import node_privacy
+from fedtune.common.operations.rundir import RunDir
+from fedtune.common.training import adapter
+from fedtune.common.training.assets import BBC_LABELS, DEFAULT_MODEL_NAME
+from fedtune.common.training.config import JobConfig, load_config
 
 EXPORT_FILE = "fedtune-export.json"
 FORMAT = 1
@@ -192,7 +192,7 @@ def export_run(run_dir: str | Path, out: str | Path, *, round: int | None = None
     Returns:
         The export record also written to ``out/fedtune-export.json`` (with every file's sha256).
     """
-    from fedtune.common.modelcard import model_card
+    from fedtune.common.serving.modelcard import model_card
 
     out = Path(out)
     if out.exists():
@@ -254,7 +254,7 @@ def _merged_model(cfg: JobConfig, record: dict, src: Path):
     """The base model with the adapter folded into its weights (a plain transformers model)."""
     import warnings
 
-    from fedtune.common.model import build_lora_model
+    from fedtune.common.training.model import build_lora_model
 
     m, lc = record["model"], cfg.lora
     if m["task"] == "seq-cls" and not m["labels"]:

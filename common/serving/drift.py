@@ -13,15 +13,15 @@ from pathlib import Path
 
 import numpy as np
 from fedtune.common.errors import DataError, ModelError
-from fedtune.common.evaluate import classification_metrics
-from fedtune.common.inference import Classifier
+from fedtune.common.serving.inference import Classifier
+from fedtune.common.training.evaluate import classification_metrics
 
 SMALL_SAMPLE = 100
 
 
 def read_labelled(path: str | Path, clf: Classifier, *, text_column: str, label_column: str):
     """The fresh records, checked against the model's label set."""
-    from fedtune.common.data import read_records
+    from fedtune.common.training.data import read_records
 
     try:
         return read_records(path, text_column=text_column, label_column=label_column, labels=clf.labels)

@@ -11,9 +11,9 @@ from __future__ import annotations
 import functools
 import json
 
-from fedtune.common import data
-from fedtune.common.config import JobConfig, load_config
-from fedtune.simulations.partition import partition
+from fedtune.common.training import data
+from fedtune.common.training.config import JobConfig, load_config
+from fedtune.common.training.partition import partition
 
 
 def global_splits(cfg: JobConfig) -> data.Splits:

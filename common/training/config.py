@@ -235,7 +235,7 @@ class FedConfig:
                            "each would learn the other's update from the sum); raise it or set "
                            "fed.secure-aggregation=false")
             max_weight = 1 if self.aggregation == "uniform" else self.secagg_max_weight
-            from fedtune.common.secagg import MIN_LEVELS
+            from fedtune.common.secagg.protocol import MIN_LEVELS
             if (2**31 - 1) // (self.num_nodes * max_weight) < MIN_LEVELS:
                 out.append(f"fed.secagg-max-weight={self.secagg_max_weight} with {self.num_nodes} nodes: the "
                            f"weighted sum would not fit in 32 bits; lower it to at most "
