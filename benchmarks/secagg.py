@@ -29,6 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from fedtune.common.secagg import codec  # noqa: E402
 from fedtune.common.secagg import protocol as sa  # noqa: E402
 from fedtune.common.training.aggregate import fedavg  # noqa: E402
 
@@ -71,11 +72,11 @@ def setup(ids: list[int], epoch: int, meter: Meter) -> tuple[dict[int, sa.NodeKe
     for i in ids:
         t = time.perf_counter()
         keys[i], adverts[i] = sa.NodeKeys.generate(p, node=i, name=f"org-{i}", rules=RULES)
-        meter.node(i, p.to_wire(), sa.advert_to_wire(adverts[i]), time.perf_counter() - t)
+        meter.node(i, codec.params_to_wire(p), codec.advert_to_wire(adverts[i]), time.perf_counter() - t)
     t = time.perf_counter()
     p = dataclasses.replace(p, seed=sa.graph_seed("bench", epoch, adverts))
     ep = sa.Epoch(params=p, adverts=adverts)
-    join = {**p.to_wire(), **sa.adverts_to_wire(adverts)}
+    join = {**codec.params_to_wire(p), **codec.adverts_to_wire(adverts)}
     meter.server_s += time.perf_counter() - t
     for i in ids:
         t = time.perf_counter()
@@ -84,7 +85,7 @@ def setup(ids: list[int], epoch: int, meter: Meter) -> tuple[dict[int, sa.NodeKe
         t = time.perf_counter()
         ep.store_shares(i, sealed)
         meter.server_s += time.perf_counter() - t
-        meter.node(i, join, sa.map_to_wire("shares", sealed), dt)
+        meter.node(i, join, codec.map_to_wire("shares", sealed), dt)
     meter.exchanges += 2
     return keys, ep
 
@@ -97,8 +98,8 @@ def secure_round(keys, ep: sa.Epoch, rnd: int, vals, weights, meter: Meter) -> n
         out = keys[i].mask(p, vals[i], weight=weights[i], rules=RULES)
         dt = time.perf_counter() - t
         ups[i] = sa.Upload(masked=out["masked"], shares=out["shares"], commit=out["commit"], sig=out["sig"])
-        meter.node(i, p.to_wire(), {"masked": out["masked"], **sa.map_to_wire("shares", out["shares"]),
-                                    "commit": out["commit"], "sig": out["sig"]}, dt)
+        meter.node(i, codec.params_to_wire(p),
+                   {"masked": out["masked"], **codec.upload_to_wire(out["shares"], out["commit"], out["sig"])}, dt)
     t = time.perf_counter()
     up = sorted(ups)
     sigs = {u: ups[u].sig for u in up}
@@ -110,9 +111,9 @@ def secure_round(keys, ep: sa.Epoch, rnd: int, vals, weights, meter: Meter) -> n
         t = time.perf_counter()
         revealed[h] = keys[h].reveal(rnd, rules=RULES, **req)
         dt = time.perf_counter() - t
-        wire = {**p.to_wire(), "uploaded": sa.ids_to_wire(up), **sa.map_to_wire("sigs", sigs),
-                **sa.map_to_wire("b", req["b_shares"])}
-        meter.node(h, wire, {**sa.map_to_wire("b", revealed[h][0]), **sa.map_to_wire("s", revealed[h][1])}, dt)
+        wire = codec.unmask_request(codec.UnmaskRequest(params=p, uploaded=up, sigs=sigs, survivor_sigs={},
+                                                        b_shares=req["b_shares"], s_shares={}))
+        meter.node(h, wire, codec.reveal_to_wire(*revealed[h]), dt)
     t = time.perf_counter()
     total = sa.unmask(ep, p, uploads=ups, revealed=revealed)
     summed, w = sa.split_sum(total)

@@ -28,15 +28,13 @@ import sys
 import tomllib
 import zipfile
 
+from fedtune.common.errors import AppRefused
+
 log = logging.getLogger("fedtune.guard")
 
 APP_PUBLISHER = "fedtune"
 APP_NAME = "fedtune"
 CLIENTAPP = "fedtune.client.app:app"
-
-
-class AppRefused(Exception):
-    """Raised (inside Flower's ClientApp process) for an app bundle this node does not run."""
 
 
 def installed_version() -> str:

@@ -11,8 +11,10 @@ import json
 from collections import OrderedDict
 
 from fedtune.client.node_config import NodeSettings
+from fedtune.common.training import builder
 from fedtune.common.training.config import JobConfig
-from fedtune.common.training.model import LoraModel, build_lora_model
+from fedtune.common.training.federated_data import node_splits
+from fedtune.common.training.model import LoraModel
 from fedtune.common.training.node import Node, prepare
 
 _MODELS: dict[str, LoraModel] = {}
@@ -28,10 +30,7 @@ def shared_model(cfg: JobConfig, labels: list[str]) -> LoraModel:
     key = _model_key(cfg, labels)
     if key not in _MODELS:
         _MODELS.clear()  # one job at a time per worker: drop other jobs' models
-        lc = cfg.lora
-        _MODELS[key] = build_lora_model(model_path=cfg.model.path, task=cfg.model.task, labels=labels, r=lc.r,
-                                        alpha=lc.alpha, dropout=lc.dropout, target_modules=lc.target_module_list,
-                                        ffa=lc.ffa, seed=lc.seed)
+        _MODELS[key] = builder.build_model(cfg, labels)
     return _MODELS[key]
 
 
@@ -41,17 +40,10 @@ def get_node(cfg: JobConfig, ns: NodeSettings) -> Node:
     if key in _NODES:
         _NODES.move_to_end(key)
         return _NODES[key]
-    if ns.partition is not None:
-        from fedtune.common.training.federated_data import node_splits
-
+    if ns.partition is not None:  # a simulated node: its partition of the job's data
         splits = node_splits(cfg, *ns.partition)
-    else:
-        from fedtune.common.training import data
-
-        d = cfg.data  # the node's own columns are already applied (NodeSettings.apply)
-        splits = data.load_splits(path=str(ns.data_path), text_column=d.text_column, label_column=d.label_column,
-                                  labels=d.label_list, task=cfg.model.task, val_fraction=d.val_fraction,
-                                  test_fraction=d.test_fraction, seed=d.seed, max_records=d.max_records)
+    else:  # an organization's node: its own file (its own columns already applied by NodeSettings.apply)
+        splits = builder.load_records(cfg, str(ns.data_path))
     model = shared_model(cfg, splits.labels)
     node = prepare(cfg, ns.policy, state_dir=ns.state_dir, model=model, splits=splits,
                    cache_dir=None if ns.partition is not None else ns.state_dir / "cache")

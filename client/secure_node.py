@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 from fedtune.common.operations.atomic import write_json_atomic
+from fedtune.common.secagg import codec
 from fedtune.common.secagg import protocol as sa
 from flwr.app import ConfigRecord, Context
 
@@ -63,7 +64,7 @@ def _markers(state_dir: Path, job: str) -> dict:
 
 
 def _params(rec, job: str | None = None) -> sa.Params:
-    p = sa.Params.from_wire(rec)
+    p = codec.params_from_wire(rec)
     if job is not None and p.job != job:
         raise sa.SecAggError("the secure-aggregation parameters are for another job", "refusing")
     return p
@@ -86,7 +87,7 @@ def advertise(context: Context, ns, rec) -> dict:
     if old is not None and "keys" in old:  # a new epoch keeps the round high-water mark
         keys.last_round = sa.NodeKeys.loads(bytes(old["keys"])).last_round
     save_keys(context, keys)
-    return sa.advert_to_wire(advert)
+    return codec.advert_to_wire(advert)
 
 
 def join(context: Context, ns, rec) -> dict:
@@ -94,9 +95,9 @@ def join(context: Context, ns, rec) -> dict:
     roster = ns.roster()
     if roster is None:
         _warn_unauthenticated(ns)
-    sealed = keys.join(_params(rec, keys.params.job), sa.adverts_from_wire(rec), roster=roster)
+    sealed = keys.join(_params(rec, keys.params.job), codec.adverts_from_wire(rec), roster=roster)
     save_keys(context, keys)
-    return sa.map_to_wire("shares", sealed)
+    return codec.shares_to_wire(sealed)
 
 
 def check_train(context: Context, ns, job: str, rec) -> tuple[sa.NodeKeys, sa.Params]:
@@ -119,27 +120,25 @@ def mask(context: Context, ns, keys: sa.NodeKeys, p: sa.Params, update: dict[str
     epochs = _markers(ns.state_dir, p.job)
     epochs[_epoch_key(keys)] = p.round
     write_json_atomic(marker_file(ns.state_dir, p.job), {"job": p.job, "epochs": epochs})  # before the upload leaves
-    return out["masked"], {**sa.map_to_wire("shares", out["shares"]), "commit": out["commit"], "sig": out["sig"]}
+    return out["masked"], codec.upload_to_wire(out["shares"], out["commit"], out["sig"])
 
 
 def consistency(context: Context, ns, rec) -> dict:
     keys = load_keys(context)
     p = _params(rec, keys.params.job)
-    sig = keys.consistency(p.round, sa.ids_from_wire(rec.get("survivors", [])))
+    sig = keys.consistency(p.round, codec.survivors_from_wire(rec))
     save_keys(context, keys)
-    return {"sig": sig}
+    return codec.signature_to_wire(sig)
 
 
 def reveal(context: Context, ns, rec) -> dict:
     keys = load_keys(context)
     p = _params(rec, keys.params.job)
+    req = codec.unmask_request_from_wire(rec)
     if keys.round_params is None or p.digest() != keys.round_params.digest():
         raise sa.SecAggError("the unmask request's parameters are not the ones this node masked with",
                              "stale or altered request; refusing")
-    b, s = keys.reveal(p.round, uploaded=sa.ids_from_wire(rec.get("uploaded", [])),
-                       signatures=sa.map_from_wire(rec, "sigs"),
-                       survivor_signatures=sa.map_from_wire(rec, "survivor-sigs"),
-                       b_shares=sa.map_from_wire(rec, "b"), s_shares=sa.map_from_wire(rec, "s"),
-                       rules=ns.secagg_rules)
+    b, s = keys.reveal(p.round, uploaded=req.uploaded, signatures=req.sigs, survivor_signatures=req.survivor_sigs,
+                       b_shares=req.b_shares, s_shares=req.s_shares, rules=ns.secagg_rules)
     save_keys(context, keys)
-    return {**sa.map_to_wire("b", b), **sa.map_to_wire("s", s)}
+    return codec.reveal_to_wire(b, s)

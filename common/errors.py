@@ -75,3 +75,27 @@ class ExportError(FedtuneError):
 
 class RegistryError(FedtuneError):
     """Raised when a model registry or one of its versions is missing, inconsistent or corrupted."""
+
+
+class EvaluationRefused(FedtuneError):
+    """Raised when a node's policy says it answers no federated evaluation."""
+
+
+class RunDirError(FedtuneError):
+    """Raised when a run directory is missing, not a run, or cannot be resumed."""
+
+
+class KeyFileError(FedtuneError):
+    """Raised when a key or certificate file would be overwritten, or cannot be read."""
+
+
+class SecAggError(FedtuneError):
+    """Raised when a protocol step cannot proceed safely (tampering, replay, unsafe parameters, dropouts)."""
+
+
+class ParamsError(SecAggError):
+    """Raised by a node for round parameters outside the bounds its organization enforces."""
+
+
+class AppRefused(FedtuneError):
+    """Raised (inside Flower's ClientApp process) for an app bundle this node does not run."""

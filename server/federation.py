@@ -16,10 +16,9 @@ from collections.abc import Callable
 import numpy as np
 from fedtune.common.operations.monitoring import node_privacy
 from fedtune.common.operations.rundir import RunDir
-from fedtune.common.training import adapter, data
+from fedtune.common.training import adapter, builder
 from fedtune.common.training.config import JobConfig
 from fedtune.common.training.evaluate import evaluate, pool_answers
-from fedtune.common.training.model import build_lora_model
 from fedtune.server.messages import (
     array_record,
     config_record,
@@ -35,18 +34,10 @@ class ServerModel:
     """The global adapter on the server: a LoRA model built from the shared seed, and its held-out data."""
 
     def __init__(self, cfg: JobConfig) -> None:
-        d = cfg.data
         self.cfg = cfg
-        self.splits = data.load_splits(path=d.path, text_column=d.text_column, label_column=d.label_column,
-                                       labels=d.label_list, task=cfg.model.task, val_fraction=d.val_fraction,
-                                       test_fraction=d.test_fraction, seed=d.seed, max_records=d.max_records)
-        lc = cfg.lora
-        self.lora = build_lora_model(model_path=cfg.model.path, task=cfg.model.task, labels=self.splits.labels,
-                                     r=lc.r, alpha=lc.alpha, dropout=lc.dropout, target_modules=lc.target_module_list,
-                                     ffa=lc.ffa, seed=lc.seed)
-        tok, ml = self.lora.tokenizer, cfg.model.max_length
-        self.val = data.tokenize(self.splits.val, tok, label_set=self.splits.labels, max_length=ml)
-        self.test = data.tokenize(self.splits.test, tok, label_set=self.splits.labels, max_length=ml)
+        self.splits = builder.load_records(cfg)
+        self.lora = builder.build_model(cfg, self.splits.labels)
+        self.val, self.test = builder.tokenized(cfg, self.lora, self.splits, "val", "test")
 
     def initial_arrays(self) -> dict[str, np.ndarray]:
         return adapter.pack(self.lora.model, ffa=self.lora.ffa)

@@ -19,6 +19,7 @@ import dataclasses
 import logging
 
 import numpy as np
+from fedtune.common.secagg import codec
 from fedtune.common.secagg import protocol as sa
 from fedtune.common.training import aggregate
 from fedtune.server.aggregation import RoundOutcome
@@ -64,14 +65,14 @@ class SecureFedAvg:
             if len(cohort) < self.min_nodes:
                 break
             params = self._propose(job, cohort, server_round)
-            wire = params.to_wire()
+            wire = codec.params_to_wire(params)
             replies = exchange(grid, node_ids=cohort, message_type="query.secagg_keys", timeout=self.timeout,
                                group=f"keys-{server_round}", names=names, content={"secagg": config_record(wire)})
             exchanges += 1
             adverts = {}
             for r in replies:
                 try:
-                    a = sa.advert_from_wire(_secagg(r))
+                    a = codec.advert_from_wire(_secagg(r))
                     if a.node != r.node_id:
                         raise sa.SecAggError("keys advertised under another node id", "")
                     adverts[r.node_id] = a
@@ -83,13 +84,13 @@ class SecureFedAvg:
                 continue
             params = dataclasses.replace(params, seed=sa.graph_seed(job, params.epoch, adverts))
             epoch = sa.Epoch(params=params, adverts=adverts)
-            join = {"secagg": config_record({**params.to_wire(), **sa.adverts_to_wire(adverts)})}
+            join = {"secagg": config_record(codec.join_request(params, adverts))}
             shares = exchange(grid, node_ids=cohort, message_type="query.secagg_join", content=join,
                               timeout=self.timeout, group=f"join-{server_round}", names=names)
             exchanges += 1
             for r in shares:
                 try:
-                    epoch.store_shares(r.node_id, sa.map_from_wire(_secagg(r), "shares"))
+                    epoch.store_shares(r.node_id, codec.shares_from_wire(_secagg(r)))
                 except sa.SecAggError as e:
                     _fail(r, f"no usable key shares: {e.problem}")
             failures += [r for r in shares if not r.ok]
@@ -117,7 +118,7 @@ class SecureFedAvg:
         p = dataclasses.replace(epoch.params, round=server_round)
         cohort = list(p.cohort)
         arrays = array_record(global_arrays)
-        train_msg = {"arrays": arrays, "config": config_record(config), "secagg": config_record(p.to_wire())}
+        train_msg = {"arrays": arrays, "config": config_record(config), "secagg": config_record(codec.params_to_wire(p))}
         replies = exchange(grid, node_ids=cohort, message_type="train", timeout=self.timeout,
                            group=f"round-{server_round}", names=names, content=train_msg)
         exchanges += 1
@@ -129,8 +130,7 @@ class SecureFedAvg:
             try:
                 rec = _secagg(r)
                 masked = r.content.array_records["masked"]["masked"].numpy()
-                up = sa.Upload(masked=masked, shares=sa.map_from_wire(rec, "shares"), commit=bytes(rec["commit"]),
-                               sig=bytes(rec["sig"]))
+                up = codec.upload_from_wire(rec, masked)
             except (sa.SecAggError, KeyError, TypeError, ValueError, AttributeError) as e:
                 _fail(r, f"malformed masked upload ({e.__class__.__name__})")
                 continue
@@ -159,14 +159,14 @@ class SecureFedAvg:
         dropped = sorted(set(cohort) - set(up_ids))
         survivor_sigs: dict[int, bytes] = {}
         if dropped:  # SecAgg's consistency round: every survivor signs the one survivor set it accepts
-            check = {"secagg": config_record({**p.to_wire(), "survivors": sa.ids_to_wire(up_ids)})}
+            check = {"secagg": config_record(codec.consistency_request(p, up_ids))}
             answers = exchange(grid, node_ids=up_ids, message_type="query.secagg_consistency", content=check,
                                timeout=self.timeout, group=f"consistency-{server_round}", names=names)
             exchanges += 1
             received += sum(a.bytes for a in answers)
             for a in answers:
                 try:
-                    survivor_sigs[a.node_id] = bytes(_secagg(a)["sig"])
+                    survivor_sigs[a.node_id] = codec.signature_from_wire(_secagg(a))
                 except (sa.SecAggError, KeyError, TypeError, ValueError):
                     _fail(a, "no survivor-set signature")
             later += [a for a in answers if not a.ok]
@@ -174,13 +174,13 @@ class SecureFedAvg:
                 return failed("secure aggregation failed: not every survivor signed the survivor set (a node "
                               "dropped during the consistency check)")
         sigs = {u: uploads[u].sig for u in up_ids}
-        common = {**p.to_wire(), "uploaded": sa.ids_to_wire(up_ids), **sa.map_to_wire("sigs", sigs),
-                  **sa.map_to_wire("survivor-sigs", survivor_sigs)}
 
         def unmask_msg(h: int) -> dict:
             b = {o: uploads[o].shares[h] for o in up_ids if h in uploads[o].shares}
             s = {d: epoch.s_shares[h][d] for d in dropped if d in epoch.s_shares.get(h, {})}
-            return {"secagg": config_record({**common, **sa.map_to_wire("b", b), **sa.map_to_wire("s", s)})}
+            req = codec.UnmaskRequest(params=p, uploaded=up_ids, sigs=sigs, survivor_sigs=survivor_sigs, b_shares=b,
+                                      s_shares=s)
+            return {"secagg": config_record(codec.unmask_request(req))}
 
         answers = exchange(grid, node_ids=up_ids, message_type="query.secagg_unmask", content=unmask_msg,
                            timeout=self.timeout, group=f"unmask-{server_round}", names=names)
@@ -190,7 +190,7 @@ class SecureFedAvg:
         for a in answers:
             try:
                 rec = _secagg(a)
-                revealed[a.node_id] = (sa.map_from_wire(rec, "b"), sa.map_from_wire(rec, "s"))
+                revealed[a.node_id] = codec.reveal_from_wire(rec)
             except sa.SecAggError as e:
                 _fail(a, f"unusable shares: {e.problem}")
         later += [a for a in answers if not a.ok]

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from conftest import EASY_LABELS, small_settings, write_easy_csv
 from fedtune.client.app import make_client_app
+from fedtune.common.secagg import codec
 from fedtune.common.secagg import protocol as sa
 from fedtune.common.training import adapter
 from fedtune.server.aggregation import PlainFedAvg
@@ -126,9 +127,9 @@ def test_a_corrupted_self_mask_share_is_detected(tmp_path, start):
         def tamper(msg, reply):
             if msg.metadata.message_type == "query.secagg_unmask" and msg.metadata.dst_node_id == holder:
                 rec = reply.content.config_records["secagg"]
-                b = sa.map_from_wire(rec, "b")
+                b = codec.map_from_wire(rec, "b")
                 b[owner] = b[owner][:4] + bytes([b[owner][4] ^ 0xFF]) + b[owner][5:]
-                return _edit(reply, "secagg", **sa.map_to_wire("b", b))
+                return _edit(reply, "secagg", **codec.map_to_wire("b", b))
             return reply
         return tamper
 

@@ -18,14 +18,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from fedtune.common.errors import FedtuneError
+from fedtune.common.errors import KeyFileError
 from fedtune.common.operations.atomic import write_atomic
 
 CURVE = ec.SECP384R1
-
-
-class KeyFileError(FedtuneError):
-    """Raised when a key or certificate file would be overwritten, or cannot be read."""
 
 
 def _write(path: Path, data: bytes, *, private: bool, force: bool) -> Path:

@@ -19,12 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedtune.common.errors import FedtuneError
+from fedtune.common.errors import RunDirError
 from fedtune.common.operations.atomic import write_json_atomic
-
-
-class RunDirError(FedtuneError):
-    """Raised when a run directory is missing, not a run, or cannot be resumed."""
 
 
 def _atomic_json(path: Path, obj: Any) -> None:

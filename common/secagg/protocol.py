@@ -52,20 +52,12 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from fedtune.common.errors import FedtuneError
+from fedtune.common.errors import ParamsError, SecAggError
 
 MOD_BITS = 32
 MOD = 1 << MOD_BITS
 MIN_LEVELS = 16  # fewer quantization levels than this per clip unit would drown the update in rounding
 MAX_COMBINATIONS = 64  # share subsets tried when a reconstructed secret fails its check
-
-
-class SecAggError(FedtuneError):
-    """Raised when a protocol step cannot proceed safely (tampering, replay, unsafe parameters, dropouts)."""
-
-
-class ParamsError(SecAggError):
-    """Raised by a node for round parameters outside the bounds its organization enforces."""
 
 
 # -- primitives, composed ----------------------------------------------------------------------
@@ -330,23 +322,6 @@ class Params:
     def digest(self) -> bytes:
         blob = json.dumps(asdict(self), sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(b"fedtune-secagg-params|" + blob).digest()
-
-    def to_wire(self) -> dict:
-        d = asdict(self)
-        d["cohort"] = [str(v) for v in self.cohort]  # node ids are unsigned 64-bit: strings on the wire
-        return {f"p-{k}": v for k, v in d.items()}
-
-    @classmethod
-    def from_wire(cls, rec: Mapping) -> Params:
-        try:
-            return cls(job=str(rec["p-job"]), epoch=int(rec["p-epoch"]),
-                       cohort=tuple(sorted(int(v) for v in rec["p-cohort"])), seed=int(rec["p-seed"]),
-                       degree=int(rec["p-degree"]), threshold=int(rec["p-threshold"]), round=int(rec["p-round"]),
-                       clip=float(rec["p-clip"]), max_weight=int(rec["p-max_weight"]),
-                       weighting=str(rec["p-weighting"]))
-        except (KeyError, TypeError, ValueError) as e:
-            raise SecAggError(f"malformed secure-aggregation parameters ({e.__class__.__name__}: {e})",
-                              "the server sent an invalid message; refusing") from None
 
 
 @dataclass(frozen=True)
@@ -780,66 +755,3 @@ def _reconstruct(shares: list[bytes], t: int, *, what: str, round_: int, ok) -> 
 def split_sum(total: np.ndarray) -> tuple[np.ndarray, int]:
     """(weighted quantized sum, weight sum) from an unmasked total."""
     return total[:-1], int(total[-1].astype(np.uint32).view(np.int32))
-
-
-# -- the message layout (one place: both sides encode and decode here) ---------------------------
-def ids_to_wire(ids: Iterable[int]) -> list[str]:
-    """Node ids are unsigned 64-bit: they travel as decimal strings."""
-    return [str(int(v)) for v in ids]
-
-
-def ids_from_wire(values) -> list[int]:
-    try:
-        return [int(str(v)) for v in values]
-    except (TypeError, ValueError):
-        raise SecAggError("malformed node ids in a secure-aggregation message", "refusing") from None
-
-
-def map_to_wire(prefix: str, items: Mapping[int, bytes]) -> dict:
-    return {f"{prefix}-ids": ids_to_wire(items), f"{prefix}-blobs": [bytes(b) for b in items.values()]}
-
-
-def map_from_wire(rec: Mapping, prefix: str) -> dict[int, bytes]:
-    ids, blobs = rec.get(f"{prefix}-ids", []), rec.get(f"{prefix}-blobs", [])
-    if not isinstance(ids, list) or not isinstance(blobs, list) or len(ids) != len(blobs) or \
-            not all(isinstance(b, bytes) for b in blobs):
-        raise SecAggError(f"malformed {prefix!r} entries in a secure-aggregation message", "refusing")
-    out = dict(zip(ids_from_wire(ids), blobs, strict=True))
-    if len(out) != len(ids):
-        raise SecAggError(f"repeated node ids in {prefix!r}", "refusing")
-    return out
-
-
-def adverts_to_wire(adverts: Mapping[int, Advert]) -> dict:
-    a = list(adverts.values())
-    return {"adv-node": ids_to_wire(x.node for x in a), "adv-name": [x.name for x in a],
-            "adv-s": [x.s_pk for x in a], "adv-c": [x.c_pk for x in a], "adv-g": [x.sign_pk for x in a],
-            "adv-sig": [x.identity_sig for x in a]}
-
-
-def adverts_from_wire(rec: Mapping) -> dict[int, Advert]:
-    try:
-        cols = [rec[k] for k in ("adv-node", "adv-name", "adv-s", "adv-c", "adv-g", "adv-sig")]
-        if len({len(c) for c in cols}) != 1:
-            raise ValueError("columns of different lengths")
-        out = {}
-        for node, name, s, c, g, sig in zip(ids_from_wire(cols[0]), *cols[1:], strict=True):
-            if not all(isinstance(x, bytes) for x in (s, c, g, sig)) or len(s) != 32 or len(c) != 32 or len(g) != 32:
-                raise ValueError("malformed key")
-            out[node] = Advert(node=node, name=str(name), s_pk=s, c_pk=c, sign_pk=g, identity_sig=sig)
-    except (KeyError, TypeError, ValueError) as e:
-        raise SecAggError(f"malformed public keys in a secure-aggregation message ({e})", "refusing") from None
-    if len(out) != len(cols[0]):
-        raise SecAggError("a node appears twice among the public keys", "refusing")
-    return out
-
-
-def advert_to_wire(a: Advert) -> dict:
-    return {"a-node": str(a.node), "a-name": a.name, "a-s": a.s_pk, "a-c": a.c_pk, "a-g": a.sign_pk,
-            "a-sig": a.identity_sig}
-
-
-def advert_from_wire(rec: Mapping) -> Advert:
-    return adverts_from_wire({"adv-node": [rec.get("a-node")], "adv-name": [rec.get("a-name")],
-                              "adv-s": [rec.get("a-s")], "adv-c": [rec.get("a-c")], "adv-g": [rec.get("a-g")],
-                              "adv-sig": [rec.get("a-sig")]})[int(str(rec.get("a-node")))]

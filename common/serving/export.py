@@ -254,14 +254,13 @@ def _merged_model(cfg: JobConfig, record: dict, src: Path):
     """The base model with the adapter folded into its weights (a plain transformers model)."""
     import warnings
 
-    from fedtune.common.training.model import build_lora_model
+    from fedtune.common.training import builder
 
-    m, lc = record["model"], cfg.lora
+    m = record["model"]
     if m["task"] == "seq-cls" and not m["labels"]:
         raise ExportError("the run's configuration has no label set (data.labels is empty)",
                           "this run cannot be exported as a classifier; its config.json lacks data.labels")
-    lm = build_lora_model(model_path=cfg.model.path, task=m["task"], labels=m["labels"], r=lc.r, alpha=lc.alpha,
-                          dropout=lc.dropout, target_modules=lc.target_module_list, ffa=lc.ffa, seed=lc.seed)
+    lm = builder.build_model(cfg, m["labels"], task=m["task"])
     adapter.load_adapter_dir(lm.model, src)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

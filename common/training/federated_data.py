@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import json
 
-from fedtune.common.training import data
+from fedtune.common.training import builder, data
 from fedtune.common.training.config import JobConfig, load_config
 from fedtune.common.training.partition import partition
 
@@ -28,10 +28,7 @@ def _data_key(cfg: JobConfig) -> str:
 @functools.lru_cache(maxsize=4)
 def _global_splits(key: str) -> data.Splits:
     cfg = load_config(json.loads(key))
-    d = cfg.data
-    return data.load_splits(path=d.path, text_column=d.text_column, label_column=d.label_column, labels=d.label_list,
-                            task=cfg.model.task, val_fraction=d.val_fraction, test_fraction=d.test_fraction,
-                            seed=d.seed, max_records=d.max_records)
+    return builder.load_records(cfg)
 
 
 @functools.lru_cache(maxsize=4)

@@ -21,13 +21,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from fedtune.common.errors import BudgetExceededError, FedtuneError
+from fedtune.common.errors import BudgetExceededError, EvaluationRefused
 from fedtune.common.privacy import accounting as privacy
 from fedtune.common.privacy.ledger import PrivacyLedger
-from fedtune.common.training import adapter, data
+from fedtune.common.training import adapter, builder, data
 from fedtune.common.training.config import JobConfig
 from fedtune.common.training.evaluate import evaluate, private_counts
-from fedtune.common.training.model import LoraModel, build_lora_model, set_threads
+from fedtune.common.training.model import LoraModel, set_threads
 from fedtune.common.training.train import ProgressFn, TrainStats, make_optimizer, train_steps
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -52,10 +52,6 @@ class NodePolicy:
     delta: float = privacy.DEFAULT_DELTA
     accountant: str = "pld"
     evaluate: bool = True
-
-
-class EvaluationRefused(FedtuneError):
-    """Raised when a node's policy says it answers no federated evaluation."""
 
 
 @dataclass
@@ -132,18 +128,11 @@ def prepare(cfg: JobConfig, policy: NodePolicy, *, state_dir: str | Path, data_p
         DataError, ModelError, PrivacyError, LedgerError: with what to fix.
     """
     set_threads(cfg.train.threads)
-    d = cfg.data
-    splits = splits or data.load_splits(path=data_path if data_path is not None else d.path, text_column=d.text_column,
-                                        label_column=d.label_column, labels=d.label_list, task=cfg.model.task,
-                                        val_fraction=d.val_fraction, test_fraction=d.test_fraction, seed=d.seed,
-                                        max_records=d.max_records)
+    splits = splits or builder.load_records(cfg, data_path)
     if for_training:
         data.check_trainable_size(len(splits.train), cfg.train.batch_size, splits.train.source)
     if model is None:
-        lc = cfg.lora
-        model = build_lora_model(model_path=cfg.model.path, task=cfg.model.task, labels=splits.labels, r=lc.r,
-                                 alpha=lc.alpha, dropout=lc.dropout, target_modules=lc.target_module_list,
-                                 ffa=lc.ffa, seed=lc.seed)
+        model = builder.build_model(cfg, splits.labels)
     tok = model.tokenizer
     key = _cache_key(splits.fingerprint, cfg.data.__dict__, str(model.base_path), cfg.model.max_length,
                      cfg.model.task, splits.labels, len(splits.train), len(splits.val), len(splits.test))
