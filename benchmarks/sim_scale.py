@@ -94,15 +94,13 @@ def check_against_plain_fedavg(cfg, run_dir: Path, rounds: list[dict]) -> tuple[
     import numpy as np
     from fedtune.common.secagg import protocol as secagg
     from fedtune.common.training import adapter
-    from fedtune.common.training.aggregate import fedavg, update
+    from fedtune.common.training.aggregate import batch_weight, fedavg, update
+    from fedtune.common.training.builder import build_model
     from fedtune.common.training.federated_data import global_splits, node_splits
-    from fedtune.common.training.model import build_lora_model
-    from fedtune.common.training.node import NodePolicy, batch_weight, prepare, train_round
+    from fedtune.common.training.node import NodePolicy, prepare, train_round
 
-    lc = cfg.lora
-    lm = build_lora_model(model_path="", task="seq-cls", labels=global_splits(cfg).labels, r=lc.r, alpha=lc.alpha,
-                          dropout=lc.dropout, target_modules=lc.target_module_list, ffa=lc.ffa, seed=lc.seed)
-    start = adapter.pack(lm.model, ffa=lc.ffa)
+    lm = build_model(cfg, global_splits(cfg).labels)
+    start = adapter.pack(lm.model, ffa=cfg.lora.ffa)
     worst, cohort = 0.0, 0
     with tempfile.TemporaryDirectory() as state:
         for r in rounds:

@@ -15,6 +15,7 @@ import numpy as np
 from fedtune.common.errors import AdapterError
 from fedtune.common.training import aggregate
 from fedtune.common.training.adapter import check_arrays
+from fedtune.common.training.wire import NodeRoundResult
 from fedtune.server.messages import NodeReply, array_record, config_record, exchange
 from flwr.serverapp import Grid
 
@@ -56,7 +57,8 @@ class PlainFedAvg:
                                 f"only {len(ok)} of {len(node_ids)} nodes returned an update (fed.min-nodes="
                                 f"{self.min_nodes})")
         updates = [{k: a.numpy() for k, a in r.content["update"].items()} for r in ok]
-        weights = [aggregate.node_weight(int(r.metrics.get("weight") or 0), self.weighting) for r in ok]
+        weights = [aggregate.node_weight(NodeRoundResult.from_record(r.metrics).weight or 0, self.weighting)
+                   for r in ok]
         if sum(weights) <= 0:
             return RoundOutcome(None, replies, sent, received, 1, "total aggregation weight is zero")
         return RoundOutcome(aggregate.fedavg(global_arrays, updates, weights), replies, sent, received, 1)

@@ -19,6 +19,7 @@ from fedtune.common.operations.rundir import RunDir
 from fedtune.common.training import adapter, builder
 from fedtune.common.training.config import JobConfig
 from fedtune.common.training.evaluate import evaluate, pool_answers
+from fedtune.common.training.wire import EvalAnswer, NodeRoundResult, RoundTask
 from fedtune.server.messages import (
     array_record,
     config_record,
@@ -131,7 +132,7 @@ class Federation:
         k = min(len(eligible), max(f.min_nodes, math.ceil(f.fraction_train * len(eligible))))
         # python's sampler: node ids are 64-bit unsigned and numpy would turn mixed ones into floats
         asked = sorted(random.Random(f"{cfg.train.seed}-{rnd}").sample(eligible, k))
-        conf = {"server-round": rnd, "job": self.rd.path.name}
+        conf = RoundTask(job=self.rd.path.name, round=rnd).to_record()
         outcome = self.agg.run_round(grid, server_round=rnd, node_ids=asked, global_arrays=global_arrays,
                                      config=conf, names=self.names)
         for r in outcome.replies:
@@ -144,9 +145,10 @@ class Federation:
         ev = server.evaluate(new if new is not None else global_arrays) if f.server_eval else {}
         fed_ev = self._federated_eval(grid, rnd, new if new is not None else global_arrays, connected)
         ok = [r for r in outcome.replies if r.ok]
-        losses = [float(r.metrics["train-loss"]) for r in ok if r.metrics.get("train-loss") is not None]
+        results = {r.node_id: NodeRoundResult.from_record(r.metrics) for r in outcome.replies}
+        losses = [results[r.node_id].train_loss for r in ok if results[r.node_id].train_loss is not None]
         loss = sum(losses) / len(losses) if losses else None  # mean over nodes (weights are not sent in the clear)
-        eps = {self.key(r.node_id): r.metrics.get("epsilon") for r in ok}
+        eps = {self.key(r.node_id): results[r.node_id].epsilon for r in ok}
         for key, m in ((fed_ev or {}).get("per_node") or {}).items():  # a node's spend after its last release
             if m.get("epsilon") is not None:
                 eps[key] = max(eps.get(key) or 0.0, m["epsilon"])
@@ -166,9 +168,8 @@ class Federation:
             "exchanges": outcome.exchanges, "server_eval": _compact(ev), "federated_eval": fed_ev,
             "server_per_class": (ev or {}).get("test", {}).get("per_class"),
             "secagg": outcome.extra or None,
-            "per_node": {self.key(r.node_id): {"name": r.name, "status": r.status, **{k: r.metrics.get(k) for k in (
-                "weight", "train-loss", "epsilon", "max-epsilon", "delta", "seconds", "steps", "noise-multiplier",
-                "sample-rate", "accountant")}} for r in outcome.replies},
+            "per_node": {self.key(r.node_id): {"name": r.name, "status": r.status, **results[r.node_id].figures(),
+                                               "accountant": r.accountant} for r in outcome.replies},
         }
         return record, new, ev
 
@@ -178,12 +179,14 @@ class Federation:
             return None
         k = max(1, math.ceil(f.fraction_evaluate * len(connected)))
         nodes = sorted(random.Random(f"{self.cfg.train.seed}-{rnd}-eval").sample(connected, k))
-        conf = {"server-round": rnd, "job": self.rd.path.name}
+        conf = RoundTask(job=self.rd.path.name, round=rnd).to_record()
         replies = exchange(grid, node_ids=nodes, message_type="evaluate", timeout=f.round_timeout,
                            group=f"eval-{rnd}", names=self.names,
                            content={"arrays": array_record(arrays), "config": config_record(conf)})
-        return pool_answers({self.key(r.node_id): {"name": r.name, **r.metrics} for r in replies if r.ok},
-                            failed=[r.name for r in replies if not r.ok], task=self.cfg.model.task)
+        task = self.cfg.model.task
+        answers = {self.key(r.node_id): {"name": r.name, **EvalAnswer.from_record(r.metrics, task).figures(task)}
+                   for r in replies if r.ok}
+        return pool_answers(answers, failed=[r.name for r in replies if not r.ok], task=task)
 
     def key(self, node_id: int) -> str:
         """The key a node's figures are recorded under: its node id (names are self-declared and may collide);

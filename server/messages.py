@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from fedtune.common.errors import FedtuneError
+from fedtune.common.training.wire import NodeInfo
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
@@ -22,11 +23,12 @@ class NodeReply:
 
     node_id: int
     name: str
-    status: str  # ok | refused | error | dropped
+    status: str  # ok | refused | unsafe | error | dropped
     reason: str = ""
     metrics: dict = field(default_factory=dict)
     content: RecordDict | None = None
     bytes: int = 0
+    accountant: str | None = None  # the accountant the node's epsilon figures come from (its own, when deployed)
 
     @property
     def ok(self) -> bool:
@@ -74,19 +76,15 @@ def exchange(grid: Grid, *, node_ids: Iterable[int], message_type: str, content,
             reason = str(r.error.reason).strip().splitlines()
             out.append(NodeReply(nid, name, "error", _last_line(reason)))
             continue
-        info = r.content.config_records.get("info") or ConfigRecord({})
-        name = str(info.get("node", name))[:200]
+        info = NodeInfo.from_record(r.content.config_records.get("info") or ConfigRecord({}), name)
         if names is not None:
-            names[nid] = name
-        status = str(info.get("status", "ok"))
+            names[nid] = info.name
         metrics = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                    for rec in r.content.metric_records.values() for k, v in rec.items()}
-        if str(info.get("accountant", "")) in ("pld", "rdp"):
-            metrics["accountant"] = str(info["accountant"])
         nbytes = sum(a.count_bytes() for a in r.content.array_records.values()) + sum(
             len(b) for rec in r.content.config_records.values() for v in rec.values()
             for b in (v if isinstance(v, list) else [v]) if isinstance(b, bytes))
-        out.append(NodeReply(nid, name, status, str(info.get("reason", "")), metrics, r.content, nbytes))
+        out.append(NodeReply(nid, info.name, info.status, info.reason, metrics, r.content, nbytes, info.accountant))
     return out
 
 

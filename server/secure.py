@@ -139,8 +139,6 @@ class SecureFedAvg:
                 _fail(r, problem)
                 continue
             uploads[r.node_id] = up
-        for r in replies:  # under secure aggregation a node's weight is not sent in the clear
-            r.metrics.setdefault("weight", None)
         sent = arrays.count_bytes() * len(cohort)
         received = sum(r.bytes for r in replies)
         all_replies = failures + replies

@@ -49,8 +49,8 @@ def test_ledger_epsilon_matches_an_independent_pld_recomputation(tmp_path, easy_
     for i, e in enumerate(entries):
         expected = independent_pld([x.event for x in entries[: i + 1]], policy.delta)
         assert e.epsilon_after == pytest.approx(expected, rel=0.02), (i, e.epsilon_after, expected)
-    assert (r1.epsilon_spent, answer.epsilon_spent, r2.epsilon_spent) == tuple(e.epsilon_after for e in entries)
-    assert r1.epsilon_spent < answer.epsilon_spent < r2.epsilon_spent  # composition spends more, never resets
+    assert (r1.epsilon_spent, answer.epsilon, r2.epsilon_spent) == tuple(e.epsilon_after for e in entries)
+    assert r1.epsilon_spent < answer.epsilon < r2.epsilon_spent  # composition spends more, never resets
     # the whole job (2 rounds + 2 planned evaluation answers) was calibrated to its target
     jp = node.job_plan(n, "j")
     planned = [(jp.noise_multiplier, n.plan.sample_rate, n.plan.total_steps), (jp.eval_noise, 1.0, jp.evaluations)]

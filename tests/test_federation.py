@@ -199,9 +199,9 @@ def test_sampled_cohorts_with_a_sparse_graph_equal_plain_fedavg_of_the_same_node
     import torch
     from fedtune.common.secagg import protocol as secagg
     from fedtune.common.training import adapter
-    from fedtune.common.training.aggregate import fedavg, update
+    from fedtune.common.training.aggregate import batch_weight, fedavg, update
     from fedtune.common.training.federated_data import node_splits
-    from fedtune.common.training.node import NodePolicy, batch_weight, prepare, train_round
+    from fedtune.common.training.node import NodePolicy, prepare, train_round
 
     run_dir = tmp_path / "run"
     cfg = load_config({**TINY, "data.max-records": 1200, "train.batch-size": 4, "train.local-steps": 1,

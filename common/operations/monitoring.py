@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from fedtune.common.operations.rundir import RunDir
+from fedtune.common.training.wire import stored_figures
 
 AMBER = 0.8  # share of a node's ceiling at which its budget bar turns amber
 
@@ -28,15 +29,16 @@ def node_privacy(rounds: list[dict], upto: int | None = None) -> dict[str, dict]
         if upto is not None and r["round"] > upto:
             continue
         for name, m in (r.get("per_node") or {}).items():
+            m = stored_figures(m)
             if m.get("status") != "ok":
                 continue
             p = nodes.setdefault(name, {"rounds": [], "steps": 0, "evaluations": 0, "epsilon": None})
             p["name"] = m.get("name", name)
             p["rounds"].append(r["round"])
             p["steps"] += int(m.get("steps") or 0)
-            for k in ("noise-multiplier", "sample-rate", "delta", "max-epsilon"):
+            for k in ("noise_multiplier", "sample_rate", "delta", "max_epsilon"):
                 if m.get(k) is not None:
-                    p[k.replace("-", "_")] = m[k]
+                    p[k] = m[k]
             p["epsilon"] = _later(p["epsilon"], m.get("epsilon"))
         for name, m in ((r.get("federated_eval") or {}).get("per_node") or {}).items():
             p = nodes.setdefault(name, {"rounds": [], "steps": 0, "evaluations": 0, "epsilon": None})

@@ -53,6 +53,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from fedtune.common.errors import ParamsError, SecAggError
+from fedtune.common.training.aggregate import node_weight
 
 MOD_BITS = 32
 MOD = 1 << MOD_BITS
@@ -552,7 +553,7 @@ class NodeKeys:
         a commitment to the self-mask seed and a signature over the round's parameters."""
         self.check_round(p, rules)
         self.last_round, self.round_params = p.round, p
-        weight = 1 if p.weighting == "uniform" else max(0, min(int(weight), p.max_weight))
+        weight = max(0, min(int(node_weight(weight, p.weighting)), p.max_weight))  # the one weight rule
         L = p.levels
         q = quantize(values, clip=p.clip, levels_=L, rng=np.random.default_rng(secrets.randbits(128)))
         plain = np.concatenate([q * weight, [weight]]).astype(np.int64)

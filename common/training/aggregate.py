@@ -2,18 +2,28 @@
 
 Nodes send *updates* (trained minus received adapter tensors). The server's new
 adapter is ``global + sum_i(w_i * update_i) / sum_i(w_i)``. Weighted FedAvg uses
-each node's number of training records as ``w_i``; uniform uses 1. With secure
+each node's training records rounded up to whole batches as ``w_i`` (:func:`batch_weight`, the
+one weight rule: the node reports it, :func:`node_weight` turns it into ``w_i``); uniform uses 1. With secure
 aggregation the server only ever sees the two sums, which is why aggregation is
 written in terms of them.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 Arrays = Mapping[str, np.ndarray]
+
+
+def batch_weight(n_train: int, batch_size: int) -> int:
+    """The node weight rule: training records rounded up to whole batches.
+
+    It carries no more than the Poisson sampling rate (1 / ceil(N / B)) that nodes report anyway,
+    so a node's exact record count never leaves it."""
+    return math.ceil(n_train / batch_size) * batch_size
 
 
 def node_weight(weight: int, mode: str) -> float:

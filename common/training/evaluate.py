@@ -95,7 +95,7 @@ def private_counts(model: torch.nn.Module, dataset: TensorDataset, *, task: str,
 def pool_answers(answers: dict[str, dict], *, failed: list[str], task: str) -> dict:
     """Federated-evaluation figures from nodes' noised answers (see :func:`private_counts`).
 
-    A node's answer is counts plus Gaussian noise (``noise-std``): its own accuracy is an
+    A node's answer is counts plus Gaussian noise (``noise_std``): its own accuracy is an
     estimate with that noise, the pooled figure sums every node's counts first. Counts are
     clamped at zero and accuracies to [0, 1]; a node whose noised total is not positive has no figure.
     """
@@ -106,7 +106,7 @@ def pool_answers(answers: dict[str, dict], *, failed: list[str], task: str) -> d
             total = right + wrong
             per[name] = {**m, "accuracy": (right / total) if total > 0 else None}
         else:
-            recs, loss = max(0.0, float(m.get("records", 0.0))), max(0.0, float(m.get("loss-sum", 0.0)))
+            recs, loss = max(0.0, float(m.get("records", 0.0))), max(0.0, float(m.get("loss_sum", 0.0)))
             per[name] = {**m, "loss": (loss / recs) if recs >= 1 else None}
     out: dict = {"nodes": len(per), "failed": failed, "per_node": per, "noised": True}
     if task == "seq-cls":
@@ -118,6 +118,6 @@ def pool_answers(answers: dict[str, dict], *, failed: list[str], task: str) -> d
                    worst_node=min(accs, key=accs.get) if accs else None)
     else:
         recs = sum(max(0.0, float(m.get("records", 0.0))) for m in answers.values())
-        loss = sum(max(0.0, float(m.get("loss-sum", 0.0))) for m in answers.values())
+        loss = sum(max(0.0, float(m.get("loss_sum", 0.0))) for m in answers.values())
         out.update(loss=loss / recs if recs >= 1 else None)
     return out

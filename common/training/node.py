@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import secrets
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,11 +25,13 @@ import torch
 from fedtune.common.errors import BudgetExceededError, EvaluationRefused
 from fedtune.common.privacy import accounting as privacy
 from fedtune.common.privacy.ledger import PrivacyLedger
-from fedtune.common.training import adapter, builder, data
+from fedtune.common.training import adapter, aggregate, builder, data
+from fedtune.common.training.aggregate import batch_weight
 from fedtune.common.training.config import JobConfig
 from fedtune.common.training.evaluate import evaluate, private_counts
 from fedtune.common.training.model import LoraModel, set_threads
 from fedtune.common.training.train import ProgressFn, TrainStats, make_optimizer, train_steps
+from fedtune.common.training.wire import EvalAnswer, NodeRoundResult
 from torch.utils.data import DataLoader, TensorDataset
 
 log = logging.getLogger(__name__)
@@ -90,22 +93,6 @@ class RoundResult:
     delta: float
     steps: int
 
-
-@dataclass(frozen=True)
-class EvalAnswer:
-    """A noised federated-evaluation answer: counts plus Gaussian noise, never exact."""
-
-    counts: tuple[float, float]  # seq-cls: (correct, wrong); causal-lm: (records, clipped loss sum / clip)
-    noise_std: float
-    epsilon_spent: float
-
-
-def batch_weight(n_train: int, batch_size: int) -> int:
-    """The node weight rule: training records rounded up to whole batches.
-
-    It carries no more than the Poisson sampling rate (1 / ceil(N / B)) that nodes report anyway,
-    so a node's exact record count never leaves it."""
-    return math.ceil(n_train / batch_size) * batch_size
 
 
 def prepare(cfg: JobConfig, policy: NodePolicy, *, state_dir: str | Path, data_path: str | None = None,
@@ -267,6 +254,18 @@ def train_round(node: Node, *, job: str, round: int, initial: Mapping[str, np.nd
                        delta=node.policy.delta, steps=entry.steps)
 
 
+def train_and_report(node: Node, received: Mapping[str, np.ndarray], *, job: str, round: int) -> NodeRoundResult:
+    """One federated round on this node from the received global adapter: what the node sends back.
+
+    The update is the trained minus the received tensors; the weight follows :func:`batch_weight`."""
+    t0 = time.perf_counter()
+    r = train_round(node, job=job, round=round, initial=received)
+    return NodeRoundResult(update=aggregate.update(r.arrays, received), weight=r.weight, train_loss=r.stats.mean_loss,
+                           epsilon=r.epsilon_spent, max_epsilon=node.policy.max_epsilon, delta=r.delta,
+                           noise_multiplier=r.noise_multiplier, sample_rate=r.sample_rate, steps=r.steps,
+                           seconds=time.perf_counter() - t0)
+
+
 def answer_evaluation(node: Node, *, job: str, round: int) -> EvalAnswer:
     """A federated-evaluation answer on the node's test split: counts with calibrated Gaussian noise.
 
@@ -300,7 +299,7 @@ def answer_evaluation(node: Node, *, job: str, round: int) -> EvalAnswer:
     entry = node.ledger.settle(entry)
     rng = np.random.default_rng(secrets.randbits(128))  # fresh OS entropy, never a job seed
     noised = counts + rng.normal(0.0, std, size=counts.shape) if std > 0 else counts
-    return EvalAnswer(counts=(float(noised[0]), float(noised[1])), noise_std=std, epsilon_spent=entry.epsilon_after)
+    return EvalAnswer(counts=(float(noised[0]), float(noised[1])), noise_std=std, epsilon=entry.epsilon_after)
 
 
 def evaluate_split(node: Node, split: str = "test") -> dict:
