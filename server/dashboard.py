@@ -18,6 +18,7 @@ from pathlib import Path
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
+from fedtune.common.formatting import num
 from fedtune.common.operations.monitoring import run_view
 from fedtune.common.operations.rundir import RunDirError
 
@@ -57,9 +58,7 @@ def _runs(root: Path) -> dict[str, Path]:
 
 
 def _e(v, nd: int = 4) -> str:
-    if v is None:
-        return "-"
-    return html.escape(f"{v:.{nd}f}" if isinstance(v, float) else str(v))
+    return html.escape(num(v, f".{nd}f"))
 
 
 def rounds_table(view: dict) -> str:

@@ -11,10 +11,13 @@ with the job's optimizer and privacy settings (DP calibrated to the same target)
 
 from __future__ import annotations
 
+import json
 import math
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 from fedtune.common.privacy.accounting import DEFAULT_DELTA
 from fedtune.common.training import data
@@ -78,3 +81,24 @@ def federated_row(summary: dict, *, name: str, seconds: float) -> dict:
     eps = [p.get("epsilon") for p in nodes.values() if p.get("epsilon") is not None]
     return {"name": name, "accuracy": final.get("accuracy"), "macro_f1": final.get("macro_f1"),
             "worst_accuracy": fe.get("worst_accuracy"), "epsilon": max(eps) if eps else None, "seconds": seconds}
+
+
+def run_all(cfg: JobConfig, *, with_nodp: bool, out: Callable[[str], None] = print) -> tuple[Path, list[dict]]:
+    """The federated DP run of ``cfg`` plus every baseline on the same split; rows saved in baselines.json.
+
+    ``with_nodp``: also run the federation without DP (a second simulation)."""
+    from fedtune.simulations.run import simulate
+
+    fed = simulate(cfg, report=False)
+    run_dir = Path(fed["run_dir"])
+    rows = [federated_row(fed["summary"], name="federated, DP (this run)", seconds=fed["seconds"])]
+    if with_nodp:
+        nodp = cfg.replace(**{"privacy.enabled": False, "sim.node-max-epsilon": math.inf,
+                              "fed.run-dir": str(run_dir) + "-nodp"})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            res = simulate(nodp, report=False)
+        rows.append(federated_row(res["summary"], name="federated, no DP", seconds=res["seconds"]))
+    rows += [centralized(cfg, dp=True, out=out), centralized(cfg, dp=False, out=out), local_only(cfg, out=out)]
+    (run_dir / "baselines.json").write_text(json.dumps(rows, indent=2, default=str) + "\n")
+    return run_dir, rows

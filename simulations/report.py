@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from fedtune.common.formatting import num
 from fedtune.common.operations.rundir import RunDir
 
 
@@ -45,7 +46,7 @@ def _xy(rounds: list[dict], get) -> tuple[list, list]:
 
 
 def _fmt(v, nd=4) -> str:
-    return "-" if v is None else (f"{v:.{nd}f}" if isinstance(v, float) else str(v))
+    return num(v, f".{nd}f")
 
 
 def write_report(run_dir: str | Path) -> Path:

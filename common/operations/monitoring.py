@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from fedtune.common.formatting import num
 from fedtune.common.operations.rundir import RunDir
 from fedtune.common.training.wire import stored_figures
 
@@ -108,7 +109,7 @@ def run_view(run_dir: str | Path) -> dict:
 
 
 def _f(v, nd: int = 4) -> str:
-    return "-" if v is None else f"{v:.{nd}f}" if isinstance(v, float) else str(v)
+    return num(v, f".{nd}f")
 
 
 def status_table(view: dict) -> str:

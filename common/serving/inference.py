@@ -25,7 +25,6 @@ import csv
 import io
 import json
 import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -247,18 +246,3 @@ def write_output(content: str, out: str | None) -> None:
         raise DataError(f"cannot write {path}: {e.strerror or e}",
                         "choose an output path you can write to (or leave out --out for stdout)") from None
 
-
-def progress_printer(stream=sys.stderr, every: float = 2.0) -> Callable[[int, int], None]:
-    """Progress lines on stderr: texts done, rate, time left."""
-    t0 = time.perf_counter()
-    last = [0.0]
-
-    def show(done: int, total: int) -> None:
-        now = time.perf_counter() - t0
-        if done == total or now - last[0] >= every:
-            last[0] = now
-            rate = done / now if now > 0 else 0.0
-            left = (total - done) / rate if rate else 0.0
-            print(f"labelled {done}/{total} texts ({rate:.0f}/s, ~{left:.0f}s left)", file=stream, flush=True)
-
-    return show

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import time
 
+from fedtune.common.formatting import num
+
 
 def _fmt(x, spec: str = ".4f") -> str:
-    return "-" if x is None else format(x, spec)
+    whole = isinstance(x, int) and not isinstance(x, bool) and not spec.endswith("d")
+    return num(float(x) if whole else x, spec)
 
 
 def _range(values: list, spec: str) -> str:
