@@ -43,7 +43,7 @@ print(f"{t1 - t0:.3f} {t2 - t1:.3f}")
 
 
 def startup(tmp: Path) -> dict:
-    from tests.conftest import write_easy_csv
+    from fedtune.simulations.synthetic import write_easy_csv
 
     data = write_easy_csv(tmp / "org.csv", n=400)
     rows = {"cold": [], "warm": []}
@@ -61,8 +61,7 @@ def rounds_side_by_side(tmp: Path) -> tuple[list[float], list[float], float, flo
     from fedtune.common.training.config import load_config
     from fedtune.simulations.deployment import LocalFederation
     from fedtune.simulations.run import simulate
-
-    from tests.conftest import write_easy_csv
+    from fedtune.simulations.synthetic import write_easy_csv
 
     job = {"fed.num-nodes": 3, "fed.min-nodes": 3, "train.rounds": 2, "fed.fraction-evaluate": 0.0,
            "data.labels": "finance,sport", "data.max-records": 0, "model.max-length": 16, "train.batch-size": 8,

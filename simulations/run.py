@@ -139,11 +139,3 @@ def simulate(cfg: JobConfig, *, out: Callable[[str], None] = print, report: bool
         out(f"report: {path}")
     return result
 
-
-def flower_config_toml(cfg: JobConfig) -> str:
-    """The ``[tool.flwr.app.config]`` lines for ``cfg`` (pyproject mirrors the demo job; a test checks it)."""
-    lines = []
-    for k, v in cfg.to_flat().items():
-        val = ("true" if v else "false") if isinstance(v, bool) else (f'"{v}"' if isinstance(v, str) else repr(v))
-        lines.append(f'"{k}" = {val}')
-    return "\n".join(lines)

@@ -7,9 +7,7 @@ suite stays fast on 2 CPU cores while every model test uses the real MiniLM.
 from __future__ import annotations
 
 import copy
-import json
 import os
-import random
 from pathlib import Path
 
 import pytest
@@ -18,46 +16,9 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(2)
 
-from fedtune.common.training.config import JobConfig, load_config  # noqa: E402
+from fedtune.common.training.config import load_config  # noqa: E402
 from fedtune.common.training.model import LoraModel, build_lora_model  # noqa: E402
-
-EASY_LABELS = ["sport", "finance"]
-_SPORT = ["the striker scored a late goal", "the team won the championship final", "the coach praised his players",
-          "a record crowd watched the match", "the goalkeeper saved a penalty", "the runner won the marathon",
-          "the tennis star lost in the semi final", "fans cheered as the club lifted the cup"]
-_FINANCE = ["the central bank raised interest rates", "shares fell sharply on the stock market",
-            "the company reported higher quarterly profits", "investors sold bonds amid inflation fears",
-            "the bank cut its lending rate", "oil prices pushed the index lower",
-            "the firm's revenue beat analyst forecasts", "the currency weakened against the dollar"]
-
-
-def small_settings(**extra) -> dict:
-    """Settings for fast tests: short sequences, small batches, few steps."""
-    base = {"model.max-length": 24, "train.batch-size": 8, "train.local-steps": 4, "train.eval-batch-size": 32,
-            "data.max-records": 120, "train.threads": 2}
-    base.update(extra)
-    return base
-
-
-def small_config(**extra) -> JobConfig:
-    return load_config(small_settings(**extra))
-
-
-def write_easy_csv(path: Path, n: int = 96, seed: int = 0) -> Path:
-    """A two-topic CSV that a few DP steps can learn (templated sport vs finance sentences)."""
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        label = EASY_LABELS[i % 2]
-        pool = _SPORT if label == "sport" else _FINANCE
-        rows.append((f"{rng.choice(pool)} on day {rng.randint(1, 30)}", label))
-    import csv
-
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["text", "label"])
-        w.writerows(rows)
-    return path
+from helpers import EASY_LABELS, FINANCE, SPORT, write_easy_csv  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -99,7 +60,7 @@ def tiny_gpt2_dir(tmp_path_factory) -> Path:
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
     d = tmp_path_factory.mktemp("tiny-gpt2")
-    corpus = [s for s in _SPORT + _FINANCE] * 20
+    corpus = [s for s in SPORT + FINANCE] * 20
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -113,9 +74,6 @@ def tiny_gpt2_dir(tmp_path_factory) -> Path:
     return d
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
 
 
 # -- a real (tiny) federated run and its exports, shared by the export, registry and inference tests ------------

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import dp_accounting
 import pytest
-from conftest import EASY_LABELS, small_config
 from dp_accounting.pld import pld_privacy_accountant
 from dp_accounting.rdp import rdp_privacy_accountant
 from fedtune.common.privacy import accounting as privacy
 from fedtune.common.privacy.ledger import PrivacyLedger
 from fedtune.common.training import node
+from helpers import EASY_LABELS, small_config
 from opacus.accountants.rdp import RDPAccountant
 
 

@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import EASY_LABELS, write_easy_csv, write_jsonl
 from fedtune.cli import main
+from helpers import EASY_LABELS, write_easy_csv, write_jsonl
 
 LABELS = "data.labels=" + ",".join(EASY_LABELS)
 

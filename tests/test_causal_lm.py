@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
-from conftest import _FINANCE, _SPORT, write_jsonl
 from fedtune.common.training import adapter, node
 from fedtune.common.training.config import load_config
+from helpers import FINANCE, SPORT, write_jsonl
 
 
 def test_causal_lm_trains_with_dp_and_reloads(tmp_path, tiny_gpt2_dir):
@@ -14,7 +14,7 @@ def test_causal_lm_trains_with_dp_and_reloads(tmp_path, tiny_gpt2_dir):
     from transformers import AutoModelForCausalLM
 
     # Prepare: 200 short texts, text column only
-    rows = [{"text": f"{s} on day {i}"} for i, s in enumerate((_SPORT + _FINANCE) * 13)][:200]
+    rows = [{"text": f"{s} on day {i}"} for i, s in enumerate((SPORT + FINANCE) * 13)][:200]
     path = write_jsonl(tmp_path / "texts.jsonl", rows)
     cfg = load_config({"model.path": str(tiny_gpt2_dir), "model.task": "causal-lm", "model.max-length": 16,
                        "lora.target-modules": "c_attn", "data.path": str(path), "train.batch-size": 16,

@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import EASY_LABELS, write_easy_csv
 from fedtune.common.errors import AdapterError, ConfigError
 from fedtune.common.privacy import accounting as privacy
 from fedtune.common.training import adapter, data
 from fedtune.common.training.assets import BBC_LABELS
 from fedtune.common.training.config import JobConfig, all_keys, load_config
+from helpers import EASY_LABELS, write_easy_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -148,16 +148,30 @@ def test_unpack_refuses_arrays_that_do_not_fit(minilm_easy, mutate, match):
 
 
 # -- layering ------------------------------------------------------------------
-def test_common_never_imports_flower():
-    offenders = []
-    for path in (ROOT / "common").rglob("*.py"):
+def _imports(folder: str) -> list[tuple[str, str]]:
+    """(file, imported module) for every import statement under ``folder``, lazy ones included."""
+    out = []
+    for path in (ROOT / folder).rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
-            offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] == "flwr"]
-    assert not offenders
+            out += [(str(path.relative_to(ROOT)), n) for n in names]
+    return out
+
+
+def test_common_never_imports_flower():
+    assert not [(f, n) for f, n in _imports("common") if n.split(".")[0] == "flwr"]
     code = ("import sys, pkgutil, importlib, fedtune.common as c\n"
             "for m in pkgutil.walk_packages(c.__path__, 'fedtune.common.'): importlib.import_module(m.name)\n"
             "assert len([m for m in sys.modules if m.startswith('fedtune.common.')]) > 10\n"
             "assert not [m for m in sys.modules if m.split('.')[0] == 'flwr'], 'flwr imported'\n")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=120)
+
+
+def test_layers_point_one_way():
+    """Simulation is a caller: nothing in client/ or server/ imports simulations/; common/ imports neither."""
+    assert not [(f, n) for d in ("client", "server") for f, n in _imports(d) if n.startswith("fedtune.simulations")]
+    assert not [(f, n) for f, n in _imports("common")
+                if n.startswith(("fedtune.client", "fedtune.server", "fedtune.simulations", "fedtune.cli"))]
+    assert sorted(p.name for p in (ROOT / "common").iterdir() if (p / "__init__.py").is_file()) == [
+        "operations", "privacy", "secagg", "serving", "training"]

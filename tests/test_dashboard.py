@@ -8,13 +8,13 @@ import json
 import pytest
 from fastapi.testclient import TestClient
 from fedtune.server.dashboard import create_app
+from helpers import make_run, round_line
 from prometheus_client.parser import text_string_to_metric_families
-from test_monitoring import _make_run, _round
 
 
 def _client(tmp_path):
-    _make_run(tmp_path / "runs" / "run-a", finished=True)
-    live = _make_run(tmp_path / "runs" / "run-b", finished=False)
+    make_run(tmp_path / "runs" / "run-a", finished=True)
+    live = make_run(tmp_path / "runs" / "run-b", finished=False)
     return TestClient(create_app(tmp_path / "runs")), live
 
 
@@ -28,7 +28,7 @@ def test_pages_and_live_fragment(tmp_path):
     svg = client.get("/runs/run-b/charts/accuracy.svg")
     assert svg.headers["content-type"].startswith("image/svg+xml") and b"<svg" in svg.content
     before = client.get("/runs/run-b/fragment").json()["rounds"].count("<tr")
-    live.append_round(_round(3, per_node={"a": {"status": "ok", "epsilon": 8.0, "max-epsilon": 8.0}}))
+    live.append_round(round_line(3, per_node={"a": {"status": "ok", "epsilon": 8.0, "max_epsilon": 8.0}}))
     after = client.get("/runs/run-b/fragment").json()
     assert after["rounds"].count("<tr") == before + 1 and "fill red" in after["nodes"]
 
@@ -54,7 +54,7 @@ def test_path_traversal_and_markup_are_harmless(tmp_path):
         r = client.get(url)
         assert r.status_code in (404, 422) and "top secret" not in r.text, url
     evil = "<script>alert(1)</script><img src=x onerror=alert(2)>"
-    live.append_round(_round(3, per_node={"a": {"status": "ok", "epsilon": 1.0}, "b": {"status": "error"}},
+    live.append_round(round_line(3, per_node={"a": {"status": "ok", "epsilon": 1.0}, "b": {"status": "error"}},
                              failures=[{"node": "b", "status": "error", "reason": evil}]))
     before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in live.path.rglob("*") if p.is_file()}
     for text in (client.get("/runs/run-b").text, json.dumps(client.get("/runs/run-b/fragment").json())):
@@ -64,7 +64,7 @@ def test_path_traversal_and_markup_are_harmless(tmp_path):
 
 
 def test_a_token_guards_every_page_and_metrics(tmp_path):
-    _make_run(tmp_path / "runs" / "run-a", finished=True)
+    make_run(tmp_path / "runs" / "run-a", finished=True)
     token = "s3cret-token-0123456789"
     client = TestClient(create_app(tmp_path / "runs", token=token), base_url="https://testserver")
     for path in ("/", "/runs/run-a", "/metrics", "/api/runs"):
@@ -90,7 +90,7 @@ def test_off_this_host_the_dashboard_needs_tls_and_a_token(tmp_path, capsys):
     from fedtune.cli import main
     from fedtune.common.operations import keys as pki
 
-    _make_run(tmp_path / "runs" / "run-a", finished=True)
+    make_run(tmp_path / "runs" / "run-a", finished=True)
     runs = str(tmp_path / "runs")
     assert main(["dashboard", runs, "--host", "0.0.0.0"]) == 2
     err = capsys.readouterr().err

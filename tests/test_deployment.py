@@ -12,9 +12,9 @@ import time
 import httpx
 import psutil
 import pytest
-from conftest import EASY_LABELS, write_easy_csv
 from fedtune.common.privacy.ledger import open_all
 from fedtune.simulations.deployment import LocalFederation
+from helpers import EASY_LABELS, write_easy_csv
 
 JOB = {"fed.min-nodes": 3, "fed.node-wait-timeout": 180.0, "data.labels": ",".join(EASY_LABELS),
        "data.max-records": 0, "model.max-length": 16, "train.batch-size": 8, "train.local-steps": 2,

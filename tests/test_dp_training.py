@@ -7,10 +7,10 @@ import copy
 import numpy as np
 import pytest
 import torch
-from conftest import EASY_LABELS, small_config, write_easy_csv
 from fedtune.common.privacy import accounting as privacy
 from fedtune.common.training import adapter, data, node
 from fedtune.common.training.train import make_optimizer, train_steps
+from helpers import EASY_LABELS, small_config, write_easy_csv
 from torch.utils.data import DataLoader
 
 

@@ -14,12 +14,12 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import EASY_LABELS, small_config, write_easy_csv
 from fedtune.common.errors import BudgetExceededError, ConfigError, LedgerError, PrivacyError
 from fedtune.common.privacy import accounting as privacy
 from fedtune.common.privacy.ledger import PrivacyLedger, legacy_files, open_all
 from fedtune.common.training import adapter, node
 from fedtune.common.training.config import load_config
+from helpers import EASY_LABELS, small_config, write_easy_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -166,7 +166,7 @@ def test_a_failure_after_the_release_keeps_the_spend_one_before_returns_it(tmp_p
 
 CRASH_CHILD = r"""
 import os, sys
-from conftest import EASY_LABELS, small_config
+from helpers import EASY_LABELS, small_config
 from fedtune.common.training import node
 from fedtune.common.training import train
 cfg = small_config(**{"data.path": sys.argv[1], "data.labels": ",".join(EASY_LABELS), "data.max-records": 0,
@@ -194,7 +194,7 @@ def test_a_process_killed_mid_training_leaves_its_reservation_counted(tmp_path, 
 CONCURRENT_CHILD = r"""
 import json, sys, time
 from pathlib import Path
-from conftest import EASY_LABELS, small_config
+from helpers import EASY_LABELS, small_config
 from fedtune.common.training import node
 from fedtune.common.errors import BudgetExceededError
 csv, state, job, sync = sys.argv[1:5]

@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 
 import pytest
-from conftest import EASY_LABELS, small_config
 from fedtune.client.node_config import node_settings
 from fedtune.common.errors import BudgetExceededError, ConfigError, FedtuneError
 from fedtune.common.training import node
+from helpers import EASY_LABELS, small_config
 
 
 def test_node_config_is_parsed_and_checked(tmp_path):

@@ -6,10 +6,10 @@ import math
 
 import numpy as np
 import pytest
-from conftest import EASY_LABELS, small_settings, write_easy_csv
 from fedtune.client.app import make_client_app
 from fedtune.common.privacy.ledger import PrivacyLedger
 from fedtune.common.training import adapter, data
+from helpers import EASY_LABELS, small_settings, write_easy_csv
 from scripted_server import ScriptedServer, reply_values
 
 HEAD_W, HEAD_B = "base_model.model.classifier.weight", "base_model.model.classifier.bias"

@@ -8,7 +8,6 @@ import json
 
 import numpy as np
 import pytest
-from conftest import EASY_LABELS, small_settings, write_easy_csv
 from fedtune.client.app import make_client_app
 from fedtune.common.secagg import codec
 from fedtune.common.secagg import protocol as sa
@@ -16,6 +15,7 @@ from fedtune.common.training import adapter
 from fedtune.server.aggregation import PlainFedAvg
 from fedtune.server.secure import SecureFedAvg
 from flwr.app import Array, ArrayRecord, ConfigRecord
+from helpers import EASY_LABELS, small_settings, write_easy_csv
 from scripted_server import InProcessGrid, ScriptedServer, task_identity
 
 IDS = [101, 102, 103, 104, 105, 106]

@@ -63,8 +63,6 @@ class RunDir:
     def stop_requested(self) -> bool:
         return self.stop_file.exists()
 
-    def node_dir(self, name: str) -> Path:
-        return self.path / "nodes" / name
 
     # -- writing --------------------------------------------------------------
     def create(self, *, config: dict, planned_rounds: int, resume: bool, kind: str = "deployment") -> None:

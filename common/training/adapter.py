@@ -126,8 +126,3 @@ def load_adapter_dir(model: torch.nn.Module, directory: str | Path) -> None:
     arrays = read_adapter_file(directory)
     unpack(model, arrays, ffa=False)
 
-
-def save_arrays(arrays: Mapping[str, np.ndarray], path: str | Path) -> None:
-    from safetensors.numpy import save_file
-
-    save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(path))

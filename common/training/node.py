@@ -57,11 +57,41 @@ class NodePolicy:
     evaluate: bool = True
 
 
+@dataclass(frozen=True)
+class JobSettings:
+    """The job's settings a node acts on, taken once from the validated JobConfig (:meth:`of`)."""
+
+    task: str
+    dp: bool
+    target_epsilon: float
+    fixed_noise: float  # privacy.noise-multiplier (0: calibrate to the target)
+    max_grad_norm: float
+    grad_sample_mode: str
+    eval_budget: float  # share of the target spent on noised evaluation answers
+    wants_evaluations: bool  # the job asks nodes for federated evaluations at all
+    rounds: int
+    batch_size: int
+    eval_batch_size: int
+    optimizer: str
+    lr: float
+    weight_decay: float
+    seed: int
+
+    @classmethod
+    def of(cls, cfg: JobConfig) -> JobSettings:
+        p, t = cfg.privacy, cfg.train
+        return cls(task=cfg.model.task, dp=p.enabled, target_epsilon=p.target_epsilon, fixed_noise=p.noise_multiplier,
+                   max_grad_norm=p.max_grad_norm, grad_sample_mode=p.grad_sample_mode, eval_budget=p.eval_budget,
+                   wants_evaluations=cfg.fed.fraction_evaluate > 0, rounds=t.rounds, batch_size=t.batch_size,
+                   eval_batch_size=t.eval_batch_size, optimizer=t.optimizer, lr=t.lr, weight_decay=t.weight_decay,
+                   seed=t.seed)
+
+
 @dataclass
 class Node:
-    """A node prepared for one job: model, tokenized splits, step plan and the source's ledger."""
+    """A node prepared for one job: its settings, model, tokenized splits, step plan and the source's ledger."""
 
-    cfg: JobConfig
+    job: JobSettings
     policy: NodePolicy
     lora: LoraModel
     splits: data.Splits
@@ -134,17 +164,17 @@ def prepare(cfg: JobConfig, policy: NodePolicy, *, state_dir: str | Path, data_p
     t = cfg.train
     plan = privacy.plan_steps(n_train=max(1, len(splits.train)), batch_size=t.batch_size,
                               local_epochs=t.local_epochs, local_steps=t.local_steps, rounds=t.rounds)
-    return Node(cfg=cfg, policy=policy, lora=model, splits=splits, train_set=sets[0], val_set=sets[1],
+    return Node(job=JobSettings.of(cfg), policy=policy, lora=model, splits=splits, train_set=sets[0], val_set=sets[1],
                 test_set=sets[2], plan=plan, ledger=ledger)
 
 
 # -- the job's noise plan ---------------------------------------------------------------------
 def planned_evaluations(node: Node, *, federated: bool) -> int:
     """Federated evaluations a job's budget plans for: one per round, if the job and the node want them."""
-    c = node.cfg
-    if not federated or not node.policy.evaluate or c.privacy.eval_budget <= 0 or c.fed.fraction_evaluate <= 0:
+    j = node.job
+    if not federated or not node.policy.evaluate or j.eval_budget <= 0 or not j.wants_evaluations:
         return 0
-    return c.train.rounds
+    return j.rounds
 
 
 def job_plan(node: Node, job: str, *, federated: bool = True) -> JobPlan:
@@ -159,26 +189,25 @@ def job_plan(node: Node, job: str, *, federated: bool = True) -> JobPlan:
     Raises:
         BudgetExceededError: the job does not fit in what is left of the source's budget.
     """
-    c, pol, p = node.cfg.privacy, node.policy, node.plan
+    j, pol, p = node.job, node.policy, node.plan
     evals = planned_evaluations(node, federated=federated)
-    spec = {"dp": c.enabled, "target": c.target_epsilon, "fixed_noise": c.noise_multiplier,
-            "eval_budget": c.eval_budget, "evals": evals, "q": p.sample_rate, "steps": p.steps_per_round,
+    spec = {"dp": j.dp, "target": j.target_epsilon, "fixed_noise": j.fixed_noise, "eval_budget": j.eval_budget, "evals": evals, "q": p.sample_rate, "steps": p.steps_per_round,
             "rounds": p.rounds, "ceiling": pol.max_epsilon, "delta": pol.delta, "accountant": pol.accountant}
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
     def compute(history: privacy.History) -> dict:
         kw = {"delta": pol.delta, "kind": pol.accountant}
-        target = min(c.target_epsilon, pol.max_epsilon)
-        if not c.enabled:
+        target = min(j.target_epsilon, pol.max_epsilon)
+        if not j.dp:
             return {"noise_multiplier": 0.0, "eval_noise": 0.0, "evaluations": evals, "rounds": p.rounds}
         eval_noise, eval_events = 0.0, []
         if evals:
-            eval_noise = privacy.calibrate(lambda z: [(z, 1.0, evals)], target_epsilon=c.eval_budget * target,
+            eval_noise = privacy.calibrate(lambda z: [(z, 1.0, evals)], target_epsilon=j.eval_budget * target,
                                            what="evaluation answers", **kw)
             eval_events = [(eval_noise, 1.0, evals)]
         train = lambda z: [(z, p.sample_rate, p.total_steps)]  # noqa: E731
-        if c.noise_multiplier:
-            noise = c.noise_multiplier
+        if j.fixed_noise:
+            noise = j.fixed_noise
         else:
             noise = privacy.calibrate(lambda z: train(z) + eval_events, target_epsilon=target, **kw)
         after = privacy.epsilon(history + train(noise) + eval_events, **kw)
@@ -215,41 +244,40 @@ def train_round(node: Node, *, job: str, round: int, initial: Mapping[str, np.nd
     Reserves the round's spend first (refused, before any training, past the node's ceiling or
     past the job's planned rounds); the ledger entry is settled and durable before this returns weights.
     """
-    cfg, model = node.cfg, node.lora.model
+    j, model = node.job, node.lora.model
     jp = job_plan(node, job, federated=federated)
     if initial is not None:
         adapter.unpack(model, initial, ffa=node.lora.ffa)
     steps, q = node.plan.steps_per_round, node.plan.sample_rate
-    noise = jp.noise_multiplier if cfg.privacy.enabled else 0.0
+    noise = jp.noise_multiplier if j.dp else 0.0
     entry = node.ledger.reserve(job=job, round=round, kind="train", noise_multiplier=noise, sample_rate=q, steps=steps,
                                 fingerprint=node.splits.fingerprint, n_records=node.splits.n_source,
                                 job_limit=jp.rounds)
     try:
-        torch.manual_seed(cfg.train.seed * 1000003 + round)
-        loader = DataLoader(node.train_set, batch_size=cfg.train.batch_size, shuffle=True,
-                            generator=torch.Generator().manual_seed(cfg.train.seed + round))
-        optimizer = make_optimizer(model, name=cfg.train.optimizer, lr=cfg.train.lr,
-                                   weight_decay=cfg.train.weight_decay)
+        torch.manual_seed(j.seed * 1000003 + round)
+        loader = DataLoader(node.train_set, batch_size=j.batch_size, shuffle=True,
+                            generator=torch.Generator().manual_seed(j.seed + round))
+        optimizer = make_optimizer(model, name=j.optimizer, lr=j.lr, weight_decay=j.weight_decay)
         model.train()  # Opacus refuses a model in eval mode
-        if cfg.privacy.enabled:
+        if j.dp:
             dp_model, dp_opt, dp_loader, engine = privacy.make_private(
                 model=model, optimizer=optimizer, loader=loader, noise_multiplier=noise,
-                max_grad_norm=cfg.privacy.max_grad_norm, grad_sample_mode=cfg.privacy.grad_sample_mode)
+                max_grad_norm=j.max_grad_norm, grad_sample_mode=j.grad_sample_mode)
             try:
-                stats = train_steps(dp_model, dp_loader, dp_opt, steps=steps, task=cfg.model.task, progress=progress)
+                stats = train_steps(dp_model, dp_loader, dp_opt, steps=steps, task=j.task, progress=progress)
             finally:
                 privacy.release(dp_model)
             history = engine.accountant.history
             if history and abs(history[0][1] - q) > 1e-12:  # Opacus sampled at another rate: a bug, not a user error
                 raise RuntimeError(f"Opacus sampled at rate {history[0][1]}, the ledger reserved {q}")
         else:
-            stats = train_steps(model, loader, optimizer, steps=steps, task=cfg.model.task, progress=progress)
+            stats = train_steps(model, loader, optimizer, steps=steps, task=j.task, progress=progress)
     except BaseException:
         node.ledger.cancel(entry)  # nothing derived from this training has left the node
         raise
     entry = node.ledger.settle(entry, steps=stats.steps)
     arrays = adapter.pack(model, ffa=node.lora.ffa)
-    return RoundResult(arrays=arrays, stats=stats, weight=batch_weight(len(node.train_set), cfg.train.batch_size),
+    return RoundResult(arrays=arrays, stats=stats, weight=batch_weight(len(node.train_set), j.batch_size),
                        epsilon_spent=entry.epsilon_after, noise_multiplier=noise, sample_rate=q,
                        delta=node.policy.delta, steps=entry.steps)
 
@@ -280,19 +308,19 @@ def answer_evaluation(node: Node, *, job: str, round: int) -> EvalAnswer:
         raise EvaluationRefused("this node answers no federated evaluation (node config evaluate=off)",
                                 "the server's own held-out evaluation still measures the model")
     jp = job_plan(node, job)
-    if node.cfg.privacy.enabled and jp.evaluations == 0:
+    if node.job.dp and jp.evaluations == 0:
         raise EvaluationRefused(
             f"job {job!r} planned no evaluation answers on this node (privacy.eval-budget=0 or "
             "fed.fraction-evaluate=0)", "set privacy.eval-budget > 0 for federated evaluation in a new job")
-    task = node.cfg.model.task
+    task = node.job.task
     sensitivity = 1.0 if task == "seq-cls" else math.sqrt(2.0)
     std = jp.eval_noise * sensitivity
     entry = node.ledger.reserve(job=job, round=round, kind="eval", noise_multiplier=jp.eval_noise, sample_rate=1.0,
                                 steps=1, fingerprint=node.splits.fingerprint, n_records=node.splits.n_source,
-                                job_limit=jp.evaluations if node.cfg.privacy.enabled else None)
+                                job_limit=jp.evaluations if node.job.dp else None)
     try:
         counts = private_counts(node.lora.model, node.test_set, task=task,
-                                batch_size=node.cfg.train.eval_batch_size)
+                                batch_size=node.job.eval_batch_size)
     except BaseException:
         node.ledger.cancel(entry)
         raise
@@ -305,8 +333,8 @@ def answer_evaluation(node: Node, *, job: str, round: int) -> EvalAnswer:
 def evaluate_split(node: Node, split: str = "test") -> dict:
     """Exact metrics of the node's current model on its own split, for the node's own eyes (not a release)."""
     ds = {"train": node.train_set, "val": node.val_set, "test": node.test_set}[split]
-    return evaluate(node.lora.model, ds, task=node.cfg.model.task, labels=node.splits.labels,
-                    batch_size=node.cfg.train.eval_batch_size)
+    return evaluate(node.lora.model, ds, task=node.job.task, labels=node.splits.labels,
+                    batch_size=node.job.eval_batch_size)
 
 
 # -- a node's disk cache (derived data only: safe to delete) -----------------------------------
