@@ -88,12 +88,22 @@ def model_card(record: dict) -> str:
     return f"---\n{_metadata(record)}\n---\n\n{_body(record)}"
 
 
-def _body(record: dict) -> str:
-    m, lo, tr, src = record["model"], record["lora"], record["training"], record["source"]
-    met, p = record["metrics"], record["privacy"]
-    ps = privacy_summary(record)
-    cls = m["task"] == "seq-cls"
+def _parts(record: dict) -> tuple:
+    """The record's sections and derived values every part of the card uses."""
+    m = record["model"]
     created = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(record.get("created", time.time())))
+    return (m, record["lora"], record["training"], record["source"], record["metrics"], record["privacy"],
+            privacy_summary(record), m["task"] == "seq-cls", created)
+
+
+def _body(record: dict) -> str:
+    """The card's Markdown body, section by section."""
+    return "\n".join(line for part in (_summary_and_model, _privacy_section, _evaluation_section, _limitations_section, _use_section) for line in part(record))
+
+
+def _summary_and_model(record: dict) -> list[str]:
+    """Title, provenance, model and federated training."""
+    m, lo, tr, src, met, p, ps, cls, created = _parts(record)
     lines = [
         f"# {src['run']} ({src['checkpoint']})",
         "",
@@ -134,6 +144,13 @@ def _body(record: dict) -> str:
     if tr.get("partitioner"):
         lines.append(f"- Simulation: {tr['num_nodes']} virtual nodes, partitioner {tr['partitioner']}"
                      + (f" (Dirichlet alpha {tr['dirichlet_alpha']:g})" if tr.get("dirichlet_alpha") else ""))
+    return lines
+
+
+def _privacy_section(record: dict) -> list[str]:
+    """The privacy guarantee as the ledgers recorded it."""
+    m, lo, tr, src, met, p, ps, cls, created = _parts(record)
+    lines = []
     lines += ["", "## Privacy guarantee", ""]
     if p.get("dp"):
         lines += [
@@ -171,6 +188,13 @@ def _body(record: dict) -> str:
         lines += ["**No differential privacy.** This model was trained without DP-SGD: it carries no formal "
                   "guarantee and may memorize and reveal records of the nodes' data. Do not release it beyond the "
                   "participating organizations."]
+    return lines
+
+
+def _evaluation_section(record: dict) -> list[str]:
+    """Server-side and federated evaluation figures."""
+    m, lo, tr, src, met, p, ps, cls, created = _parts(record)
+    lines = []
     lines += ["", "## Evaluation", ""]
     test, val, fed = met.get("test") or {}, met.get("val") or {}, met.get("federated") or {}
     keys = ("accuracy", "macro_f1", "loss", "n") if cls else ("loss", "perplexity", "n")
@@ -196,6 +220,14 @@ def _body(record: dict) -> str:
                   f"{_fmt(fed.get('accuracy'))}" + (f", loss {_fmt(fed.get('loss'))}" if fed.get("loss") is not None
                                                    else "")
                   + f"; worst node accuracy {_fmt(fed.get('worst_accuracy'))}."]
+    return lines
+
+
+def _limitations_section(record: dict) -> list[str]:
+    """What the guarantee and the figures do not cover."""
+    m, lo, tr, src, met, p, ps, cls, created = _parts(record)
+    test, fed = met.get("test") or {}, met.get("federated") or {}
+    lines = []
     lines += ["", "## Known limitations", ""]
     lim = []
     if p.get("dp"):
@@ -223,6 +255,13 @@ def _body(record: dict) -> str:
         lim.append(f"The held-out test set is small (n={test['n']}); per-class figures on few examples are noisy.")
     lim.append("Check it on your own data before use: `fedtune drift` compares it with these figures locally.")
     lines += [f"- {x}" for x in lim]
+    return lines
+
+
+def _use_section(record: dict) -> list[str]:
+    """How to load the model."""
+    m, lo, tr, src, met, p, ps, cls, created = _parts(record)
+    lines = []
     lines += ["", "## Use", "", "```python",
               "from transformers import AutoModelForSequenceClassification, AutoTokenizer" if cls else
               "from transformers import AutoModelForCausalLM, AutoTokenizer",
@@ -230,4 +269,4 @@ def _body(record: dict) -> str:
               ("model = AutoModelForSequenceClassification.from_pretrained(\"THIS_DIR\")" if cls else
                "model = AutoModelForCausalLM.from_pretrained(\"THIS_DIR\")"), "```", "",
               "or `fedtune predict --model THIS_DIR texts.txt` (see docs/serving.md).", ""]
-    return "\n".join(lines)
+    return lines
