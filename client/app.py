@@ -124,21 +124,14 @@ def make_client_app(settings: dict | None = None, *, sim_state_root: str | Path 
 
         return _handle(msg, context, work)
 
-    @app.query("secagg_keys")
-    def secagg_keys(msg: Message, context: Context) -> Message:
-        return _secagg_query(msg, context, secure_node.advertise)
+    def _register(action: str, step) -> None:
+        @app.query(action)
+        def handle(msg: Message, context: Context) -> Message:
+            return _secagg_query(msg, context, step)
 
-    @app.query("secagg_join")
-    def secagg_join(msg: Message, context: Context) -> Message:
-        return _secagg_query(msg, context, secure_node.join)
-
-    @app.query("secagg_consistency")
-    def secagg_consistency(msg: Message, context: Context) -> Message:
-        return _secagg_query(msg, context, secure_node.consistency)
-
-    @app.query("secagg_unmask")
-    def secagg_unmask(msg: Message, context: Context) -> Message:
-        return _secagg_query(msg, context, secure_node.reveal)
+    for action, step in (("secagg_keys", secure_node.advertise), ("secagg_join", secure_node.join),
+                         ("secagg_consistency", secure_node.consistency), ("secagg_unmask", secure_node.reveal)):
+        _register(action, step)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:

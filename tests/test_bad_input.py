@@ -143,3 +143,12 @@ def test_process_exit_code_and_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.count("fedtune: error:") == 1 and "not valid UTF-8" in proc.stderr
+
+
+def test_a_reader_that_leaves_early_ends_the_command_quietly():
+    """`fedtune config | head -1`: a closed pipe is the reader's choice, not an error with a traceback."""
+    p = subprocess.Popen([sys.executable, "-m", "fedtune.cli", "config"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    p.stdout.close()  # the reader is gone before the command writes
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=60) == 0 and "Traceback" not in err and "BrokenPipe" not in err, err
