@@ -19,6 +19,7 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+from fedtune.common.errors import FedtuneError
 from fedtune.common.privacy.accounting import DEFAULT_DELTA
 from fedtune.common.training import data
 from fedtune.common.training.config import JobConfig
@@ -55,23 +56,32 @@ def centralized(cfg: JobConfig, *, dp: bool, out: Callable[[str], None] = print)
 def local_only(cfg: JobConfig, *, out: Callable[[str], None] = print) -> dict:
     """Each node alone (DP as configured); accuracy on the server's test split and on its own."""
     g = global_splits(cfg)
-    per, own, t0 = [], [], time.perf_counter()
+    per, own, skipped, t0 = [], [], [], time.perf_counter()
     dp = cfg.privacy.enabled
+    name = f"local only, {'DP' if dp else 'no DP'} (mean of nodes)"
     for i in range(cfg.fed.num_nodes):
         ns = node_splits(cfg, i, cfg.fed.num_nodes)
         # train on the node's records; test on the shared held-out split
         splits = data.Splits(train=ns.train, val=ns.val, test=g.test, labels=ns.labels, fingerprint=ns.fingerprint,
                              n_source=ns.n_source)
         out(f"baseline: local only, node-{i} ({len(ns.train)} records) ...")
-        r = _train_eval(cfg, splits, dp=dp, label=f"local-{i}", out=out)
+        try:
+            r = _train_eval(cfg, splits, dp=dp, label=f"local-{i}", out=out)
+        except FedtuneError as e:  # a node that cannot train alone is recorded, not fatal
+            out(f"  node-{i} skipped: {e.problem}")
+            skipped.append({"node": f"node-{i}", "reason": e.problem})
+            continue
         per.append(r["accuracy"])
         own.append(r)
+    if not own:
+        return {"name": name, "error": "no node could train alone", "skipped": skipped,
+                "seconds": time.perf_counter() - t0}
     mean = sum(per) / len(per)
-    out(f"  local only: mean accuracy {mean:.4f}, worst {min(per):.4f}")
-    return {"name": f"local only, {'DP' if dp else 'no DP'} (mean of nodes)", "accuracy": mean,
-            "macro_f1": sum(r["macro_f1"] for r in own) / len(own), "worst_accuracy": min(per),
-            "epsilon": max((r["epsilon"] or 0) for r in own) if dp else None,
-            "seconds": time.perf_counter() - t0}
+    out(f"  local only: mean accuracy {mean:.4f}, worst {min(per):.4f} over {len(own)} nodes"
+        + (f" ({len(skipped)} skipped)" if skipped else ""))
+    return {"name": name, "accuracy": mean, "macro_f1": sum(r["macro_f1"] for r in own) / len(own),
+            "worst_accuracy": min(per), "epsilon": max((r["epsilon"] or 0) for r in own) if dp else None,
+            "nodes": len(own), "skipped": skipped, "seconds": time.perf_counter() - t0}
 
 
 def federated_row(summary: dict, *, name: str, seconds: float) -> dict:
@@ -99,6 +109,13 @@ def run_all(cfg: JobConfig, *, with_nodp: bool, out: Callable[[str], None] = pri
             warnings.simplefilter("ignore")
             res = simulate(nodp, report=False)
         rows.append(federated_row(res["summary"], name="federated, no DP", seconds=res["seconds"]))
-    rows += [centralized(cfg, dp=True, out=out), centralized(cfg, dp=False, out=out), local_only(cfg, out=out)]
-    (run_dir / "baselines.json").write_text(json.dumps(rows, indent=2, default=str) + "\n")
+    for name, make in (("centralized, DP", lambda: centralized(cfg, dp=True, out=out)),
+                       ("centralized, no DP", lambda: centralized(cfg, dp=False, out=out)),
+                       ("local only", lambda: local_only(cfg, out=out))):
+        try:
+            rows.append(make())
+        except FedtuneError as e:  # one baseline that cannot run does not lose the others' results
+            out(f"  baseline {name} failed: {e}")
+            rows.append({"name": name, "error": e.problem})
+        (run_dir / "baselines.json").write_text(json.dumps(rows, indent=2, default=str) + "\n")
     return run_dir, rows

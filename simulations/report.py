@@ -129,7 +129,12 @@ def baseline_table(results: list[dict]) -> list[str]:
     """Markdown rows: one per baseline (accuracy, macro-F1, worst node accuracy, epsilon, seconds)."""
     rows = ["| setting | test accuracy | macro-F1 | worst node accuracy | epsilon | seconds |",
             "|---|---|---|---|---|---|"]
+    notes = []
     for b in results:
-        rows.append(f"| {b['name']} | {_fmt(b.get('accuracy'))} | {_fmt(b.get('macro_f1'))} | "
-                    f"{_fmt(b.get('worst_accuracy'))} | {_fmt(b.get('epsilon'), 2)} | {b.get('seconds', 0):.0f} |")
-    return rows
+        if b.get("error"):
+            rows.append(f"| {b['name']} | not run: {b['error']} | | | | |")
+        else:
+            rows.append(f"| {b['name']} | {_fmt(b.get('accuracy'))} | {_fmt(b.get('macro_f1'))} | "
+                        f"{_fmt(b.get('worst_accuracy'))} | {_fmt(b.get('epsilon'), 2)} | {b.get('seconds', 0):.0f} |")
+        notes += [f"{b['name']}: {s['node']} skipped ({s['reason']})" for s in b.get("skipped") or []]
+    return rows + ([""] + notes if notes else [])

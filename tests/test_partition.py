@@ -51,3 +51,41 @@ def test_impossible_partitioning_is_a_clear_error():
         partition(LABELS[:10], num_partitions=8, kind="iid")
     with pytest.raises(DataError, match="labels-per-node"):
         partition(LABELS, num_partitions=5, kind="label", labels_per_node=9)
+
+
+def test_default_minimum_partition_gives_every_node_one_batch(tmp_path):
+    """Dirichlet with small alpha used to leave a node fewer records than one batch; the default minimum
+    (one batch after the local test split) resamples or refuses with the settings to change."""
+    from fedtune.common.training.config import load_config
+    from fedtune.common.training.federated_data import min_partition_size, node_splits, partition_sizes
+    from helpers import write_easy_csv
+
+    csv = write_easy_csv(tmp_path / "d.csv", n=400)
+    base = {"data.path": str(csv), "data.labels": "sport,finance", "fed.num-nodes": 4, "fed.min-nodes": 3, "sim.partitioner": "dirichlet",
+            "sim.alpha": 0.3, "train.batch-size": 16}
+    cfg = load_config(base)
+    assert min_partition_size(cfg) == 21  # ceil(16 / 0.8) + 1
+    assert min(partition_sizes(cfg, 4)) >= 21
+    assert all(len(node_splits(cfg, i, 4).train) >= 16 for i in range(4))
+    loose = load_config({**base, "sim.min-partition-size": 2, "sim.seed": 1})
+    assert min(partition_sizes(loose, 4)) < 21  # what the old default allowed on this data
+    with pytest.raises(DataError, match="sim.min-partition-size"):
+        partition_sizes(load_config({**base, "train.batch-size": 128}), 4)
+
+
+def test_nodes_too_small_to_train_are_recorded_and_the_table_is_still_written(tmp_path):
+    """A local-only baseline whose nodes cannot train alone used to kill `fedtune baselines` (exit 2, no table)."""
+    from fedtune.common.training.config import load_config
+    from fedtune.simulations.baselines import local_only
+    from fedtune.simulations.report import baseline_table
+    from helpers import write_easy_csv
+
+    csv = write_easy_csv(tmp_path / "d.csv", n=80)
+    cfg = load_config({"data.path": str(csv), "data.labels": "sport,finance", "fed.num-nodes": 3, "fed.min-nodes": 3, "sim.partitioner": "iid",
+                       "train.batch-size": 16, "sim.min-partition-size": 2})
+    said = []
+    row = local_only(cfg, out=said.append)
+    assert row["error"] == "no node could train alone" and len(row["skipped"]) == 3
+    assert all("fewer than one batch" in s["reason"] for s in row["skipped"])
+    table = "\n".join(baseline_table([row]))
+    assert "not run: no node could train alone" in table and "node-0 skipped" in table

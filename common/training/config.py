@@ -256,6 +256,8 @@ class SimConfig:
     node_max_epsilon: float = _f(10.0, "privacy ceiling of every simulated node")
     cpus_per_node: int = _f(1, "CPUs Ray gives each virtual node (nodes run in parallel up to cores / this)")
     baseline_epochs: float = _f(2.0, "epochs of the centralized and local-only baselines")
+    min_partition_size: int = _f(0, "fewest records a virtual node may get (0: enough for one training batch "
+                                 "after its local test split)")
 
     def problems(self) -> list[str]:
         out = []
@@ -273,6 +275,8 @@ class SimConfig:
             out.append(f"sim.baseline-epochs: expected > 0, got {self.baseline_epochs}")
         if self.cpus_per_node < 1:
             out.append(f"sim.cpus-per-node: expected >= 1, got {self.cpus_per_node}")
+        if self.min_partition_size < 0:
+            out.append(f"sim.min-partition-size: expected >= 0, got {self.min_partition_size}")
         return out
 
 

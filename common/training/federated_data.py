@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 
 from fedtune.common.training import builder, data
 from fedtune.common.training.config import JobConfig, load_config
@@ -21,7 +22,7 @@ def global_splits(cfg: JobConfig) -> data.Splits:
 
 
 def _data_key(cfg: JobConfig) -> str:
-    keep = {k: v for k, v in cfg.to_flat().items() if k.startswith(("data.", "model.task", "sim."))}
+    keep = {k: v for k, v in cfg.to_flat().items() if k.startswith(("data.", "model.task", "sim.", "train.batch-size"))}
     return json.dumps(keep, sort_keys=True)
 
 
@@ -37,7 +38,14 @@ def _partitions(key: str, num_nodes: int) -> list[list[int]]:
     s = cfg.sim
     pool = _global_splits(key).train
     return partition(pool.labels or [""] * len(pool), num_partitions=num_nodes, kind=s.partitioner, alpha=s.alpha,
-                     labels_per_node=s.labels_per_node, seed=s.seed)
+                     labels_per_node=s.labels_per_node, seed=s.seed, min_size=min_partition_size(cfg))
+
+
+def min_partition_size(cfg: JobConfig) -> int:
+    """``sim.min-partition-size``, or by default enough records for one training batch after the local test split."""
+    if cfg.sim.min_partition_size:
+        return max(2, cfg.sim.min_partition_size)
+    return max(2, math.ceil(cfg.train.batch_size / (1.0 - cfg.sim.local_test_fraction)) + 1)
 
 
 def node_splits(cfg: JobConfig, node_index: int, num_nodes: int) -> data.Splits:

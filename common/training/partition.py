@@ -35,7 +35,8 @@ def partition(labels: Sequence[str], *, num_partitions: int, kind: str, alpha: f
     n = len(labels)
     if num_partitions < 1 or n < num_partitions * min_size:
         raise DataError(f"cannot split {n} records into {num_partitions} partitions of at least {min_size}",
-                        "use fewer nodes (fed.num-nodes) or more records")
+                        "use fewer nodes (fed.num-nodes), more records, or a smaller train.batch-size / "
+                        "sim.min-partition-size")
     if kind != "iid" and not any(labels):
         raise DataError(f"sim.partitioner={kind} needs labels, and this data has none (causal LM?)",
                         "use sim.partitioner=iid")
@@ -64,8 +65,10 @@ def partition(labels: Sequence[str], *, num_partitions: int, kind: str, alpha: f
                         "raise sim.alpha, use fewer nodes, or use sim.partitioner=iid") from None
     small = [i for i, p in enumerate(parts) if len(p) < min_size]
     if small:
-        raise DataError(f"{kind} partitioning left node(s) {small[:5]} with fewer than {min_size} records",
-                        "raise sim.alpha, use fewer nodes, or change sim.seed")
+        raise DataError(f"{kind} partitioning left node(s) {small[:5]} with fewer than {min_size} records "
+                        "(one training batch after the local test split)",
+                        "raise sim.alpha, use fewer nodes, change sim.seed, or lower train.batch-size or "
+                        "sim.min-partition-size")
     return parts
 
 
