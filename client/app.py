@@ -104,7 +104,8 @@ def make_client_app(settings: dict | None = None, *, sim_state_root: str | Path 
             if not cfg.privacy.enabled and ns.partition is None:  # simulations print it once in the driver
                 privacy.warn_dp_off(task.job)
             received = {k: a.numpy() for k, a in msg.content["arrays"].items()}
-            result: NodeRoundResult = train_and_report(node, received, job=task.job, round=task.round)
+            result: NodeRoundResult = train_and_report(node, received, job=task.job, round=task.round,
+                                                       class_weights=task.class_weights)
             info = NodeInfo(ns.name, "ok", accountant=ns.policy.accountant)
             if keys is None:
                 return _reply(msg, info, result.to_record())

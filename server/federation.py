@@ -19,6 +19,7 @@ from fedtune.common.operations.rundir import RunDir
 from fedtune.common.training import adapter, builder
 from fedtune.common.training.config import JobConfig
 from fedtune.common.training.evaluate import evaluate, pool_answers
+from fedtune.common.training.imbalance import WHAT_TO_TRY, class_weights, learned_nothing, majority_baseline
 from fedtune.common.training.wire import EvalAnswer, NodeRoundResult, RoundTask
 from fedtune.server.messages import (
     array_record,
@@ -39,6 +40,10 @@ class ServerModel:
         self.splits = builder.load_records(cfg)
         self.lora = builder.build_model(cfg, self.splits.labels)
         self.val, self.test = builder.tokenized(cfg, self.lora, self.splits, "val", "test")
+        held = self.splits.val.labels + self.splits.test.labels  # the server's own records, not any node's
+        cls = cfg.model.task == "seq-cls"
+        self.class_weights = class_weights(held, self.splits.labels, cfg.train.class_weighting) if cls else None
+        self.majority = majority_baseline(self.splits.test.labels, self.splits.labels) if cls else None
 
     def initial_arrays(self) -> dict[str, np.ndarray]:
         return adapter.pack(self.lora.model, ffa=self.lora.ffa)
@@ -70,6 +75,8 @@ class Federation:
         self.cfg, self.rd, self.agg, self.out, self.simulated = cfg, run_dir, aggregator, out, simulated
         self.names: dict[int, str] = {}  # node id -> the name it reports (displayed only)
         self.benched: dict[int, float] = {}  # node id -> first round it may be asked again
+        self.class_weights: list[float] | None = None
+        self.majority: dict | None = None
 
     def run(self, grid: Grid) -> dict:
         cfg, f = self.cfg, self.cfg.fed
@@ -77,6 +84,15 @@ class Federation:
                        kind="simulation" if self.simulated else "deployment")
         self.out(f"fedtune server: run directory {self.rd.path}")
         server = ServerModel(cfg)
+        self.class_weights, self.majority = server.class_weights, server.majority
+        if server.majority:
+            m = server.majority
+            self.out(f"majority-class baseline on the server's test split: accuracy {m['accuracy']:.4f}, macro-F1 "
+                     f"{m['macro_f1']:.4f} (always {m['label']!r}); the model has to beat it")
+        if server.class_weights:
+            self.out("class-weighted loss (train.class-weighting=" + cfg.train.class_weighting + ", from the server's "
+                     "held-out labels): " + ", ".join(f"{lab} {w:.2f}" for lab, w in
+                                                       zip(server.splits.labels, server.class_weights, strict=True)))
         global_arrays, start = server.initial_arrays(), 1
         if f.resume:
             done, ckpt = self.rd.resume_point()
@@ -86,8 +102,8 @@ class Federation:
             start = done + 1
             self.out(f"resuming after round {done} (from {ckpt or 'the initial adapter'})")
         ev0 = server.evaluate(global_arrays) if f.server_eval and start == 1 else None
-        if ev0:
-            self.out(f"round 0: val accuracy {ev0['val'].get('accuracy', float('nan')):.4f}")
+        if ev0 and "accuracy" in ev0["val"]:
+            self.out(f"round 0: val macro-F1 {ev0['val']['macro_f1']:.4f} accuracy {ev0['val']['accuracy']:.4f}")
         best, since_best, status = _metric(ev0, f.early_stop_metric), 0, "finished"
         ev = ev0
         for rnd in range(start, cfg.train.rounds + 1):
@@ -115,6 +131,8 @@ class Federation:
         self.rd.write_summary(summary)
         self.rd.set_status(status)
         self.out(f"done ({status}); final adapter in {self.rd.final_adapter}")
+        for w in summary["warnings"]:
+            self.out(f"WARNING: {w}")
         return summary
 
     # -- one round ------------------------------------------------------------
@@ -132,7 +150,7 @@ class Federation:
         k = min(len(eligible), max(f.min_nodes, math.ceil(f.fraction_train * len(eligible))))
         # python's sampler: node ids are 64-bit unsigned and numpy would turn mixed ones into floats
         asked = sorted(random.Random(f"{cfg.train.seed}-{rnd}").sample(eligible, k))
-        conf = RoundTask(job=self.rd.path.name, round=rnd).to_record()
+        conf = RoundTask(job=self.rd.path.name, round=rnd, class_weights=self.class_weights).to_record()
         outcome = self.agg.run_round(grid, server_round=rnd, node_ids=asked, global_arrays=global_arrays,
                                      config=conf, names=self.names)
         for r in outcome.replies:
@@ -197,7 +215,10 @@ class Federation:
         rounds = self.rd.rounds()
         cfg = self.cfg
         last_fed = next((r["federated_eval"] for r in reversed(rounds) if r.get("federated_eval")), None)
+        nothing = learned_nothing((final or {}).get("test"), self.majority)
         return {
+            "majority_baseline": self.majority, "class_weights": self.class_weights,
+            "warnings": [f"{nothing}. {WHAT_TO_TRY}"] if nothing else [],
             "status": status, "rounds_completed": len(rounds), "rounds_planned": cfg.train.rounds,
             "rounds_failed": [r["round"] for r in rounds if r["status"] != "ok"],
             "final": _compact(final) if final else None,
@@ -232,7 +253,8 @@ def _progress_line(rec: dict, planned: int) -> str:
         parts.append(f"train loss {rec['train_loss']:.4f}")
     se = rec.get("server_eval") or {}
     if "val" in se and "accuracy" in se["val"]:
-        parts.append(f"val acc {se['val']['accuracy']:.4f} test acc {se['test']['accuracy']:.4f}")
+        parts.append(f"val macro-F1 {se['val']['macro_f1']:.4f} acc {se['val']['accuracy']:.4f}, test macro-F1 "
+                     f"{se['test']['macro_f1']:.4f} acc {se['test']['accuracy']:.4f}")
     fe = rec.get("federated_eval") or {}
     if fe.get("worst_accuracy") is not None:
         parts.append(f"nodes acc {fe['accuracy']:.3f} (worst {fe['worst_accuracy']:.3f})")

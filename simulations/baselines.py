@@ -24,6 +24,7 @@ from fedtune.common.privacy.accounting import DEFAULT_DELTA
 from fedtune.common.training import data
 from fedtune.common.training.config import JobConfig
 from fedtune.common.training.federated_data import global_splits, node_splits
+from fedtune.common.training.imbalance import class_weights, majority_baseline
 from fedtune.common.training.node import NodePolicy, evaluate_split, prepare, train_round
 
 
@@ -37,11 +38,27 @@ def _train_eval(cfg: JobConfig, splits: data.Splits, *, dp: bool, label: str,
         policy = NodePolicy(source=label, max_epsilon=cfg.privacy.target_epsilon if dp else math.inf,
                             delta=cfg.privacy.delta or DEFAULT_DELTA, accountant=cfg.privacy.accountant)
         node = prepare(job, policy, state_dir=state, splits=splits)
-        res = train_round(node, job=label, round=1, federated=False)
+        res = train_round(node, job=label, round=1, federated=False, class_weights=server_class_weights(cfg))
         m = evaluate_split(node, "test")
     return {"accuracy": m.get("accuracy"), "macro_f1": m.get("macro_f1"), "loss": m.get("loss"),
             "epsilon": res.epsilon_spent if dp else None, "seconds": time.perf_counter() - t0,
             "steps": res.stats.steps}
+
+
+def server_class_weights(cfg: JobConfig) -> list[float] | None:
+    """The class weights the federated run uses (from the server's held-out labels), for a fair comparison."""
+    if cfg.model.task != "seq-cls":
+        return None
+    g = global_splits(cfg)
+    return class_weights(g.val.labels + g.test.labels, g.labels, cfg.train.class_weighting)
+
+
+def majority_row(cfg: JobConfig) -> dict:
+    """Always answering the most common label: the floor every row above has to beat."""
+    g = global_splits(cfg)
+    m = majority_baseline(g.test.labels, g.labels) or {}
+    return {"name": f"majority class (always {m.get('label')!r})", "accuracy": m.get("accuracy"),
+            "macro_f1": m.get("macro_f1"), "epsilon": None, "seconds": 0.0}
 
 
 def centralized(cfg: JobConfig, *, dp: bool, out: Callable[[str], None] = print) -> dict:
@@ -102,6 +119,8 @@ def run_all(cfg: JobConfig, *, with_nodp: bool, out: Callable[[str], None] = pri
     fed = simulate(cfg, report=False)
     run_dir = Path(fed["run_dir"])
     rows = [federated_row(fed["summary"], name="federated, DP (this run)", seconds=fed["seconds"])]
+    if cfg.model.task == "seq-cls":
+        rows.append(majority_row(cfg))
     if with_nodp:
         nodp = cfg.replace(**{"privacy.enabled": False, "sim.node-max-epsilon": math.inf,
                               "fed.run-dir": str(run_dir) + "-nodp"})

@@ -88,9 +88,15 @@ def write_report(run_dir: str | Path) -> Path:
     final = summary.get("final") or {}
     if final.get("test"):
         t = final["test"]
+        mb = summary.get("majority_baseline") or {}
         lines += ["## Final global adapter (server held-out test split)", "",
-                  f"accuracy **{_fmt(t.get('accuracy'))}**, macro-F1 {_fmt(t.get('macro_f1'))}, "
+                  f"macro-F1 **{_fmt(t.get('macro_f1'))}**, accuracy **{_fmt(t.get('accuracy'))}** (majority-class "
+                  f"baseline: accuracy {_fmt(mb.get('accuracy'))}, macro-F1 {_fmt(mb.get('macro_f1'))}), "
                   f"loss {_fmt(t.get('loss'))}, n={t.get('n')}", ""]
+        if summary.get("class_weights"):
+            lines += [f"Class-weighted loss: {', '.join(_fmt(w, 2) for w in summary['class_weights'])} "
+                      f"(from the server's held-out labels).", ""]
+    lines += [f"**WARNING: {w}**" for w in summary.get("warnings") or []] + ([""] if summary.get("warnings") else [])
     fe = summary.get("federated_eval") or {}
     if fe.get("worst_accuracy") is not None:
         lines += [f"Nodes' own test data (noised answers, estimates): pooled accuracy {_fmt(fe.get('accuracy'))}, worst node "
@@ -98,12 +104,12 @@ def write_report(run_dir: str | Path) -> Path:
     baselines = rd.path / "baselines.json"
     if baselines.exists():
         lines += ["## Baselines (same data split)", "", *baseline_table(json.loads(baselines.read_text())), ""]
-    lines += ["## Rounds", "", "| round | status | nodes | train loss | val acc | test acc | worst node acc | "
+    lines += ["## Rounds", "", "| round | status | nodes | train loss | test macro-F1 | test acc | worst node acc | "
               "max epsilon | MB in | seconds |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rounds:
         se, fe_r = r.get("server_eval") or {}, r.get("federated_eval") or {}
         lines.append(f"| {r['round']} | {r['status']} | {r['nodes_replied']}/{r['nodes_asked']} | "
-                     f"{_fmt(r.get('train_loss'))} | {_fmt((se.get('val') or {}).get('accuracy'))} | "
+                     f"{_fmt(r.get('train_loss'))} | {_fmt((se.get('test') or {}).get('macro_f1'))} | "
                      f"{_fmt((se.get('test') or {}).get('accuracy'))} | {_fmt(fe_r.get('worst_accuracy'))} | "
                      f"{_fmt(r.get('epsilon_max'), 3)} | {r['bytes_received'] / 1e6:.2f} | {r['seconds']:.1f} |")
     failures = [(r["round"], f) for r in rounds for f in r.get("failures", [])]

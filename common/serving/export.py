@@ -122,7 +122,7 @@ def run_record(run_dir: str | Path, round: int | None = None, *, name_nodes: boo
                  else f"the server's held-out file {Path(cfg.data.path).name}",
                  "test_fraction": cfg.data.test_fraction, "seed": cfg.data.seed,
                  "max_records": cfg.data.max_records},
-        "metrics": metrics,
+        "metrics": {**metrics, "majority_baseline": (summary or {}).get("majority_baseline")},
         "privacy": {**privacy, "poisson_sampling": cfg.privacy.poisson_sampling, "nodes": nodes,
                     "nodes_named": name_nodes},
     }

@@ -205,6 +205,11 @@ def _evaluation_section(record: dict) -> list[str]:
             if ev:
                 lines.append(f"| {split} | " + " | ".join(_fmt(ev.get(k), "d" if k == "n" else ".4f")
                                                          for k in keys) + " |")
+        mb = met.get("majority_baseline")
+        if mb:
+            lines += ["", f"Always answering the most common label ({mb['label']!r}) scores accuracy "
+                          f"{_fmt(mb['accuracy'])} and macro-F1 {_fmt(mb['macro_f1'])} on this test split: the floor "
+                          "this model is measured against."]
     else:
         lines.append("The server evaluated no held-out data in this run.")
     per_class = met.get("per_class")

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedtune.common.errors import ConfigError
+from fedtune.common.training.imbalance import WEIGHTINGS
 
 TASKS = ("seq-cls", "causal-lm")
 ACCOUNTANTS = ("pld", "rdp")  # gdp and prv are not offered: GDP's CLT approximation can under-count
@@ -151,6 +152,8 @@ class TrainConfig:
     weight_decay: float = _f(0.0, "weight decay")
     seed: int = _f(0, "seed of data order and dropout (DP noise always uses fresh OS entropy)")
     threads: int = _f(0, "torch CPU threads; 0 = torch's default")
+    class_weighting: str = _f("auto", "class-weighted loss from the labels of the server's held-out data: auto "
+                              "(only when labels are skewed), balanced, none")
 
     def problems(self) -> list[str]:
         out = []
@@ -170,6 +173,8 @@ class TrainConfig:
             out.append(f"train.lr: expected 0 < lr < 10, got {self.lr}")
         if self.threads < 0:
             out.append(f"train.threads: expected >= 0, got {self.threads}")
+        if self.class_weighting not in WEIGHTINGS:
+            out.append(f"train.class-weighting: expected one of {', '.join(WEIGHTINGS)}, got {self.class_weighting!r}")
         return out
 
 

@@ -64,7 +64,7 @@ def classification_metrics(gold: np.ndarray, pred: np.ndarray, labels: Sequence[
         "accuracy": float(accuracy_score(gold, pred)),
         "macro_f1": float(f1_score(gold, pred, labels=ids, average="macro", zero_division=0)),
         "per_class": {lab: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
-                            "support": int(s[i])} for i, lab in enumerate(labels)},
+                            "support": int(s[i]), "predicted": int((pred == i).sum())} for i, lab in enumerate(labels)},
     }
 
 

@@ -16,19 +16,20 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from fedtune.common.errors import BudgetExceededError, EvaluationRefused
+from fedtune.common.errors import BudgetExceededError, EvaluationRefused, FedtuneError
 from fedtune.common.privacy import accounting as privacy
 from fedtune.common.privacy.ledger import PrivacyLedger
 from fedtune.common.training import adapter, aggregate, builder, data
 from fedtune.common.training.aggregate import batch_weight
 from fedtune.common.training.config import JobConfig
 from fedtune.common.training.evaluate import evaluate, private_counts
+from fedtune.common.training.imbalance import MAX_WEIGHT, MIN_WEIGHT
 from fedtune.common.training.model import LoraModel, set_threads
 from fedtune.common.training.train import ProgressFn, TrainStats, make_optimizer, train_steps
 from fedtune.common.training.wire import EvalAnswer, NodeRoundResult
@@ -238,13 +239,18 @@ def planned_epsilon(node: Node, job: str, *, federated: bool = True) -> float:
 
 # -- releases ---------------------------------------------------------------------------------------
 def train_round(node: Node, *, job: str, round: int, initial: Mapping[str, np.ndarray] | None = None,
-                progress: ProgressFn | None = None, federated: bool = True) -> RoundResult:
+                progress: ProgressFn | None = None, federated: bool = True,
+                class_weights: Sequence[float] | None = None) -> RoundResult:
     """Train one round on this node and return the adapter update.
+
+    ``class_weights`` (one per label, from data the server holds, never from this node's records) scale
+    each record's loss; refused unless they fit the node's labels and bounds.
 
     Reserves the round's spend first (refused, before any training, past the node's ceiling or
     past the job's planned rounds); the ledger entry is settled and durable before this returns weights.
     """
     j, model = node.job, node.lora.model
+    weights = _check_class_weights(class_weights, node.splits.labels, j.task)
     jp = job_plan(node, job, federated=federated)
     if initial is not None:
         adapter.unpack(model, initial, ffa=node.lora.ffa)
@@ -264,14 +270,16 @@ def train_round(node: Node, *, job: str, round: int, initial: Mapping[str, np.nd
                 model=model, optimizer=optimizer, loader=loader, noise_multiplier=noise,
                 max_grad_norm=j.max_grad_norm, grad_sample_mode=j.grad_sample_mode)
             try:
-                stats = train_steps(dp_model, dp_loader, dp_opt, steps=steps, task=j.task, progress=progress)
+                stats = train_steps(dp_model, dp_loader, dp_opt, steps=steps, task=j.task, progress=progress,
+                                    class_weights=weights)
             finally:
                 privacy.release(dp_model)
             history = engine.accountant.history
             if history and abs(history[0][1] - q) > 1e-12:  # Opacus sampled at another rate: a bug, not a user error
                 raise RuntimeError(f"Opacus sampled at rate {history[0][1]}, the ledger reserved {q}")
         else:
-            stats = train_steps(model, loader, optimizer, steps=steps, task=j.task, progress=progress)
+            stats = train_steps(model, loader, optimizer, steps=steps, task=j.task, progress=progress,
+                                class_weights=weights)
     except BaseException:
         node.ledger.cancel(entry)  # nothing derived from this training has left the node
         raise
@@ -282,12 +290,25 @@ def train_round(node: Node, *, job: str, round: int, initial: Mapping[str, np.nd
                        delta=node.policy.delta, steps=entry.steps)
 
 
-def train_and_report(node: Node, received: Mapping[str, np.ndarray], *, job: str, round: int) -> NodeRoundResult:
+def _check_class_weights(weights: Sequence[float] | None, labels: Sequence[str], task: str) -> torch.Tensor | None:
+    if weights is None:
+        return None
+    if task != "seq-cls" or len(weights) != len(labels):
+        raise FedtuneError(f"the round's class weights ({len(weights)}) do not fit this node's {len(labels)} labels",
+                           "the server and the node must use the same data.labels; refusing the round")
+    if not all(isinstance(w, float) and MIN_WEIGHT <= w <= MAX_WEIGHT for w in weights):
+        raise FedtuneError(f"class weights outside [{MIN_WEIGHT:g}, {MAX_WEIGHT:g}]: {list(weights)[:10]}",
+                           "a fedtune server clips its weights to these bounds; refusing the round")
+    return torch.tensor(list(weights), dtype=torch.float32)
+
+
+def train_and_report(node: Node, received: Mapping[str, np.ndarray], *, job: str, round: int,
+                     class_weights: Sequence[float] | None = None) -> NodeRoundResult:
     """One federated round on this node from the received global adapter: what the node sends back.
 
     The update is the trained minus the received tensors; the weight follows :func:`batch_weight`."""
     t0 = time.perf_counter()
-    r = train_round(node, job=job, round=round, initial=received)
+    r = train_round(node, job=job, round=round, initial=received, class_weights=class_weights)
     return NodeRoundResult(update=aggregate.update(r.arrays, received), weight=r.weight, train_loss=r.stats.mean_loss,
                            epsilon=r.epsilon_spent, max_epsilon=node.policy.max_epsilon, delta=r.delta,
                            noise_multiplier=r.noise_multiplier, sample_rate=r.sample_rate, steps=r.steps,

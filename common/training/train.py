@@ -30,7 +30,7 @@ class TrainStats:
 
 
 def batch_loss(model: torch.nn.Module, batch: list[torch.Tensor], *, task: str,
-               reduction: str = "mean") -> torch.Tensor:
+               reduction: str = "mean", class_weights: torch.Tensor | None = None) -> torch.Tensor:
     """Loss of a batch, one value per sample reduced by ``reduction`` ("mean", "sum", "none").
 
     For causal LM each sequence's token losses are averaged first, so each
@@ -40,6 +40,8 @@ def batch_loss(model: torch.nn.Module, batch: list[torch.Tensor], *, task: str,
     out = model(input_ids=input_ids, attention_mask=attention_mask)
     if task == "seq-cls":
         per_sample = F.cross_entropy(out.logits, batch[2], reduction="none")
+        if class_weights is not None:  # fixed weights scale each record's loss; clipping still bounds it
+            per_sample = per_sample * class_weights[batch[2]]
     else:
         logits = out.logits[:, :-1, :]
         targets = input_ids[:, 1:]
@@ -68,7 +70,7 @@ def _noise_only_step(optimizer: torch.optim.Optimizer) -> None:
 
 
 def train_steps(model: torch.nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, *, steps: int,
-                task: str, progress: ProgressFn | None = None) -> TrainStats:
+                task: str, progress: ProgressFn | None = None, class_weights: torch.Tensor | None = None) -> TrainStats:
     """Take exactly ``steps`` optimizer steps over ``loader`` (cycling it as needed)."""
     is_dp = hasattr(optimizer, "noise_multiplier")
     model.train()
@@ -87,7 +89,7 @@ def train_steps(model: torch.nn.Module, loader: DataLoader, optimizer: torch.opt
                     done += 1
                     continue
                 optimizer.zero_grad(set_to_none=True)
-                loss = batch_loss(model, batch, task=task)
+                loss = batch_loss(model, batch, task=task, class_weights=class_weights)
                 loss.backward()
                 optimizer.step()
                 total_loss += float(loss.detach()) * n

@@ -38,9 +38,13 @@ class RoundTask:
 
     job: str
     round: int
+    class_weights: tuple[float, ...] | None = None  # per label, from the server's own data (the node checks bounds)
 
     def to_record(self) -> dict:
-        return {"job": self.job, "server-round": self.round}
+        rec = {"job": self.job, "server-round": self.round}
+        if self.class_weights is not None:
+            rec["class-weights"] = [float(w) for w in self.class_weights]
+        return rec
 
     @classmethod
     def from_record(cls, rec: Mapping) -> RoundTask:
@@ -49,7 +53,13 @@ class RoundTask:
             raise FedtuneError("the server's request names no valid job", "a fedtune server always sends one; refusing")
         if isinstance(rnd, bool) or not isinstance(rnd, int) or rnd < 0:
             raise FedtuneError(f"the server's request has an invalid round number {rnd!r}", "refusing")
-        return cls(job=job, round=rnd)
+        weights = rec.get("class-weights")
+        if weights is not None:
+            if not isinstance(weights, list) or not weights or len(weights) > 10_000 or \
+                    any(_number(w) is None for w in weights):
+                raise FedtuneError("the server's request has malformed class weights", "refusing")
+            weights = tuple(float(w) for w in weights)
+        return cls(job=job, round=rnd, class_weights=weights)
 
 
 @dataclass(frozen=True)
