@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 from fedtune.common.errors import AdapterError
@@ -32,6 +33,19 @@ class RoundOutcome:
     reason: str = ""  # why the round failed
     extra: dict = field(default_factory=dict)
     later: list[NodeReply] = field(default_factory=list)  # refusals after a node's training reply (e.g. unmasking)
+
+
+@runtime_checkable
+class Aggregator(Protocol):
+    """The aggregation step of a round: what ``Federation`` needs from plain or secure FedAvg."""
+
+    name: str  # recorded in rounds.jsonl
+    secure: bool  # whether the server sees only the sum of updates
+
+    def run_round(self, grid: Grid, *, server_round: int, node_ids: list[int], global_arrays: dict[str, np.ndarray],
+                  config: dict, names: dict[int, str]) -> RoundOutcome:
+        """Exchange whatever messages the step needs with ``node_ids``; the new global tensors or None."""
+        ...
 
 
 class PlainFedAvg:

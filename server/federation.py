@@ -21,6 +21,7 @@ from fedtune.common.training.config import JobConfig
 from fedtune.common.training.evaluate import evaluate, pool_answers
 from fedtune.common.training.imbalance import WHAT_TO_TRY, class_weights, learned_nothing, majority_baseline
 from fedtune.common.training.wire import EvalAnswer, NodeRoundResult, RoundTask
+from fedtune.server.aggregation import Aggregator
 from fedtune.server.messages import (
     array_record,
     config_record,
@@ -70,7 +71,7 @@ def _metric(ev: dict | None, name: str) -> float | None:
 class Federation:
     """Runs a job's rounds on a Flower grid and writes its run directory."""
 
-    def __init__(self, cfg: JobConfig, run_dir: RunDir, aggregator, *, out: Callable[[str], None] = print,
+    def __init__(self, cfg: JobConfig, run_dir: RunDir, aggregator: Aggregator, *, out: Callable[[str], None] = print,
                  simulated: bool = False) -> None:
         self.cfg, self.rd, self.agg, self.out, self.simulated = cfg, run_dir, aggregator, out, simulated
         self.names: dict[int, str] = {}  # node id -> the name it reports (displayed only)

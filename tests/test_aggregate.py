@@ -88,3 +88,16 @@ def test_round_with_too_few_results_fails_and_keeps_the_model(monkeypatch):
     replies = [_reply("a", {"w": np.ones(2, np.float32)}), _reply("b", None, status="dropped")]
     out = _run_round(monkeypatch, replies, min_nodes=2)
     assert out.new_arrays is None and "only 1 of 2 nodes" in out.reason
+
+
+def test_both_aggregations_fit_the_aggregator_seam():
+    from fedtune.common.training.config import load_config
+    from fedtune.server.aggregation import Aggregator, PlainFedAvg
+    from fedtune.server.app import make_aggregator
+    from fedtune.server.secure import SecureFedAvg
+
+    secure = make_aggregator(load_config({}), out=lambda s: None)
+    plain = make_aggregator(load_config({"fed.secure-aggregation": False}), out=lambda s: None)
+    assert isinstance(secure, SecureFedAvg) and isinstance(plain, PlainFedAvg)
+    assert isinstance(secure, Aggregator) and isinstance(plain, Aggregator)
+    assert (secure.secure, plain.secure) == (True, False)
