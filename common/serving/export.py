@@ -124,6 +124,7 @@ def run_record(run_dir: str | Path, round: int | None = None, *, name_nodes: boo
                  "max_records": cfg.data.max_records},
         "metrics": {**metrics, "majority_baseline": (summary or {}).get("majority_baseline")},
         "privacy": {**privacy, "poisson_sampling": cfg.privacy.poisson_sampling, "nodes": nodes,
+                    "tuning": (summary or {}).get("tuning"),
                     "nodes_named": name_nodes},
     }
 

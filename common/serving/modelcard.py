@@ -184,6 +184,14 @@ def _privacy_section(record: dict) -> list[str]:
                          f"{len(n.get('rounds') or [])} | {n.get('evaluations', 0)} |")
         if not p.get("nodes_named"):
             lines += ["", "Nodes are numbered, not named (export with `--name-nodes` to name them)."]
+        tu = p.get("tuning") or {}
+        if (tu.get("privacy") or {}).get("search_epsilon_max") is not None:
+            how = (f"a number of trials drawn from Poisson({tu['trials_mean']}), accounted with Papernot & Steinke's "
+                   "Renyi-DP bound" if tu.get("random_trials") else f"{tu['trials_planned']} trials, composed")
+            lines += ["", f"**This recipe was chosen by a hyperparameter search** (`fedtune tune`: {how}). "
+                          f"Including the search, each node's epsilon is at most "
+                          f"**{tu['privacy']['search_epsilon_max']:.3f}** (the table above counts this run alone)."
+                      + ("" if tu["privacy"].get("covered", True) else f" Note: {tu['privacy']['note']}.")]
     else:
         lines += ["**No differential privacy.** This model was trained without DP-SGD: it carries no formal "
                   "guarantee and may memorize and reveal records of the nodes' data. Do not release it beyond the "

@@ -1,0 +1,328 @@
+"""``fedtune tune``: search the training recipe on the user's data, each trial a federated simulation.
+
+Optuna's TPE sampler proposes a recipe; each trial runs the scenario in simulation (the user's data
+partitioned like their federation) and is scored on the server's validation split (macro-F1: the
+test split stays untouched for the final figures). Hopeless trials are pruned on the per-round
+validation curve (Optuna's median pruner; the run stops through its STOP file). The study lives in
+an SQLite file in the study directory, so an interrupted search resumes.
+
+Privacy. Choosing the best of several DP runs on private data releases more than one run. With DP
+on, the number of trials is drawn from Poisson(``--trials``) with fresh OS entropy, and the search
+is accounted with Papernot & Steinke's Renyi-DP bound (``accounting.search_epsilon``) per node;
+``--fixed-trials`` runs exactly N trials and accounts their composition instead. Every trial of a
+DP search releases the same per-node events: the settings that change them (batch size, local
+epochs, rounds, noise) are held at the scenario's values, and only settings that do not touch
+privacy are searched (optimizer, learning rate, LoRA rank, FFA, clipping norm, class weighting).
+Without DP (or on proxy data the user calls public) batch size, local epochs and rounds are searched
+too. The figures land in ``tuning.json``, the report, and the chosen run's ``summary.json`` (so its
+model card states the total, tuning included).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedtune.common.errors import FedtuneError
+from fedtune.common.operations.atomic import write_json_atomic
+from fedtune.common.operations.rundir import RunDir
+from fedtune.common.privacy import accounting
+from fedtune.common.privacy.ledger import open_all
+from fedtune.common.training.config import JobConfig
+
+PRIVATE_SPACE = ("train.optimizer", "train.lr", "lora.r", "lora.ffa", "privacy.max-grad-norm",
+                 "train.class-weighting")
+SHAPE_SPACE = ("train.batch-size", "train.local-epochs", "train.rounds")  # change a trial's privacy events
+
+
+@dataclass(frozen=True)
+class Study:
+    directory: Path
+    trials: int  # the trials this search runs (drawn, or fixed)
+    mean: int  # --trials
+    random_trials: bool
+
+
+def suggest(trial, cfg: JobConfig, fixed: set[str]) -> dict:
+    """The recipe of one trial: searched keys not fixed by the user; the rest stay as in ``cfg``."""
+    space = PRIVATE_SPACE + (() if cfg.privacy.enabled else SHAPE_SPACE)
+    out: dict = {}
+
+    def want(key: str) -> bool:
+        return key in space and key not in fixed
+
+    if want("train.optimizer"):
+        out["train.optimizer"] = trial.suggest_categorical("train.optimizer", ["sgd", "adamw"])
+    opt = out.get("train.optimizer", cfg.train.optimizer)
+    if want("train.lr"):
+        lo, hi = (0.1, 4.0) if opt == "sgd" else (1e-3, 5e-2)
+        out["train.lr"] = trial.suggest_float(f"train.lr ({opt})", lo, hi, log=True)
+    if want("lora.r"):
+        out["lora.r"] = trial.suggest_categorical("lora.r", [4, 8, 16])
+    if want("lora.ffa"):
+        out["lora.ffa"] = trial.suggest_categorical("lora.ffa", [True, False])
+    if want("privacy.max-grad-norm"):
+        out["privacy.max-grad-norm"] = trial.suggest_categorical("privacy.max-grad-norm", [0.5, 1.0, 2.0])
+    if want("train.class-weighting") and cfg.model.task == "seq-cls":
+        out["train.class-weighting"] = trial.suggest_categorical("train.class-weighting", ["auto", "balanced", "none"])
+    if want("train.batch-size"):
+        out["train.batch-size"] = trial.suggest_categorical("train.batch-size", [16, 32, 64])
+    if want("train.local-epochs"):
+        out["train.local-epochs"] = trial.suggest_categorical("train.local-epochs", [0.5, 1.0, 2.0])
+    if want("train.rounds"):
+        out["train.rounds"] = trial.suggest_int("train.rounds", 3, 10)
+    return out
+
+
+def _open_study(directory: Path, mean: int, fixed_trials: bool, seed: int):
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = optuna.storages.RDBStorage(f"sqlite:///{directory / 'study.db'}")
+    study = optuna.create_study(study_name="fedtune", storage=storage, direction="maximize", load_if_exists=True,
+                                sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=3),
+                                pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1))
+    if "trials" not in study.user_attrs:  # drawn once, kept with the study (a resumed search keeps its draw)
+        import numpy as np
+
+        drawn = mean if fixed_trials else int(np.random.default_rng(secrets.randbits(128)).poisson(mean))
+        study.set_user_attr("trials", drawn)
+        study.set_user_attr("mean", mean)
+        study.set_user_attr("random_trials", not fixed_trials)
+        study.enqueue_trial({}, user_attrs={"default": True})  # trial 0: the scenario's own recipe
+    return study
+
+
+def tune(cfg: JobConfig, *, trials: int, directory: str | Path, fixed: set[str] = frozenset(),
+         fixed_trials: bool = False, timeout: float | None = None, out: Callable[[str], None] = print) -> dict:
+    """Run (or resume) the search; write ``tuned.toml``, ``tuning.json`` and ``tuning.md``; return the result."""
+    import optuna
+    from fedtune.simulations.run import simulate
+
+    if trials < 1:
+        raise FedtuneError(f"--trials {trials}: expected >= 1", "give the mean number of trials, e.g. --trials 12")
+    if cfg.model.task != "seq-cls":
+        raise FedtuneError("fedtune tune scores trials by validation macro-F1, a classification figure",
+                           "tune a seq-cls job (model.task=seq-cls)")
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    study = _open_study(d, trials, fixed_trials, cfg.train.seed)
+    planned = int(study.user_attrs["trials"])
+    random_trials = bool(study.user_attrs["random_trials"])
+    how = f"drawn from Poisson({trials}), as the privacy analysis needs" if random_trials else "fixed"
+    searched = [k for k in PRIVATE_SPACE + (() if cfg.privacy.enabled else SHAPE_SPACE) if k not in fixed]
+    out(f"fedtune tune: {planned} trials ({how}); study in {d} (resumable); searching {', '.join(searched)}")
+    t0 = time.monotonic()
+    cut_short = False
+    while len([t for t in study.trials if t.state.is_finished()]) < planned:
+        if timeout is not None and time.monotonic() - t0 > timeout:
+            cut_short = True
+            out(f"time budget of {timeout:.0f}s spent: stopping after {len(study.trials)} trials")
+            break
+        trial = study.ask()
+        k = trial.number
+        recipe = {} if trial.user_attrs.get("default") else suggest(trial, cfg, fixed)
+        run_dir = d / f"trial-{k}"
+        trial_cfg = cfg.replace(**{**recipe, "fed.run-dir": str(run_dir), "fed.resume": False})
+        out(f"trial {k + 1}/{planned}: " + (", ".join(f"{a}={b:.4g}" if isinstance(b, float) else f"{a}={b}"
+                                                       for a, b in recipe.items()) or "the scenario's recipe"))
+        pruned = [False]
+
+        def watch(line: str, trial=trial, run_dir=run_dir) -> None:
+            if line.startswith("round ") and "/" in line.split()[1]:
+                rounds = RunDir(run_dir).rounds()
+                last = rounds[-1] if rounds else {}
+                score = ((last.get("server_eval") or {}).get("val") or {}).get("macro_f1")
+                if score is not None:
+                    trial.report(score, last["round"])
+                    if trial.should_prune():
+                        pruned[0] = True
+                        (run_dir / "STOP").touch()
+
+        try:
+            res = simulate(trial_cfg, out=watch, report=False)
+        except FedtuneError as e:
+            out(f"  trial {k + 1} failed: {e.problem}")
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            continue
+        val = ((res["summary"].get("final") or {}).get("val") or {}).get("macro_f1")
+        trial.set_user_attr("run_dir", str(run_dir))
+        trial.set_user_attr("recipe", recipe)
+        trial.set_user_attr("seconds", res["seconds"])
+        if pruned[0]:
+            out(f"  pruned after round {res['summary']['rounds_completed']} (validation macro-F1 below the median)")
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        else:
+            out(f"  validation macro-F1 {val:.4f} in {res['seconds']:.0f}s")
+            study.tell(trial, val if val is not None else 0.0)
+        _check_ceiling(cfg, study, trials)
+    return finish(cfg, study, d, cut_short=cut_short, out=out)
+
+
+def search_privacy(cfg: JobConfig, study, mean: int) -> dict[str, dict]:
+    """Per simulated node: epsilon of one trial and of the whole search (same accountant for both)."""
+    random_trials, planned = bool(study.user_attrs["random_trials"]), int(study.user_attrs["trials"])
+    if not cfg.privacy.enabled:
+        return {}
+    delta = cfg.privacy.delta or accounting.DEFAULT_DELTA
+    kind = "rdp" if random_trials else "pld"
+    nodes = {}
+    for name, hist in _node_histories([Path(t.user_attrs["run_dir"]) for t in study.trials
+                                       if "run_dir" in t.user_attrs]).items():
+        nodes[name] = {"one_trial_epsilon": accounting.epsilon(hist, delta=delta, kind=kind),
+                       "search_epsilon": accounting.search_epsilon(hist, delta=delta, trials=mean if random_trials
+                                                                   else planned, random_trials=random_trials),
+                       "delta": delta}
+    return nodes
+
+
+def _check_ceiling(cfg: JobConfig, study, mean: int) -> None:
+    """The search as a whole must fit each simulated node's ceiling (sim.node-max-epsilon)."""
+    nodes = search_privacy(cfg, study, mean)
+    over = {n: v["search_epsilon"] for n, v in nodes.items() if v["search_epsilon"] > cfg.sim.node_max_epsilon + 1e-9}
+    if over:
+        name, eps = max(over.items(), key=lambda kv: kv[1])
+        raise FedtuneError(
+            f"the search would release epsilon {eps:.2f} about {name}'s records (every trial {nodes[name]['one_trial_epsilon']:.2f}"
+            f"), past its ceiling sim.node-max-epsilon={cfg.sim.node_max_epsilon:g}",
+            "lower privacy.target-epsilon for the trials, ask for fewer --trials, tune on proxy data you may spend "
+            "freely, or raise sim.node-max-epsilon knowingly; the study so far is kept and resumes")
+
+
+def _node_histories(run_dirs: list[Path]) -> dict[str, list]:
+    """Per simulated node, the largest history any trial released (a pruned trial's is a prefix of it)."""
+    best: dict[str, list] = {}
+    for rd in run_dirs:
+        for node_dir in sorted((rd / "nodes").glob("node-*")):
+            for lg in open_all(node_dir):
+                hist = [e.event for e in lg.counted]
+                if sum(n for _, _, n in hist) > sum(n for _, _, n in best.get(node_dir.name, [])):
+                    best[node_dir.name] = hist
+    return best
+
+
+def finish(cfg: JobConfig, study, d: Path, *, cut_short: bool, out: Callable[[str], None] = print) -> dict:
+    """The chosen recipe as a scenario, the search's privacy cost, the report."""
+    import optuna
+
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if not done:
+        raise FedtuneError(f"no trial of the search in {d} completed", "look at the trials' output above; fix the "
+                           "scenario so that `fedtune simulate` runs it, then run fedtune tune again")
+    best = max(done, key=lambda t: t.value)
+    default = next((t for t in study.trials if t.user_attrs.get("default")), None)
+    chosen = cfg.replace(**{k: v for k, v in best.user_attrs["recipe"].items()})
+    flat = {k: v for k, v in chosen.to_flat().items() if k not in ("fed.run-dir", "fed.resume")}
+    scenario = d / "tuned.toml"
+    scenario.write_text("# fedtune tune: the best recipe of " + f"{len(study.trials)} trials (validation macro-F1 "
+                        f"{best.value:.4f})\n" + "".join(f"{_toml_key(k)} = {_toml(v)}\n" for k, v in flat.items()),
+                        encoding="utf-8")
+    random_trials, planned = bool(study.user_attrs["random_trials"]), int(study.user_attrs["trials"])
+    mean = int(study.user_attrs["mean"])
+    nodes = search_privacy(cfg, study, mean)
+    result = {
+        "trials_planned": planned, "trials_mean": mean, "random_trials": random_trials, "cut_short": cut_short,
+        "trials": [{"number": t.number, "state": t.state.name.lower(), "value": t.value,
+                    "recipe": t.user_attrs.get("recipe", {}), "default": bool(t.user_attrs.get("default")),
+                    "seconds": t.user_attrs.get("seconds")} for t in study.trials],
+        "best": {"number": best.number, "value": best.value, "recipe": best.user_attrs["recipe"],
+                 "run_dir": best.user_attrs["run_dir"]},
+        "default": {"number": default.number, "value": default.value} if default and default.value is not None else None,
+        "privacy": {"dp": cfg.privacy.enabled, "accountant": "rdp (Papernot & Steinke, RepeatAndSelectDpEvent)"
+                    if random_trials else "composition of the trials (pld)", "nodes": nodes,
+                    "search_epsilon_max": max((n["search_epsilon"] for n in nodes.values()), default=None),
+                    "covered": not cut_short,
+                    "note": "" if not cut_short else "the time budget stopped the search before its drawn number of "
+                    "trials; the figure assumes every drawn trial ran, which the theorem needs"},
+        "importance": _importance(study),
+        "scenario": str(scenario),
+    }
+    write_json_atomic(d / "tuning.json", result, indent=2, default=str)
+    summary_path = Path(best.user_attrs["run_dir"]) / "summary.json"
+    if summary_path.is_file():  # the chosen run states the search's cost (its model card reads it)
+        summary = json.loads(summary_path.read_text())
+        summary["tuning"] = {k: result[k] for k in ("trials_planned", "trials_mean", "random_trials", "privacy")}
+        write_json_atomic(summary_path, summary, indent=2, sort_keys=True, default=str)
+    report = write_tuning_report(d, result)
+    out(f"best: trial {best.number + 1}, validation macro-F1 {best.value:.4f}"
+        + (f" (the scenario's recipe: {default.value:.4f})" if default and default.value is not None else ""))
+    if nodes:
+        out(f"privacy: epsilon of the whole search per node at most {result['privacy']['search_epsilon_max']:.3f} "
+            f"(one trial: {max(n['one_trial_epsilon'] for n in nodes.values()):.3f})")
+    out(f"chosen recipe: {scenario} (run it with `fedtune simulate {scenario}`); report: {report}")
+    return result
+
+
+def _importance(study) -> dict:
+    import optuna
+
+    try:
+        return {k: float(v) for k, v in optuna.importance.get_param_importances(study).items()}
+    except (RuntimeError, ValueError, ZeroDivisionError):  # fewer than two completed trials with varying values
+        return {}
+
+
+def write_tuning_report(d: Path, result: dict) -> Path:
+    lines = ["# fedtune tune", "", f"{len(result['trials'])} trials "
+             f"({'drawn from Poisson(' + str(result['trials_mean']) + ')' if result['random_trials'] else 'fixed'}); "
+             "scored on the server's validation split (macro-F1).", ""]
+    b, dft = result["best"], result["default"]
+    lines += [f"Best: trial {b['number'] + 1}, validation macro-F1 **{b['value']:.4f}**"
+              + (f"; the scenario's own recipe: {dft['value']:.4f}" if dft else "") + ".", ""]
+    p = result["privacy"]
+    if p["dp"]:
+        lines += ["## Privacy of the search", "", f"Accountant: {p['accountant']}.", "",
+                  "| node | one trial | whole search | delta |", "|---|---|---|---|"]
+        lines += [f"| {n} | {v['one_trial_epsilon']:.3f} | {v['search_epsilon']:.3f} | {v['delta']:.2g} |"
+                  for n, v in sorted(p["nodes"].items())]
+        if p["note"]:
+            lines += ["", f"**Note:** {p['note']}."]
+        lines.append("")
+    lines += ["## Trials", "", "| trial | state | validation macro-F1 | seconds | recipe |", "|---|---|---|---|---|"]
+    for t in result["trials"]:
+        recipe = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in t["recipe"].items())
+        lines.append(f"| {t['number'] + 1} | {t['state']} | {'-' if t['value'] is None else format(t['value'], '.4f')}"
+                     f" | {'-' if t['seconds'] is None else format(t['seconds'], '.0f')} | "
+                     f"{recipe or ('the scenario' if t['default'] else '')} |")
+    if result["importance"]:
+        _importance_plot(d / "importance.png", result["importance"])
+        lines += ["", "## Parameter importance (fANOVA)", "", "![importance](importance.png)", ""]
+        lines += [f"- {k}: {v:.3f}" for k, v in result["importance"].items()]
+    out = d / "tuning.md"
+    out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return out
+
+
+def _importance_plot(path: Path, importance: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 0.5 + 0.4 * len(importance)), dpi=100)
+    names = list(importance)[::-1]
+    ax.barh(names, [importance[n] for n in names])
+    ax.set_xlabel("importance for validation macro-F1")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _toml_key(k: str) -> str:
+    return f'"{k}"'
+
+
+def _toml(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, float) and math.isinf(v):
+        return "inf" if v > 0 else "-inf"
+    return repr(v)
+
