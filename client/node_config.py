@@ -79,6 +79,8 @@ class NodeSettings:
                 log.info("node %s: ignoring %s=%r from the job; this node reads column %r (node config)",
                          self.name, key, asked, mine)
                 changes[key] = mine
+        if self.partition is None and cfg.data.group_column:  # the fairness audit runs on the server's data only
+            changes["data.group-column"] = ""
         return cfg.replace(**changes) if changes else cfg
 
 

@@ -55,7 +55,8 @@ class ServerModel:
     def evaluate(self, arrays: dict[str, np.ndarray]) -> dict:
         self.load(arrays)
         kw = dict(task=self.cfg.model.task, labels=self.splits.labels, batch_size=self.cfg.train.eval_batch_size)
-        return {"val": evaluate(self.lora.model, self.val, **kw), "test": evaluate(self.lora.model, self.test, **kw)}
+        return {"val": evaluate(self.lora.model, self.val, groups=self.splits.val.groups, **kw),
+                "test": evaluate(self.lora.model, self.test, groups=self.splits.test.groups, **kw)}
 
     def save(self, arrays: dict[str, np.ndarray], directory) -> None:
         self.load(arrays)

@@ -41,6 +41,7 @@ def _train_eval(cfg: JobConfig, splits: data.Splits, *, dp: bool, label: str,
         res = train_round(node, job=label, round=1, federated=False, class_weights=server_class_weights(cfg))
         m = evaluate_split(node, "test")
     return {"accuracy": m.get("accuracy"), "macro_f1": m.get("macro_f1"), "loss": m.get("loss"),
+            "group_gap": (m.get("fairness") or {}).get("accuracy_gap"),
             "epsilon": res.epsilon_spent if dp else None, "seconds": time.perf_counter() - t0,
             "steps": res.stats.steps}
 
@@ -107,6 +108,7 @@ def federated_row(summary: dict, *, name: str, seconds: float) -> dict:
     nodes = (summary.get("privacy") or {}).get("nodes") or {}
     eps = [p.get("epsilon") for p in nodes.values() if p.get("epsilon") is not None]
     return {"name": name, "accuracy": final.get("accuracy"), "macro_f1": final.get("macro_f1"),
+            "group_gap": (final.get("fairness") or {}).get("accuracy_gap"),
             "worst_accuracy": fe.get("worst_accuracy"), "epsilon": max(eps) if eps else None, "seconds": seconds}
 
 

@@ -97,6 +97,7 @@ def write_report(run_dir: str | Path) -> Path:
             lines += [f"Class-weighted loss: {', '.join(_fmt(w, 2) for w in summary['class_weights'])} "
                       f"(from the server's held-out labels).", ""]
     lines += [f"**WARNING: {w}**" for w in summary.get("warnings") or []] + ([""] if summary.get("warnings") else [])
+    lines += fairness_lines((final.get("test") or {}).get("fairness"))
     fe = summary.get("federated_eval") or {}
     if fe.get("worst_accuracy") is not None:
         lines += [f"Nodes' own test data (noised answers, estimates): pooled accuracy {_fmt(fe.get('accuracy'))}, worst node "
@@ -131,16 +132,33 @@ def write_report(run_dir: str | Path) -> Path:
     return out
 
 
+def fairness_lines(f: dict | None) -> list[str]:
+    """The fairness audit of the server's test split as Markdown (empty without data.group-column)."""
+    if not f:
+        return []
+    lines = ["## Fairness audit (server held-out test split, by data.group-column)", "",
+             "| group | records | accuracy | macro-F1 |", "|---|---|---|---|"]
+    lines += [f"| {g} | {m['n']} | {_fmt(m['accuracy'])} | {_fmt(m['macro_f1'])} |" for g, m in f["groups"].items()]
+    lines += ["", f"Largest gaps between groups: accuracy {_fmt(f['accuracy_gap'])}, macro-F1 {_fmt(f['macro_f1_gap'])}; "
+              f"demographic-parity difference {_fmt(f['demographic_parity_difference'])} (class "
+              f"{f['demographic_parity_class']}), equalized-odds difference {_fmt(f['equalized_odds_difference'])} "
+              f"(class {f['equalized_odds_class']}); worst group: {f['worst_group']}. DP-SGD is known to cost "
+              "minority groups more: compare with the no-DP rows of the baselines.", ""]
+    return lines
+
+
 def baseline_table(results: list[dict]) -> list[str]:
     """Markdown rows: one per baseline (accuracy, macro-F1, worst node accuracy, epsilon, seconds)."""
-    rows = ["| setting | test accuracy | macro-F1 | worst node accuracy | epsilon | seconds |",
-            "|---|---|---|---|---|---|"]
+    gaps = any(b.get("group_gap") is not None for b in results)  # with a fairness audit (data.group-column)
+    rows = ["| setting | macro-F1 | test accuracy | worst node accuracy | epsilon | seconds |"
+            + (" accuracy gap between groups |" if gaps else ""), "|---|---|---|---|---|---|" + ("---|" if gaps else "")]
     notes = []
     for b in results:
         if b.get("error"):
-            rows.append(f"| {b['name']} | not run: {b['error']} | | | | |")
+            rows.append(f"| {b['name']} | not run: {b['error']} | | | | |" + (" |" if gaps else ""))
         else:
-            rows.append(f"| {b['name']} | {_fmt(b.get('accuracy'))} | {_fmt(b.get('macro_f1'))} | "
-                        f"{_fmt(b.get('worst_accuracy'))} | {_fmt(b.get('epsilon'), 2)} | {b.get('seconds', 0):.0f} |")
+            rows.append(f"| {b['name']} | {_fmt(b.get('macro_f1'))} | {_fmt(b.get('accuracy'))} | "
+                        f"{_fmt(b.get('worst_accuracy'))} | {_fmt(b.get('epsilon'), 2)} | {b.get('seconds', 0):.0f} |"
+                        + (f" {_fmt(b.get('group_gap'))} |" if gaps else ""))
         notes += [f"{b['name']}: {s['node']} skipped ({s['reason']})" for s in b.get("skipped") or []]
     return rows + ([""] + notes if notes else [])

@@ -213,6 +213,15 @@ def _evaluation_section(record: dict) -> list[str]:
             if ev:
                 lines.append(f"| {split} | " + " | ".join(_fmt(ev.get(k), "d" if k == "n" else ".4f")
                                                          for k in keys) + " |")
+        fair = (met.get("test") or {}).get("fairness")
+        if fair:
+            lines += ["", "Fairness audit (by the data's group column, on the test split):", "",
+                      "| group | records | accuracy | macro-F1 |", "|---|---|---|---|"]
+            lines += [f"| {g} | {v['n']} | {_fmt(v['accuracy'])} | {_fmt(v['macro_f1'])} |"
+                      for g, v in fair["groups"].items()]
+            lines += ["", f"Largest gaps: accuracy {_fmt(fair['accuracy_gap'])}, macro-F1 {_fmt(fair['macro_f1_gap'])}; "
+                          f"demographic-parity difference {_fmt(fair['demographic_parity_difference'])}, equalized-odds "
+                          f"difference {_fmt(fair['equalized_odds_difference'])} (fairlearn)."]
         mb = met.get("majority_baseline")
         if mb:
             lines += ["", f"Always answering the most common label ({mb['label']!r}) scores accuracy "

@@ -28,7 +28,7 @@ def load_records(cfg: JobConfig, path: str | None = None) -> data.Splits:
     return data.load_splits(path=d.path if path is None else str(path), text_column=d.text_column,
                             label_column=d.label_column, labels=d.label_list, task=cfg.model.task,
                             val_fraction=d.val_fraction, test_fraction=d.test_fraction, seed=d.seed,
-                            max_records=d.max_records)
+                            max_records=d.max_records, group_column=d.group_column)
 
 
 def tokenized(cfg: JobConfig, lora: LoraModel, splits: data.Splits, *names: str) -> list:

@@ -120,6 +120,8 @@ class DataConfig:
     test_fraction: float = _f(0.2, "share of records held out for test")
     seed: int = _f(0, "seed of the train/validation/test split")
     max_records: int = _f(0, "use at most this many records (0 = all); for quick trials")
+    group_column: str = _f("", "column naming each record's group for the fairness audit of the server's held-out "
+                           "data (per-group accuracy and F1, parity and equalized-odds gaps); empty = no audit")
 
     def problems(self) -> list[str]:
         out = []

@@ -13,7 +13,7 @@ import io
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,13 +34,14 @@ class Records:
     texts: list[str]
     labels: list[str]
     source: str
+    groups: list[str] = field(default_factory=list)  # data.group-column (the fairness audit), empty without one
 
     def __len__(self) -> int:
         return len(self.texts)
 
     def subset(self, idx: Sequence[int]) -> Records:
         return Records([self.texts[i] for i in idx], [self.labels[i] for i in idx] if self.labels else [],
-                       self.source)
+                       self.source, [self.groups[i] for i in idx] if self.groups else [])
 
     def fingerprint(self) -> str:
         """SHA-256 of the records' content, kept in the privacy ledger for audit (not the budget's identity)."""
@@ -118,7 +119,7 @@ def _read_rows(path: Path) -> tuple[list[dict], list[str]]:
 
 
 def read_records(path: str | Path, *, text_column: str, label_column: str | None,
-                 labels: Sequence[str] | None) -> Records:
+                 labels: Sequence[str] | None, group_column: str = "") -> Records:
     """Read and check a CSV, JSONL or Parquet file of records.
 
     Args:
@@ -139,7 +140,8 @@ def read_records(path: str | Path, *, text_column: str, label_column: str | None
     rows, columns = _read_rows(path)
     if not rows:
         raise DataError(f"{path} has a header but no records", "add records, or point data.path at another file")
-    needed = [("data.text-column", text_column)] + ([("data.label-column", label_column)] if label_column else [])
+    needed = [("data.text-column", text_column)] + ([("data.label-column", label_column)] if label_column else []) \
+        + ([("data.group-column", group_column)] if group_column else [])
     for key, col in needed:
         if col not in columns:
             raise DataError(f"{path} has no column {col!r}; its columns are: {', '.join(map(str, columns)) or 'none'}",
@@ -169,7 +171,9 @@ def read_records(path: str | Path, *, text_column: str, label_column: str | None
                 f"[{', '.join(labels)}]" + (f"; other unknown labels: {', '.join(unknown[1:6])}" if unknown[1:] else ""),
                 "fix the records' labels, or add the label to data.labels on every node",
             )
-    return Records(texts, file_labels, str(path))
+    groups = [str(r.get(group_column) if r.get(group_column) is not None else "").strip() or "(none)"
+              for r in rows] if group_column else []
+    return Records(texts, file_labels, str(path), groups)
 
 
 def read_bbc_news() -> Records:
@@ -211,12 +215,13 @@ def split(records: Records, *, val_fraction: float, test_fraction: float, seed: 
 
 
 def load_splits(*, path: str, text_column: str, label_column: str, labels: Sequence[str], task: str,
-                val_fraction: float, test_fraction: float, seed: int, max_records: int = 0) -> Splits:
+                val_fraction: float, test_fraction: float, seed: int, max_records: int = 0,
+                group_column: str = "") -> Splits:
     """Load a node's data (a file, or BBC News when ``path`` is empty) and split it."""
     is_cls = task == "seq-cls"
     if path:
         records = read_records(path, text_column=text_column, label_column=label_column if is_cls else None,
-                               labels=labels if is_cls else None)
+                               labels=labels if is_cls else None, group_column=group_column if is_cls else "")
         label_set = list(labels) if is_cls else []
     else:
         records = read_bbc_news()
@@ -224,6 +229,9 @@ def load_splits(*, path: str, text_column: str, label_column: str, labels: Seque
             raise DataError(f"data.labels={','.join(labels)} does not match the BBC News labels",
                             f"leave data.labels empty or set it to {','.join(BBC_LABELS)}")
         label_set = list(BBC_LABELS) if is_cls else []
+        if group_column:
+            raise DataError("data.group-column is set but the packaged BBC News data has no groups",
+                            "point data.path at your own file with that column, or leave data.group-column empty")
         if not is_cls:
             records = Records(records.texts, [], records.source)
     fingerprint, n_source = records.fingerprint(), len(records)

@@ -25,7 +25,7 @@ def predict(model: torch.nn.Module, dataset: TensorDataset, *, batch_size: int) 
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, dataset: TensorDataset, *, task: str, labels: Sequence[str],
-             batch_size: int) -> dict:
+             batch_size: int, groups: Sequence[str] | None = None) -> dict:
     """Metrics of ``model`` on ``dataset``.
 
     Returns for seq-cls ``{"loss", "accuracy", "macro_f1", "n", "per_class": {label: {precision, recall,
@@ -47,7 +47,13 @@ def evaluate(model: torch.nn.Module, dataset: TensorDataset, *, task: str, label
     loss = total / n
     if task != "seq-cls":
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "n": n}
-    return {"loss": loss, "n": n, **classification_metrics(np.concatenate(golds), np.concatenate(preds), labels)}
+    gold, pred = np.concatenate(golds), np.concatenate(preds)
+    out = {"loss": loss, "n": n, **classification_metrics(gold, pred, labels)}
+    if groups:  # the fairness audit (data.group-column)
+        from fedtune.common.training.fairness import audit
+
+        out["fairness"] = audit(gold, pred, groups, labels)
+    return out
 
 
 def classification_metrics(gold: np.ndarray, pred: np.ndarray, labels: Sequence[str]) -> dict:

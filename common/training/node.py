@@ -354,8 +354,9 @@ def answer_evaluation(node: Node, *, job: str, round: int) -> EvalAnswer:
 def evaluate_split(node: Node, split: str = "test") -> dict:
     """Exact metrics of the node's current model on its own split, for the node's own eyes (not a release)."""
     ds = {"train": node.train_set, "val": node.val_set, "test": node.test_set}[split]
+    groups = {"train": node.splits.train, "val": node.splits.val, "test": node.splits.test}[split].groups
     return evaluate(node.lora.model, ds, task=node.job.task, labels=node.splits.labels,
-                    batch_size=node.job.eval_batch_size)
+                    batch_size=node.job.eval_batch_size, groups=groups)
 
 
 # -- a node's disk cache (derived data only: safe to delete) -----------------------------------
