@@ -181,7 +181,7 @@ def test_only_the_operator_controls_and_only_the_installed_app_runs(tmp_path):
                 killed.append(time.monotonic())
 
         info = fed.run({**JOB, "fed.run-dir": str(run_dir), "fed.num-nodes": 5, "train.rounds": 3,
-                        "fed.round-timeout": 30.0, "fed.fraction-evaluate": 0.0, "data.path": str(held_out)},
+                        "fed.round-timeout": 60.0, "fed.fraction-evaluate": 0.0, "data.path": str(held_out)},
                        timeout=900, while_waiting=kill_org3_after_round_1)
         assert info["status"] == "finished:completed", info
         rounds = [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines()]
