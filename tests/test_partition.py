@@ -65,7 +65,13 @@ def test_default_minimum_partition_gives_every_node_one_batch(tmp_path):
             "sim.alpha": 0.3, "train.batch-size": 16}
     cfg = load_config(base)
     assert min_partition_size(cfg) == 21  # ceil(16 / 0.8) + 1
-    assert min(partition_sizes(cfg, 4)) >= 21
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:  # resampling is ours to report, not a warning per attempt
+        warnings.simplefilter("always")
+        assert min(partition_sizes(cfg, 4)) >= 21
+        assert min(partition_sizes(load_config({**base, "sim.seed": 1}), 4)) >= 21  # resampled (see `loose` below)
+    assert not [w for w in caught if "min_partition_size" in str(w.message)]
     assert all(len(node_splits(cfg, i, 4).train) >= 16 for i in range(4))
     loose = load_config({**base, "sim.min-partition-size": 2, "sim.seed": 1})
     assert min(partition_sizes(loose, 4)) < 21  # what the old default allowed on this data

@@ -9,6 +9,7 @@ record indices and depend only on the inputs and the seed.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -59,7 +60,9 @@ def partition(labels: Sequence[str], *, num_partitions: int, kind: str, alpha: f
         raise DataError(f"unknown partitioner {kind!r}", "use sim.partitioner=iid, dirichlet or label")
     part.dataset = table
     try:
-        parts = [sorted(int(i) for i in part.load_partition(p)["idx"]) for p in range(num_partitions)]
+        with warnings.catch_warnings():  # Flower Datasets warns at each resampling towards min_size; we report failure
+            warnings.filterwarnings("ignore", message="The specified min_partition_size")
+            parts = [sorted(int(i) for i in part.load_partition(p)["idx"]) for p in range(num_partitions)]
     except ValueError as e:
         raise DataError(f"cannot partition {n} records into {num_partitions} {kind} partitions: {e}",
                         "raise sim.alpha, use fewer nodes, or use sim.partitioner=iid") from None
