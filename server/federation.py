@@ -19,7 +19,7 @@ from fedtune.common.operations.rundir import RunDir
 from fedtune.common.training import adapter, builder
 from fedtune.common.training.config import JobConfig
 from fedtune.common.training.evaluate import evaluate, pool_answers
-from fedtune.common.training.imbalance import WHAT_TO_TRY, class_weights, learned_nothing, majority_baseline
+from fedtune.common.training.imbalance import class_weights, learned_nothing, majority_baseline, what_to_try
 from fedtune.common.training.wire import EvalAnswer, NodeRoundResult, RoundTask
 from fedtune.server.aggregation import Aggregator
 from fedtune.server.messages import (
@@ -220,7 +220,7 @@ class Federation:
         nothing = learned_nothing((final or {}).get("test"), self.majority)
         return {
             "majority_baseline": self.majority, "class_weights": self.class_weights,
-            "warnings": [f"{nothing}. {WHAT_TO_TRY}"] if nothing else [],
+            "warnings": [f"{nothing}. {what_to_try(bool(self.class_weights))}"] if nothing else [],
             "status": status, "rounds_completed": len(rounds), "rounds_planned": cfg.train.rounds,
             "rounds_failed": [r["round"] for r in rounds if r["status"] != "ok"],
             "final": _compact(final) if final else None,

@@ -8,7 +8,7 @@ import random
 
 import pytest
 from fedtune.common.errors import FedtuneError
-from fedtune.common.training.imbalance import class_weights, learned_nothing, majority_baseline
+from fedtune.common.training.imbalance import class_weights, learned_nothing, majority_baseline, what_to_try
 from fedtune.common.training.node import NodePolicy, evaluate_split, prepare, train_round
 from fedtune.common.training.wire import RoundTask
 from helpers import FINANCE, SPORT, small_config
@@ -39,6 +39,7 @@ def test_weights_baseline_and_warning_by_hand():
     assert "not above the majority-class baseline" in learned_nothing(weak, mb)
     good = {"accuracy": 0.95, "macro_f1": 0.9, "per_class": {"a": {"predicted": 82}, "b": {"predicted": 18}}}
     assert learned_nothing(good, mb) is None
+    assert "class-weighting" in what_to_try(weighted=False) and "class-weighting" not in what_to_try(weighted=True)
 
 
 @pytest.mark.slow

@@ -64,5 +64,7 @@ def learned_nothing(metrics: dict | None, baseline: dict | None, *, margin: floa
     return None
 
 
-WHAT_TO_TRY = ("try train.class-weighting=balanced, more train.rounds or train.local-epochs, a higher train.lr, "
-               "or search the recipe on your data")
+def what_to_try(weighted: bool) -> str:
+    """The advice that goes with a learned-nothing warning (no class weighting advice when it was on)."""
+    return ("try " + ("" if weighted else "train.class-weighting=balanced, ") + "more train.rounds or "
+            "train.local-epochs, a higher train.lr, or search the recipe on your data with `fedtune tune`")
