@@ -1,7 +1,7 @@
 """``fedtune``: the command line, one module per area. User errors become one message and a non-zero exit.
 
     organization (cli/node.py)     local, evaluate, ledger, node, keys
-    researcher (cli/simulate.py)   simulate, demo, baselines
+    researcher (cli/simulate.py)   simulate, demo, baselines, tune
     operator (cli/operate.py)      superlink, status, dashboard, config
     serving (cli/serve.py)         export, registry add|list|show|compare|promote|rollback|verify, predict, drift
 
