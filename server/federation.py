@@ -47,10 +47,10 @@ class ServerModel:
         self.majority = majority_baseline(self.splits.test.labels, self.splits.labels) if cls else None
 
     def initial_arrays(self) -> dict[str, np.ndarray]:
-        return adapter.pack(self.lora.model, ffa=self.lora.ffa)
+        return adapter.pack(self.lora.model, ffa=self.lora.ffa, head_only=self.lora.head_only)
 
     def load(self, arrays: dict[str, np.ndarray]) -> None:
-        adapter.unpack(self.lora.model, arrays, ffa=self.lora.ffa)
+        adapter.unpack(self.lora.model, arrays, ffa=self.lora.ffa, head_only=self.lora.head_only)
 
     def evaluate(self, arrays: dict[str, np.ndarray]) -> dict:
         self.load(arrays)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from fedtune.common.formatting import num
 from fedtune.common.operations.rundir import RunDir
+from fedtune.common.training.config import adapter_description
 
 
 def _plot(path: Path, title: str, ylabel: str, series: dict[str, tuple[list, list]]) -> bool:
@@ -74,6 +75,8 @@ def write_report(run_dir: str | Path) -> Path:
         made.append(("Epsilon", "epsilon.png"))
 
     lines = [f"# fedtune run `{rd.path.name}`", ""]
+    trained = adapter_description(r=cfg.get("lora.r"), ffa=bool(cfg.get("lora.ffa")),
+                                  head_only=bool(cfg.get("lora.head-only")))
     info = rd.read_run()
     lines += [f"- status: **{info.get('status')}**, rounds {len(rounds)}/{info.get('planned_rounds')}, "
               f"wall time {summary.get('seconds', 0):.0f}s of rounds",
@@ -81,7 +84,7 @@ def write_report(run_dir: str | Path) -> Path:
               f"alpha {cfg.get('sim.alpha')}), aggregation {cfg.get('fed.aggregation')}, "
               f"secure aggregation {'on' if (summary.get('privacy') or {}).get('secure_aggregation') else 'off'}",
               f"- model: {cfg.get('model.path') or 'all-MiniLM-L6-v2'}, "
-              f"{'FFA-LoRA' if cfg.get('lora.ffa') else 'LoRA'} r={cfg.get('lora.r')}, max length "
+              f"{trained}, max length "
               f"{cfg.get('model.max-length')}",
               f"- privacy: {'DP-SGD, target epsilon ' + str(cfg.get('privacy.target-epsilon')) if cfg.get('privacy.enabled') else '**no differential privacy**'}, "
               f"clip {cfg.get('privacy.max-grad-norm')}, accountant {cfg.get('privacy.accountant')}", ""]

@@ -113,7 +113,7 @@ def simulate(cfg: JobConfig, *, out: Callable[[str], None] = print, report: bool
     out(f"fedtune simulate: {cfg.fed.num_nodes} virtual nodes ({cfg.sim.partitioner} partitions of "
         f"{min(sizes)}-{max(sizes)} records), {cfg.train.rounds} rounds, "
         f"{'DP-SGD at epsilon ' + format(cfg.privacy.target_epsilon, 'g') if cfg.privacy.enabled else 'NO DP'}, "
-        f"{'FFA-LoRA' if cfg.lora.ffa else 'LoRA'} r={cfg.lora.r}; run directory {run_dir}")
+        f"{cfg.lora.describe()}; run directory {run_dir}")
     if not cfg.privacy.enabled:
         from fedtune.common.privacy.accounting import DP_OFF_WARNING
 

@@ -35,7 +35,7 @@ from fedtune.common.privacy import accounting
 from fedtune.common.privacy.ledger import open_all
 from fedtune.common.training.config import JobConfig
 
-PRIVATE_SPACE = ("train.optimizer", "train.lr", "lora.r", "lora.ffa", "privacy.max-grad-norm",
+PRIVATE_SPACE = ("train.optimizer", "train.lr", "lora.head-only", "lora.r", "lora.ffa", "privacy.max-grad-norm",
                  "train.class-weighting")
 SHAPE_SPACE = ("train.batch-size", "train.local-epochs", "train.rounds")  # change a trial's privacy events
 
@@ -60,12 +60,21 @@ def suggest(trial, cfg: JobConfig, fixed: set[str]) -> dict:
         out["train.optimizer"] = trial.suggest_categorical("train.optimizer", ["sgd", "adamw"])
     opt = out.get("train.optimizer", cfg.train.optimizer)
     if want("train.lr"):
-        lo, hi = (0.1, 4.0) if opt == "sgd" else (1e-3, 5e-2)
+        lo, hi = (0.3, 20.0) if opt == "sgd" else (1e-3, 5e-2)  # a head alone under DP wants SGD lr ~10
         out["train.lr"] = trial.suggest_float(f"train.lr ({opt})", lo, hi, log=True)
+    if want("lora.head-only") and cfg.model.task == "seq-cls":
+        out["lora.head-only"] = trial.suggest_categorical("lora.head-only", [False, True])
+    if out.get("lora.head-only", cfg.lora.head_only) and cfg.model.task == "seq-cls":
+        return out | _rest(trial, cfg, want)  # LoRA rank and FFA do not matter to a head trained alone
     if want("lora.r"):
         out["lora.r"] = trial.suggest_categorical("lora.r", [4, 8, 16])
     if want("lora.ffa"):
         out["lora.ffa"] = trial.suggest_categorical("lora.ffa", [True, False])
+    return out | _rest(trial, cfg, want)
+
+
+def _rest(trial, cfg: JobConfig, want) -> dict:
+    out: dict = {}
     if want("privacy.max-grad-norm"):
         out["privacy.max-grad-norm"] = trial.suggest_categorical("privacy.max-grad-norm", [0.5, 1.0, 2.0])
     if want("train.class-weighting") and cfg.model.task == "seq-cls":
@@ -259,10 +268,14 @@ def finish(cfg: JobConfig, study, d: Path, *, cut_short: bool, out: Callable[[st
 
 
 def _importance(study) -> dict:
+    import warnings
+
     import optuna
 
     try:
-        return {k: float(v) for k, v in optuna.importance.get_param_importances(study).items()}
+        with warnings.catch_warnings():  # with a handful of trials fANOVA warns per parameter; the report says why
+            warnings.simplefilter("ignore")
+            return {k: float(v) for k, v in optuna.importance.get_param_importances(study).items()}
     except (RuntimeError, ValueError, ZeroDivisionError):  # fewer than two completed trials with varying values
         return {}
 
@@ -291,7 +304,9 @@ def write_tuning_report(d: Path, result: dict) -> Path:
                      f"{recipe or ('the scenario' if t['default'] else '')} |")
     if result["importance"]:
         _importance_plot(d / "importance.png", result["importance"])
-        lines += ["", "## Parameter importance (fANOVA)", "", "![importance](importance.png)", ""]
+        done = sum(t["state"] == "complete" for t in result["trials"])
+        lines += ["", "## Parameter importance (fANOVA)", "", "![importance](importance.png)", "",
+                  f"Estimated from {done} completed trials: with fewer than about 20 it is a rough indication.", ""]
         lines += [f"- {k}: {v:.3f}" for k, v in result["importance"].items()]
     out = d / "tuning.md"
     out.write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -110,6 +110,48 @@ def test_lora_and_head_really_change_under_opacus(tmp_path, easy_csv, minilm_eas
         assert any("lora_A" in k for k in result.arrays)
 
 
+def test_head_only_trains_and_exchanges_only_the_head_under_opacus(tmp_path, easy_csv, minilm_easy):
+    # Prepare: the same model as head-only training builds it (every LoRA tensor frozen)
+    lm = copy.deepcopy(minilm_easy)
+    lm.head_only = True
+    for name, p in lm.model.named_parameters():
+        if "lora_" in name:
+            p.requires_grad_(False)
+    cfg = small_config(**{"data.path": str(easy_csv), "data.labels": ",".join(EASY_LABELS), "lora.head-only": True,
+                          "data.max-records": 0})
+    n = node.prepare(cfg, node.NodePolicy(source="easy", max_epsilon=50), state_dir=tmp_path / "state", model=lm)
+    before_all = {k: v.detach().clone() for k, v in adapter.adapter_state(lm.model).items()}
+    # Execute
+    result = node.train_round(n, job="t", round=1, federated=False)
+    after_all = adapter.adapter_state(lm.model)
+    # Assert: only the head leaves the node, it moved, and no LoRA tensor changed (B stays 0: a pure linear probe)
+    assert result.arrays and all("lora_" not in k for k in result.arrays)
+    assert any("classifier" in k for k in result.arrays)
+    for k in result.arrays:
+        assert not np.allclose(result.arrays[k], before_all[k].numpy()), f"{k} unchanged after DP training"
+    lora = [k for k in before_all if "lora_" in k]
+    assert lora and all(torch.equal(before_all[k], after_all[k]) for k in lora)
+    assert all(not after_all[k].any() for k in lora if "lora_B" in k)
+    assert lm.trainable_parameters() == sum(v.size for v in result.arrays.values())
+
+
+def test_head_only_is_built_from_the_config_and_refused_for_causal_lm():
+    from fedtune.common.errors import ConfigError
+    from fedtune.common.training.config import load_config
+
+    from fedtune.common.training import builder
+
+    cfg = load_config({"lora.head-only": "true"})
+    assert "head only" in cfg.lora.describe()
+    lm = builder.build_model(cfg, EASY_LABELS)
+    trained = [n for n, p in lm.model.named_parameters() if p.requires_grad]
+    assert lm.head_only and trained and all("classifier" in n for n in trained)
+    assert set(adapter.pack(lm.model, ffa=False, head_only=True)) == {
+        k for k in adapter.adapter_state(lm.model) if "lora_" not in k}
+    with pytest.raises(ConfigError, match="lora.head-only"):
+        load_config({"lora.head-only": "true", "model.task": "causal-lm"})
+
+
 def test_few_dp_steps_beat_chance_and_reload_in_stock_peft(tmp_path, fresh_easy):
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification

@@ -122,7 +122,9 @@ def _summary_and_model(record: dict) -> list[str]:
         f"- Input: texts truncated to {m['max_length']} tokens",
         f"- LoRA: rank {lo['r']}, alpha {lo['alpha']:g}, dropout {lo['dropout']:g}, target modules "
         f"{', '.join(lo['target_modules']) if lo['target_modules'] else 'PEFT default for the architecture'}"
-        + ("; FFA-LoRA (A frozen at its shared seeded value, only B and the head trained)" if lo["ffa"] else ""),
+        + ("; FFA-LoRA (A frozen at its shared seeded value, only B and the head trained)" if lo["ffa"] else "")
+        + ("; head only: LoRA left at its initial value (it adds nothing), only the classification head trained "
+           "on the frozen model's features" if lo.get("head_only") else ""),
         "- Files: this directory is the merged model (the adapter folded into the base weights; load it with "
         "`AutoModelFor" + ("SequenceClassification" if cls else "CausalLM") + ".from_pretrained`); `adapter/` "
         "holds the LoRA adapter alone as a PEFT directory; `fedtune-export.json` the provenance and the sha256 of "

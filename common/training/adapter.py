@@ -28,8 +28,14 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def exchanged(key: str, *, ffa: bool) -> bool:
-    """Whether an adapter tensor travels between nodes and server (FFA-LoRA keeps A local)."""
+def exchanged(key: str, *, ffa: bool, head_only: bool = False) -> bool:
+    """Whether an adapter tensor travels between nodes and server.
+
+    FFA-LoRA keeps A local (equal on every node); head-only training keeps all of LoRA at its
+    initial value and exchanges only the classification head.
+    """
+    if head_only:
+        return "lora_" not in key
     return not (ffa and "lora_A" in key)
 
 
@@ -40,14 +46,14 @@ def adapter_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return get_peft_model_state_dict(unwrap(model))
 
 
-def pack(model: torch.nn.Module, *, ffa: bool) -> dict[str, np.ndarray]:
+def pack(model: torch.nn.Module, *, ffa: bool, head_only: bool = False) -> dict[str, np.ndarray]:
     """The exchanged adapter tensors as float32 numpy arrays, in a stable key order."""
     state = adapter_state(model)
     return {k: state[k].detach().cpu().to(torch.float32).numpy().copy() for k in sorted(state)
-            if exchanged(k, ffa=ffa)}
+            if exchanged(k, ffa=ffa, head_only=head_only)}
 
 
-def unpack(model: torch.nn.Module, arrays: Mapping[str, np.ndarray], *, ffa: bool) -> None:
+def unpack(model: torch.nn.Module, arrays: Mapping[str, np.ndarray], *, ffa: bool, head_only: bool = False) -> None:
     """Load exchanged arrays into the model, refusing any key or shape that does not fit.
 
     Raises:
@@ -57,7 +63,7 @@ def unpack(model: torch.nn.Module, arrays: Mapping[str, np.ndarray], *, ffa: boo
 
     peft_model = unwrap(model)
     state = adapter_state(peft_model)
-    expected = {k: tuple(v.shape) for k, v in state.items() if exchanged(k, ffa=ffa)}
+    expected = {k: tuple(v.shape) for k, v in state.items() if exchanged(k, ffa=ffa, head_only=head_only)}
     check_arrays(arrays, expected)
     tensors = {k: torch.as_tensor(np.asarray(v, dtype=np.float32)) for k, v in arrays.items()}
     result = set_peft_model_state_dict(peft_model, tensors)
@@ -80,7 +86,7 @@ def check_arrays(arrays: Mapping[str, np.ndarray], expected: Mapping[str, tuple]
         raise AdapterError(
             f"adapter does not fit this model: {'; '.join(parts)}",
             "use an adapter made for the same base model and LoRA settings (lora.r, lora.target-modules, "
-            "lora.ffa, data.labels)",
+            "lora.ffa, lora.head-only, data.labels)",
         )
     for k, shape in expected.items():
         got = tuple(np.shape(arrays[k]))

@@ -43,6 +43,13 @@ class ModelConfig:
         return out
 
 
+def adapter_description(*, r: int, ffa: bool, head_only: bool = False) -> str:
+    """"classification head only", "FFA-LoRA r=8" or "LoRA r=8" (also for stored settings)."""
+    if head_only:
+        return "classification head only (frozen model features)"
+    return f"{'FFA-LoRA' if ffa else 'LoRA'} r={r}"
+
+
 @dataclass(frozen=True)
 class LoraConfig:
     r: int = _f(8, "LoRA rank")
@@ -50,6 +57,8 @@ class LoraConfig:
     dropout: float = _f(0.0, "dropout on the LoRA input")
     target_modules: str = _f("", "comma-separated module names; empty = PEFT's default for the architecture")
     ffa: bool = _f(False, "FFA-LoRA: freeze A (same on every node from lora.seed), train and exchange only B and the head")
+    head_only: bool = _f(False, "train and exchange only the classification head on the frozen model's features (a "
+                         "DP linear probe: ~50x fewer parameters to noise; seq-cls only)")
     seed: int = _f(0, "shared seed for the initial adapter (A matrices and new head); equal on every node")
 
     def problems(self) -> list[str]:
@@ -61,6 +70,10 @@ class LoraConfig:
         if not 0.0 <= self.dropout < 1.0:
             out.append(f"lora.dropout: expected 0 <= dropout < 1, got {self.dropout}")
         return out
+
+    def describe(self) -> str:
+        """What is trained, in words: for progress lines, reports and model cards."""
+        return adapter_description(r=self.r, ffa=self.ffa, head_only=self.head_only)
 
     @property
     def target_module_list(self) -> list[str] | None:
@@ -392,6 +405,9 @@ def load_config(settings: Mapping[str, Any] | None = None) -> JobConfig:
     for name, cls in SECTIONS.items():
         sections[name] = cls(**values[name])
         problems.extend(sections[name].problems())
+    if sections["lora"].head_only and sections["model"].task != "seq-cls":
+        problems.append("lora.head-only=true: only a seq-cls model has a classification head to train; set "
+                        "lora.head-only=false for model.task=causal-lm")
     if problems:
         raise ConfigError(problems)
     return JobConfig(**sections)

@@ -54,7 +54,7 @@ def train_locally(cfg: JobConfig, *, max_epsilon: float, state_dir: str | Path, 
     lm = node.lora
     say(f"  records: train {len(node.train_set)}, val {len(node.val_set)}, test {len(node.test_set)}; "
         f"labels: {', '.join(node.splits.labels) or '(causal LM)'}")
-    say(f"  LoRA r={cfg.lora.r}{' (FFA-LoRA)' if cfg.lora.ffa else ''}: {lm.trainable_parameters():,} trainable of "
+    say(f"  {cfg.lora.describe()}: {lm.trainable_parameters():,} trainable of "
         f"{lm.total_parameters():,} parameters")
     if cfg.privacy.enabled:
         spent = node.ledger.spent()

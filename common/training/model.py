@@ -33,6 +33,7 @@ class LoraModel:
     labels: list[str]
     ffa: bool
     base_path: Path
+    head_only: bool = False
 
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
@@ -96,11 +97,13 @@ def load_base_model(path: Path, *, task: str, labels: Sequence[str]) -> torch.nn
 
 
 def build_lora_model(*, model_path: str, task: str, labels: Sequence[str], r: int, alpha: float, dropout: float,
-                     target_modules: list[str] | None, ffa: bool, seed: int) -> LoraModel:
+                     target_modules: list[str] | None, ffa: bool, seed: int, head_only: bool = False) -> LoraModel:
     """Load the base model and wrap it with a LoRA adapter initialised from ``seed``.
 
     With ``ffa`` (FFA-LoRA, Sun et al. 2024) the A matrices stay frozen at their
-    seeded initial values and only B (and the head) are trained and exchanged.
+    seeded initial values and only B (and the head) are trained and exchanged. With
+    ``head_only`` all of LoRA stays at its initial value (B = 0: the adapter adds nothing) and only
+    the classification head is trained and exchanged: a linear probe on the frozen model's features.
     """
     from peft import LoraConfig, TaskType, get_peft_model
 
@@ -120,14 +123,15 @@ def build_lora_model(*, model_path: str, task: str, labels: Sequence[str], r: in
         except ValueError as e:
             raise ModelError(f"cannot put LoRA on {path}: {e}",
                              "set lora.target-modules to linear layers of this model (e.g. query,value)") from None
-    if ffa:
+    if ffa or head_only:
         for name, p in model.named_parameters():
-            if "lora_A" in name:
+            if "lora_A" in name or (head_only and "lora_" in name):
                 p.requires_grad_(False)
     # PEFT leaves new modules in train mode but the copied head in eval mode; Opacus
     # then records no activations for the head. Keep one mode for the whole model.
     model.eval()
-    return LoraModel(model=model, tokenizer=tokenizer, task=task, labels=list(labels), ffa=ffa, base_path=path)
+    return LoraModel(model=model, tokenizer=tokenizer, task=task, labels=list(labels), ffa=ffa, base_path=path,
+                     head_only=head_only)
 
 
 def set_threads(n: int) -> None:

@@ -253,7 +253,7 @@ def train_round(node: Node, *, job: str, round: int, initial: Mapping[str, np.nd
     weights = _check_class_weights(class_weights, node.splits.labels, j.task)
     jp = job_plan(node, job, federated=federated)
     if initial is not None:
-        adapter.unpack(model, initial, ffa=node.lora.ffa)
+        adapter.unpack(model, initial, ffa=node.lora.ffa, head_only=node.lora.head_only)
     steps, q = node.plan.steps_per_round, node.plan.sample_rate
     noise = jp.noise_multiplier if j.dp else 0.0
     entry = node.ledger.reserve(job=job, round=round, kind="train", noise_multiplier=noise, sample_rate=q, steps=steps,
@@ -284,7 +284,7 @@ def train_round(node: Node, *, job: str, round: int, initial: Mapping[str, np.nd
         node.ledger.cancel(entry)  # nothing derived from this training has left the node
         raise
     entry = node.ledger.settle(entry, steps=stats.steps)
-    arrays = adapter.pack(model, ffa=node.lora.ffa)
+    arrays = adapter.pack(model, ffa=node.lora.ffa, head_only=node.lora.head_only)
     return RoundResult(arrays=arrays, stats=stats, weight=batch_weight(len(node.train_set), j.batch_size),
                        epsilon_spent=entry.epsilon_after, noise_multiplier=noise, sample_rate=q,
                        delta=node.policy.delta, steps=entry.steps)
