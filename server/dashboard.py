@@ -20,7 +20,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
 from fedtune.common.formatting import num
 from fedtune.common.operations.monitoring import run_view
-from fedtune.common.operations.rundir import RunDirError
+from fedtune.common.operations.rundir import RunDir, RunDirError
 
 STYLE = """body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}table{border-collapse:collapse;margin:.5em 0}
 td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right}th{background:#f3f3f3}td.l{text-align:left}
@@ -72,6 +72,30 @@ def rounds_table(view: dict) -> str:
     return ("<table id=rounds><tr><th>round</th><th>status</th><th>asked</th><th>replied</th><th>failed</th>"
             "<th>seconds</th><th>bytes in</th><th>train loss</th><th>test acc</th><th>worst node acc</th>"
             f"<th>max epsilon</th><th>failures</th></tr>{rows}</table>")
+
+
+def quality(view: dict, summary: dict | None) -> str:
+    """The model's figures next to what a constant guess scores, any learned-nothing warning, and the fairness audit."""
+    parts = []
+    for w in view.get("warnings") or []:
+        parts.append(f"<p class=failed><b>WARNING:</b> {_e(w)}</p>")
+    last = next((r for r in reversed(view["rounds"]) if r.get("test_accuracy") is not None), None)
+    mb = view.get("majority_baseline")
+    if last or mb:
+        parts.append("<p id=quality>" + (f"test macro-F1 <b>{_e(last.get('test_macro_f1'))}</b>, accuracy "
+                                         f"{_e(last.get('test_accuracy'))} (round {last['round']})" if last else "")
+                     + (f" &middot; majority-class baseline accuracy {_e(mb.get('accuracy'))}, macro-F1 "
+                        f"{_e(mb.get('macro_f1'))} (always {_e(mb.get('label'))})" if mb else "") + "</p>")
+    fair = (((summary or {}).get("final") or {}).get("test") or {}).get("fairness")
+    if fair:
+        rows = "".join(f"<tr><td class=l>{_e(g)}</td><td>{m['n']}</td><td>{_e(m['accuracy'])}</td>"
+                       f"<td>{_e(m['macro_f1'])}</td></tr>" for g, m in fair["groups"].items())
+        parts.append("<h2>Fairness audit (server's held-out test split)</h2><table id=fairness><tr><th>group</th>"
+                     f"<th>records</th><th>accuracy</th><th>macro-F1</th></tr>{rows}</table>"
+                     f"<p>largest gaps: accuracy {_e(fair['accuracy_gap'])}, macro-F1 {_e(fair['macro_f1_gap'])}; "
+                     f"demographic-parity difference {_e(fair['demographic_parity_difference'])}, equalized-odds "
+                     f"difference {_e(fair['equalized_odds_difference'])} (fairlearn)</p>")
+    return f"<div id=quality-block>{''.join(parts)}</div>"
 
 
 def nodes_table(view: dict) -> str:
@@ -154,7 +178,7 @@ PAGE_JS = """<script>
 async function refresh(){
   try{const r=await fetch(location.pathname.replace(/\\/$/,'')+'/fragment',{cache:'no-store'});
     if(!r.ok)return; const f=await r.json();
-    for(const id of ['rounds','nodes','head']){document.getElementById(id).outerHTML=f[id];}
+    for(const id of ['rounds','nodes','head','quality-block']){document.getElementById(id).outerHTML=f[id];}
     const t=Date.now(); document.querySelectorAll('.charts img').forEach(i=>{i.src=i.dataset.src+'?t='+t;});
   }catch(e){}
 }
@@ -185,6 +209,12 @@ def create_app(root: str | Path, *, poll_ms: int = 2000, token: str | None = Non
             return run_view(runs[name])
         except (RunDirError, OSError, ValueError) as e:
             raise HTTPException(500, f"run directory unreadable: {e.__class__.__name__}") from None
+
+    def summary_of(name: str) -> dict | None:
+        try:
+            return RunDir(_runs(root)[name]).summary()
+        except (RunDirError, OSError, ValueError, KeyError):
+            return None
 
     def head(v: dict) -> str:
         return (f"<p id=head>status <b>{_e(v['status'])}</b> &middot; rounds {v['completed_rounds']}/"
@@ -218,14 +248,16 @@ def create_app(root: str | Path, *, poll_ms: int = 2000, token: str | None = Non
                          for k in ("accuracy", "loss", "epsilon"))
         cfg = "".join(f"<tr><td class=l>{_e(k)}</td><td class=l>{_e(val)}</td></tr>" for k, val in v["config"].items())
         return (f"<!doctype html><title>fedtune run {_e(name)}</title><style>{STYLE}</style>"
-                f"<p><a href='../'>all runs</a></p><h1>run {_e(name)}</h1>{head(v)}<h2>Rounds</h2>{rounds_table(v)}"
+                f"<p><a href='../'>all runs</a></p><h1>run {_e(name)}</h1>{head(v)}"
+                f"{quality(v, summary_of(name))}<h2>Rounds</h2>{rounds_table(v)}"
                 f"<div class=charts>{charts}</div><h2>Nodes: privacy spent against ceiling</h2>{nodes_table(v)}"
                 f"<h2>Configuration</h2><table>{cfg}</table>{PAGE_JS % poll_ms}")
 
     @app.get("/runs/{name}/fragment")
     def fragment(name: str) -> JSONResponse:
         v = view_of(name)
-        return JSONResponse({"rounds": rounds_table(v), "nodes": nodes_table(v), "head": head(v)},
+        return JSONResponse({"rounds": rounds_table(v), "nodes": nodes_table(v), "head": head(v),
+                             "quality-block": quality(v, summary_of(name))},
                             headers={"Cache-Control": "no-store"})
 
     @app.get("/runs/{name}/charts/{kind}.svg")

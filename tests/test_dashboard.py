@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from fedtune.server.dashboard import create_app
@@ -130,3 +131,29 @@ def test_off_this_host_the_dashboard_needs_tls_and_a_token(tmp_path, capsys):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_the_run_page_shows_majority_baseline_warning_and_fairness_audit(tmp_path):
+    from fedtune.common.training.fairness import audit
+    from fedtune.common.training.imbalance import learned_nothing, majority_baseline
+
+    # Prepare: a finished run whose model always answers 'ham' on a skewed, grouped test split
+    gold = ["ham"] * 8 + ["spam"] * 2
+    groups = ["<b>north</b>"] * 5 + ["south"] * 5
+    baseline = majority_baseline(gold, ["ham", "spam"])
+    test = {"accuracy": 0.8, "macro_f1": 0.444, "per_class": {"ham": {"predicted": 10}, "spam": {"predicted": 0}},
+            "fairness": audit(np.array([0] * 8 + [1] * 2), np.zeros(10, dtype=int), groups, ["ham", "spam"])}
+    warning = learned_nothing(test, baseline)
+    assert warning
+    rd = make_run(tmp_path / "runs" / "run-a", finished=True)
+    rd.write_summary({"final": {"test": test}, "majority_baseline": baseline, "warnings": [warning]})
+    client = TestClient(create_app(tmp_path / "runs"))
+    # Execute
+    page = client.get("/runs/run-a").text
+    fragment = client.get("/runs/run-a/fragment").json()["quality-block"]
+    # Assert: the warning, the baseline next to the model's figures, and each group's row (markup escaped)
+    for html_ in (page, fragment):
+        assert "WARNING:" in html_ and "collapsed onto one class" in html_
+        assert "majority-class baseline accuracy 0.8000" in html_ and "always ham" in html_
+        assert "<table id=fairness>" in html_ and "&lt;b&gt;north&lt;/b&gt;" in html_ and "<b>north</b>" not in html_
+        assert "demographic-parity difference" in html_

@@ -137,9 +137,8 @@ def test_head_only_trains_and_exchanges_only_the_head_under_opacus(tmp_path, eas
 
 def test_head_only_is_built_from_the_config_and_refused_for_causal_lm():
     from fedtune.common.errors import ConfigError
-    from fedtune.common.training.config import load_config
-
     from fedtune.common.training import builder
+    from fedtune.common.training.config import load_config
 
     cfg = load_config({"lora.head-only": "true"})
     assert "head only" in cfg.lora.describe()
