@@ -137,7 +137,7 @@ def _classifier(args: argparse.Namespace):
     from fedtune.common.serving.inference import Classifier
 
     _check_model_args(args)
-    kw = {"batch_size": args.batch_size, "max_length": args.max_length}
+    kw = {"batch_size": args.batch_size, "max_length": args.max_length, "device": args.device}
     if args.registry:
         return Classifier.from_registry(args.registry, args.version, **kw)
     return Classifier(args.model, **kw)
@@ -248,6 +248,7 @@ def add_parsers(sub) -> None:
         pp.add_argument("--registry", help="a registry directory (uses its current version unless --version)")
         pp.add_argument("--version", help="with --registry: this version instead of the current one")
         pp.add_argument("--text-column", default="text", help="column holding the text (table inputs)")
+        pp.add_argument("--device", default="auto", help="auto (a CUDA GPU when there is one), cpu, cuda or cuda:N")
         pp.add_argument("--batch-size", type=int, default=32)
         pp.add_argument("--max-length", type=int, help="tokens per text (default: as trained)")
         pp.set_defaults(func=cmd_predict if name == "predict" else cmd_drift)

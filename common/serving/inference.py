@@ -60,8 +60,9 @@ class Classifier:
     """
 
     def __init__(self, directory: str | Path, *, batch_size: int = 32, max_length: int | None = None,
-                 verify: bool = True) -> None:
+                 verify: bool = True, device: str = "auto") -> None:
         from fedtune.common.serving import export
+        from fedtune.common.training.model import resolve_device
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
@@ -85,7 +86,8 @@ class Classifier:
         except (OSError, ValueError) as e:
             raise ModelError(f"cannot load a classifier from {d}: {e}",
                              "re-export the run; the directory is damaged or not a classifier") from None
-        self.model.eval()
+        self.device = resolve_device(device)
+        self.model.to(self.device).eval()
         id2label = self.model.config.id2label or {}
         self.labels = [str(id2label.get(i, id2label.get(str(i), f"LABEL_{i}"))) for i in range(self.model.num_labels)]
         trained = (self.record or {}).get("model", {}).get("max_length")
@@ -109,8 +111,8 @@ class Classifier:
         for start in range(0, len(texts), self.batch_size):
             batch = list(texts[start:start + self.batch_size])
             enc = self.tokenizer(batch, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
-            logits = self.model(**enc).logits
-            out.append(torch.softmax(logits.float(), dim=-1).numpy())
+            logits = self.model(**enc.to(self.device)).logits
+            out.append(torch.softmax(logits.float(), dim=-1).cpu().numpy())
             if progress:
                 progress(min(start + self.batch_size, len(texts)), len(texts))
         return np.concatenate(out) if out else np.zeros((0, len(self.labels)), dtype=np.float32)

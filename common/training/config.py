@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -167,6 +168,8 @@ class TrainConfig:
     weight_decay: float = _f(0.0, "weight decay")
     seed: int = _f(0, "seed of data order and dropout (DP noise always uses fresh OS entropy)")
     threads: int = _f(0, "torch CPU threads; 0 = torch's default")
+    device: str = _f("auto", "where training, evaluation and inference run: auto (a CUDA GPU when torch sees one, "
+                     "else the CPU), cpu, cuda or cuda:N")
     class_weighting: str = _f("auto", "class-weighted loss from the labels of the server's held-out data: auto "
                               "(only when labels are skewed), balanced, none")
 
@@ -180,6 +183,8 @@ class TrainConfig:
             out.append(f"train.local-steps: expected >= 0, got {self.local_steps}")
         if self.batch_size < 1:
             out.append(f"train.batch-size: expected >= 1, got {self.batch_size}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            out.append(f"train.device: expected auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.eval_batch_size < 1:
             out.append(f"train.eval-batch-size: expected >= 1, got {self.eval_batch_size}")
         if self.optimizer not in OPTIMIZERS:

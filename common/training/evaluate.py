@@ -16,10 +16,11 @@ from torch.utils.data import DataLoader, TensorDataset
 def predict(model: torch.nn.Module, dataset: TensorDataset, *, batch_size: int) -> np.ndarray:
     """Class probabilities for every record of a tokenized classification dataset."""
     model.eval()
+    dev = next(model.parameters()).device
     out = []
     for batch in DataLoader(dataset, batch_size=batch_size):
-        logits = model(input_ids=batch[0], attention_mask=batch[1]).logits
-        out.append(torch.softmax(logits.float(), dim=-1).numpy())
+        logits = model(input_ids=batch[0].to(dev), attention_mask=batch[1].to(dev)).logits
+        out.append(torch.softmax(logits.float(), dim=-1).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0))
 
 
@@ -36,12 +37,14 @@ def evaluate(model: torch.nn.Module, dataset: TensorDataset, *, task: str, label
     if n == 0:
         return {"n": 0}
     total, preds, golds = 0.0, [], []
+    dev = next(model.parameters()).device
     for batch in DataLoader(dataset, batch_size=batch_size):
+        batch = [t.to(dev) for t in batch]
         if task == "seq-cls":
-            logits = model(input_ids=batch[0], attention_mask=batch[1]).logits
+            logits = model(input_ids=batch[0], attention_mask=batch[1]).logits.float()
             total += float(F.cross_entropy(logits, batch[2], reduction="sum"))
-            preds.append(logits.argmax(-1).numpy())
-            golds.append(batch[2].numpy())
+            preds.append(logits.argmax(-1).cpu().numpy())
+            golds.append(batch[2].cpu().numpy())
         else:
             total += float(batch_loss(model, batch, task=task, reduction="sum"))
     loss = total / n

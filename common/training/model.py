@@ -97,7 +97,8 @@ def load_base_model(path: Path, *, task: str, labels: Sequence[str]) -> torch.nn
 
 
 def build_lora_model(*, model_path: str, task: str, labels: Sequence[str], r: int, alpha: float, dropout: float,
-                     target_modules: list[str] | None, ffa: bool, seed: int, head_only: bool = False) -> LoraModel:
+                     target_modules: list[str] | None, ffa: bool, seed: int, head_only: bool = False,
+                     device: str = "cpu") -> LoraModel:
     """Load the base model and wrap it with a LoRA adapter initialised from ``seed``.
 
     With ``ffa`` (FFA-LoRA, Sun et al. 2024) the A matrices stay frozen at their
@@ -108,10 +109,11 @@ def build_lora_model(*, model_path: str, task: str, labels: Sequence[str], r: in
     from peft import LoraConfig, TaskType, get_peft_model
 
     path = resolve_model_path(model_path)
+    dev = resolve_device(device)  # before loading anything: a wrong device fails in a second, not after a minute
     tokenizer = load_tokenizer(path)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # the new head and A matrices: identical on every node
-        base = load_base_model(path, task=task, labels=labels)
+        base = load_base_model(path, task=task, labels=labels).to(dev)  # before PEFT wraps it (Opacus issue 820)
         cfg = LoraConfig(
             r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
             task_type=TaskType.SEQ_CLS if task == "seq-cls" else TaskType.CAUSAL_LM,
@@ -132,6 +134,34 @@ def build_lora_model(*, model_path: str, task: str, labels: Sequence[str], r: in
     model.eval()
     return LoraModel(model=model, tokenizer=tokenizer, task=task, labels=list(labels), ffa=ffa, base_path=path,
                      head_only=head_only)
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    """The torch device for ``train.device`` (auto: the first CUDA GPU when torch sees one, else the CPU).
+
+    Raises:
+        ModelError: a CUDA device was asked for on a machine (or torch build) without one.
+    """
+    if spec in ("", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        why = ("this torch build has no CUDA support (" + torch.__version__ + ")" if torch.version.cuda is None
+               else "torch sees no CUDA GPU (no device, or no driver)")
+        raise ModelError(f"train.device={spec} but {why}",
+                         "set train.device=cpu (or auto, which falls back to the CPU), or run on a machine with an "
+                         "NVIDIA GPU and a CUDA build of torch")
+    index = int(spec.split(":")[1]) if ":" in spec else 0
+    if index >= torch.cuda.device_count():
+        raise ModelError(f"train.device={spec} but this machine has {torch.cuda.device_count()} CUDA device(s)",
+                         f"use cuda:0..cuda:{torch.cuda.device_count() - 1}, or cuda for the first")
+    return torch.device("cuda", index)
+
+
+def device_of(model: torch.nn.Module) -> torch.device:
+    """Where a model's weights live (inputs must go there too)."""
+    return next(model.parameters()).device
 
 
 def set_threads(n: int) -> None:

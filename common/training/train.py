@@ -64,7 +64,7 @@ def make_optimizer(model: torch.nn.Module, *, name: str, lr: float, weight_decay
 def _noise_only_step(optimizer: torch.optim.Optimizer) -> None:
     """An empty Poisson batch still takes a (noise-only) DP step, as the accounting assumes."""
     for p in optimizer.params:  # type: ignore[attr-defined]  (a DPOptimizer)
-        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
@@ -73,6 +73,9 @@ def train_steps(model: torch.nn.Module, loader: DataLoader, optimizer: torch.opt
                 task: str, progress: ProgressFn | None = None, class_weights: torch.Tensor | None = None) -> TrainStats:
     """Take exactly ``steps`` optimizer steps over ``loader`` (cycling it as needed)."""
     is_dp = hasattr(optimizer, "noise_multiplier")
+    device = next(model.parameters()).device
+    if class_weights is not None:
+        class_weights = class_weights.to(device)
     model.train()
     total_loss, counted, examples, done = 0.0, 0, 0, 0
     start = time.perf_counter()
@@ -89,6 +92,7 @@ def train_steps(model: torch.nn.Module, loader: DataLoader, optimizer: torch.opt
                     done += 1
                     continue
                 optimizer.zero_grad(set_to_none=True)
+                batch = [t.to(device) for t in batch]
                 loss = batch_loss(model, batch, task=task, class_weights=class_weights)
                 loss.backward()
                 optimizer.step()

@@ -1,0 +1,63 @@
+"""train.device: where training, evaluation and inference run; a GPU asked for on a machine without one is one
+clear error, before anything is loaded or spent."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from fedtune.cli import main
+from fedtune.common.errors import ConfigError, ModelError
+from fedtune.common.training import adapter, node
+from fedtune.common.training.config import load_config
+from fedtune.common.training.model import build_lora_model, device_of, resolve_device
+from helpers import EASY_LABELS, small_config, write_easy_csv
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def test_auto_picks_a_gpu_only_when_torch_sees_one():
+    assert resolve_device("auto").type == ("cuda" if HAS_CUDA else "cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
+def test_a_device_that_is_not_a_device_is_a_config_error():
+    with pytest.raises(ConfigError, match="train.device"):
+        load_config({"train.device": "gpu"})
+
+
+def test_cuda_without_a_gpu_is_one_clear_error(tmp_path, capsys):
+    if HAS_CUDA:  # on a GPU machine the same request must be refused for a device that is not there
+        spec = f"cuda:{torch.cuda.device_count()}"
+    else:
+        spec = "cuda"
+    with pytest.raises(ModelError, match=f"train.device={spec}"):
+        resolve_device(spec)
+    # through the command line: exit 2, the problem and the fix, no traceback, nothing spent or written
+    data = write_easy_csv(tmp_path / "easy.csv", n=60)
+    code = main(["local", "--data", str(data), "--state-dir", str(tmp_path / "state"), "--out", str(tmp_path / "out"),
+                 "data.labels=" + ",".join(EASY_LABELS), f"train.device={spec}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert f"train.device={spec}" in err and "fix: set train.device=cpu" in err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "state").exists()  # no ledger opened, nothing spent
+
+
+def test_training_on_the_chosen_device_moves_every_lora_tensor(tmp_path):
+    # Prepare: the model built on train.device=auto (a GPU when this machine has one), moved before PEFT wraps it
+    lm = build_lora_model(model_path="", task="seq-cls", labels=EASY_LABELS, r=4, alpha=8, dropout=0.0,
+                          target_modules=None, ffa=False, seed=0, device="auto")
+    assert device_of(lm.model) == resolve_device("auto")
+    assert all(p.device == device_of(lm.model) for p in lm.model.parameters())
+    csv_path = write_easy_csv(tmp_path / "easy.csv", n=96)
+    cfg = small_config(**{"data.path": str(csv_path), "data.labels": ",".join(EASY_LABELS), "data.max-records": 0,
+                          "train.local-steps": 3, "train.batch-size": 16})
+    n = node.prepare(cfg, node.NodePolicy(source="easy", max_epsilon=50), state_dir=tmp_path / "state", model=lm)
+    before = adapter.pack(lm.model, ffa=False)
+    # Execute: a DP round and an evaluation
+    result = node.train_round(n, job="t", round=1, federated=False)
+    metrics = node.evaluate_split(n, "test")
+    # Assert: every LoRA tensor (A, B) and the head changed; the figures come back as plain numbers
+    assert any("lora_A" in k for k in before) and any("lora_B" in k for k in before)
+    for k in before:
+        assert not torch.equal(torch.as_tensor(before[k]), torch.as_tensor(result.arrays[k])), f"{k} unchanged"
+    assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["n"] > 0
