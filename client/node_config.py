@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 KEYS = {"name": str, "data-path": str, "source": str, "state-dir": str, "max-epsilon": float, "delta": float,
         "accountant": str, "evaluate": str, "task": str, "text-column": str, "label-column": str,
+        "response-column": str, "messages-column": str,
         "identity-key": str, "roster": str, "secagg-min-cohort": int, "secagg-min-threshold": int,
         "secagg-max-weight": int, "approved-apps": str}
 ON_OFF = {"on": True, "true": True, "yes": True, "off": False, "false": False, "no": False}
@@ -47,6 +48,8 @@ class NodeSettings:
     task: str | None = None  # None: whatever the job says (simulated nodes)
     text_column: str | None = None
     label_column: str | None = None
+    response_column: str | None = None  # instruction tuning: this node's response column ("" = plain text)
+    messages_column: str | None = None  # instruction tuning from chat records
     partition: tuple[int, int] | None = None  # (index, count) for a simulated node
     secagg_rules: NodeRules = field(default_factory=NodeRules)
     identity_key_path: str | None = None  # this node's OpenSSH private key (its SuperNode authentication key)
@@ -71,7 +74,9 @@ class NodeSettings:
                 f"the job asks for model.task={cfg.model.task}, but this node's data is for {self.task} "
                 "(node config `task`)", "run a job for this node's task, or leave this node out of the run")
         changes = {}
-        for key, mine in (("data.text-column", self.text_column), ("data.label-column", self.label_column)):
+        for key, mine in (("data.text-column", self.text_column), ("data.label-column", self.label_column),
+                          ("data.response-column", self.response_column),
+                          ("data.messages-column", self.messages_column)):
             if mine is None:
                 continue
             asked = cfg.to_flat()[key]
@@ -146,7 +151,9 @@ def node_settings(node_config: Mapping[str, Any], node_id: int) -> NodeSettings:
                         state_dir=Path(values.get("state-dir") or Path.home() / ".fedtune" / "node").expanduser(),
                         policy=policy, data_path=data_path, task=task,
                         text_column=values.get("text-column", "text"),
-                        label_column=values.get("label-column", "label"), secagg_rules=rules,
+                        label_column=values.get("label-column", "label"),
+                        response_column=values.get("response-column", ""),
+                        messages_column=values.get("messages-column", ""), secagg_rules=rules,
                         identity_key_path=str(Path(values["identity-key"]).expanduser()) if "identity-key" in values
                         else None,
                         roster_path=str(Path(values["roster"]).expanduser()) if "roster" in values else None)

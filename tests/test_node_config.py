@@ -47,6 +47,12 @@ def test_a_job_cannot_change_a_deployed_nodes_columns_or_task(caplog):
     assert "ignoring data.text-column='secret_notes'" in caplog.text
     with pytest.raises(FedtuneError, match="this node's data is for seq-cls"):
         ns.apply(small_config(**{"model.task": "causal-lm"}))
+    # an instruction-tuning node reads its own prompt and response columns, whatever the job names
+    lm = node_settings({"data-path": "/d.jsonl", "max-epsilon": 3, "task": "causal-lm", "text-column": "question",
+                        "response-column": "answer"}, 2)
+    run = lm.apply(small_config(**{"model.task": "causal-lm", "data.text-column": "notes",
+                                   "data.response-column": "diagnosis"}))
+    assert (run.data.text_column, run.data.response_column) == ("question", "answer")
 
 
 def test_server_cannot_raise_a_nodes_ceiling(tmp_path, easy_csv, fresh_easy):

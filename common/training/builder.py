@@ -27,6 +27,7 @@ def load_records(cfg: JobConfig, path: str | None = None) -> data.Splits:
     d = cfg.data
     return data.load_splits(path=d.path if path is None else str(path), text_column=d.text_column,
                             label_column=d.label_column, labels=d.label_list, task=cfg.model.task,
+                            response_column=d.response_column, messages_column=d.messages_column,
                             val_fraction=d.val_fraction, test_fraction=d.test_fraction, seed=d.seed,
                             max_records=d.max_records, group_column=d.group_column)
 

@@ -129,6 +129,10 @@ class DataConfig:
     path: str = _f("", "CSV, JSONL or Parquet file of this node's records; empty = packaged BBC News")
     text_column: str = _f("text", "column holding the text")
     label_column: str = _f("label", "column holding the label (seq-cls only)")
+    response_column: str = _f("", "causal-lm instruction tuning: column holding the response to the text-column's "
+                              "prompt (the loss counts response tokens only); empty = plain text")
+    messages_column: str = _f("", "causal-lm instruction tuning from chat records (JSONL): column holding a list of "
+                              "{role, content} messages whose last one (the assistant's) is the response")
     labels: str = _f("", "comma-separated label set, in order; required for your own files, same on every node")
     val_fraction: float = _f(0.1, "share of records held out for validation")
     test_fraction: float = _f(0.2, "share of records held out for test")
@@ -410,6 +414,12 @@ def load_config(settings: Mapping[str, Any] | None = None) -> JobConfig:
     for name, cls in SECTIONS.items():
         sections[name] = cls(**values[name])
         problems.extend(sections[name].problems())
+    if (sections["data"].response_column or sections["data"].messages_column) and sections["model"].task != "causal-lm":
+        problems.append("data.response-column / data.messages-column are for instruction tuning: set "
+                        "model.task=causal-lm, or leave them empty for classification")
+    if sections["data"].response_column and sections["data"].messages_column:
+        problems.append("data.response-column and data.messages-column are both set: give prompt/response columns "
+                        "or chat messages, not both")
     if sections["lora"].head_only and sections["model"].task != "seq-cls":
         problems.append("lora.head-only=true: only a seq-cls model has a classification head to train; set "
                         "lora.head-only=false for model.task=causal-lm")

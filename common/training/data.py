@@ -12,7 +12,7 @@ import hashlib
 import io
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,13 +35,16 @@ class Records:
     labels: list[str]
     source: str
     groups: list[str] = field(default_factory=list)  # data.group-column (the fairness audit), empty without one
+    responses: list[str] = field(default_factory=list)  # instruction tuning: the response to each text (prompt)
+    chat: bool = False  # instruction tuning from chat records: each text is the JSON list of the prompt's messages
 
     def __len__(self) -> int:
         return len(self.texts)
 
     def subset(self, idx: Sequence[int]) -> Records:
         return Records([self.texts[i] for i in idx], [self.labels[i] for i in idx] if self.labels else [],
-                       self.source, [self.groups[i] for i in idx] if self.groups else [])
+                       self.source, [self.groups[i] for i in idx] if self.groups else [],
+                       [self.responses[i] for i in idx] if self.responses else [], self.chat)
 
     def fingerprint(self) -> str:
         """SHA-256 of the records' content, kept in the privacy ledger for audit (not the budget's identity)."""
@@ -50,6 +53,8 @@ class Records:
             h.update(t.encode("utf-8"))
             h.update(b"\x1f")
             h.update((self.labels[i] if self.labels else "").encode("utf-8"))
+            if self.responses:
+                h.update(b"\x1d" + self.responses[i].encode("utf-8"))
             h.update(b"\x1e")
         return h.hexdigest()
 
@@ -176,6 +181,52 @@ def read_records(path: str | Path, *, text_column: str, label_column: str | None
     return Records(texts, file_labels, str(path), groups)
 
 
+def read_instructions(path: str | Path, *, prompt_column: str, response_column: str = "",
+                      messages_column: str = "") -> Records:
+    """Instruction records: a prompt and its response per row, from prompt/response columns or chat messages.
+
+    With ``messages_column`` each row holds a list of ``{"role", "content"}`` messages; the last one must be the
+    assistant's (the response) and the ones before it are the prompt (kept as JSON for the chat template).
+
+    Raises:
+        DataError: a missing column, an empty prompt or response, or a malformed conversation.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist", "check data.path (or the node's data-path)")
+    rows, columns = _read_rows(path)
+    if not rows:
+        raise DataError(f"{path} has a header but no records", "add records, or point data.path at another file")
+    needed = [("data.messages-column", messages_column)] if messages_column else [
+        ("data.text-column", prompt_column), ("data.response-column", response_column)]
+    for key, col in needed:
+        if col not in columns:
+            raise DataError(f"{path} has no column {col!r}; its columns are: {', '.join(map(str, columns)) or 'none'}",
+                            f"set {key}=<one of those columns>, or rename the column in the file")
+    prompts, responses = [], []
+    for n, row in enumerate(rows, start=2 if path.suffix.lower() == ".csv" else 1):
+        if messages_column:
+            msgs = row.get(messages_column)
+            ok = isinstance(msgs, list) and len(msgs) >= 2 and all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in msgs)
+            if not ok or msgs[-1]["role"] != "assistant" or not msgs[-1]["content"].strip():
+                raise DataError(f"{path}: record {n}: {messages_column!r} is not a conversation ending with the "
+                                "assistant's answer",
+                                'give a list like [{"role": "user", "content": "..."}, {"role": "assistant", '
+                                '"content": "..."}] (JSONL)')
+            prompts.append(json.dumps([{"role": m["role"], "content": m["content"]} for m in msgs[:-1]]))
+            responses.append(msgs[-1]["content"])
+            continue
+        p, r = row.get(prompt_column), row.get(response_column)
+        for col, v in ((prompt_column, p), (response_column, r)):
+            if v is None or not str(v).strip():
+                raise DataError(f"{path}: record {n} has an empty {col!r}", "remove or fill empty records")
+        prompts.append(str(p))
+        responses.append(str(r))
+    return Records(prompts, [], str(path), [], responses, chat=bool(messages_column))
+
+
 def read_bbc_news() -> Records:
     """The packaged BBC News corpus (2,225 articles, 5 topics), in a fixed order."""
     texts, labels = [], []
@@ -216,10 +267,17 @@ def split(records: Records, *, val_fraction: float, test_fraction: float, seed: 
 
 def load_splits(*, path: str, text_column: str, label_column: str, labels: Sequence[str], task: str,
                 val_fraction: float, test_fraction: float, seed: int, max_records: int = 0,
-                group_column: str = "") -> Splits:
+                group_column: str = "", response_column: str = "", messages_column: str = "") -> Splits:
     """Load a node's data (a file, or BBC News when ``path`` is empty) and split it."""
     is_cls = task == "seq-cls"
-    if path:
+    if not is_cls and (response_column or messages_column):
+        if not path:
+            raise DataError("instruction tuning (data.response-column / data.messages-column) needs a file",
+                            "set data.path to a CSV, JSONL or Parquet file of prompts and responses")
+        records = read_instructions(path, prompt_column=text_column, response_column=response_column,
+                                    messages_column=messages_column)
+        label_set = []
+    elif path:
         records = read_records(path, text_column=text_column, label_column=label_column if is_cls else None,
                                labels=labels if is_cls else None, group_column=group_column if is_cls else "")
         label_set = list(labels) if is_cls else []
@@ -244,7 +302,12 @@ def load_splits(*, path: str, text_column: str, label_column: str, labels: Seque
 
 
 def tokenize(records: Records, tokenizer, *, label_set: Sequence[str], max_length: int) -> TensorDataset:
-    """Tokens (padded to ``max_length``) and, for classification, label ids, as a TensorDataset."""
+    """Tokens (padded to ``max_length``) and, for classification, label ids, as a TensorDataset.
+
+    Instruction records give (input_ids, attention_mask, loss_mask): see :func:`tokenize_instructions`.
+    """
+    if records.responses or (records.chat and not records.texts):
+        return tokenize_instructions(records, tokenizer, max_length=max_length)
     if not records.texts:
         empty = [torch.zeros((0, max_length), dtype=torch.long)] * 2
         return TensorDataset(*empty, *([torch.zeros((0,), dtype=torch.long)] if label_set else []))
@@ -255,6 +318,61 @@ def tokenize(records: Records, tokenizer, *, label_set: Sequence[str], max_lengt
         index = {lab: i for i, lab in enumerate(label_set)}
         tensors.append(torch.tensor([index[lab] for lab in records.labels], dtype=torch.long))
     return TensorDataset(*tensors)
+
+
+PROMPT_TAIL = 16  # prompt tokens kept at its end when a long prompt is cut (the chat template's assistant marker)
+
+
+def prompt_ids(tokenizer, prompt: str, *, chat: bool) -> list[int]:
+    """The prompt as the model sees it before its answer: the tokenizer's chat template when it has one."""
+    template = getattr(tokenizer, "chat_template", None)
+    if chat or template:
+        messages = json.loads(prompt) if chat else [{"role": "user", "content": prompt}]
+        if not template:
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+            return list(tokenizer(text, add_special_tokens=True)["input_ids"])
+        out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return list(out["input_ids"] if isinstance(out, Mapping) else out)
+    return list(tokenizer(prompt + "\n", add_special_tokens=True)["input_ids"])
+
+
+def fit_instruction(prompt: list[int], response: list[int], max_length: int) -> tuple[list[int], list[int]]:
+    """Cut prompt and response to ``max_length`` tokens while keeping the response.
+
+    The response keeps up to all but ``min(len(prompt), max_length // 2)`` positions (so a prompt is never cut
+    to nothing); the prompt is cut in the middle, keeping its start (the instruction) and its last
+    :data:`PROMPT_TAIL` tokens (the template's marker that the answer starts).
+    """
+    if len(prompt) + len(response) <= max_length:
+        return prompt, response
+    response = response[:max(1, max_length - min(len(prompt), max_length // 2))]
+    room = max_length - len(response)
+    if len(prompt) > room:
+        tail = min(PROMPT_TAIL, room // 2)
+        prompt = prompt[:room - tail] + (prompt[len(prompt) - tail:] if tail else [])
+    return prompt, response
+
+
+def tokenize_instructions(records: Records, tokenizer, *, max_length: int) -> TensorDataset:
+    """(input_ids, attention_mask, loss_mask) of prompt + response + end-of-sequence, padded to ``max_length``.
+
+    ``loss_mask`` is 1 exactly on the response tokens (and the end-of-sequence token that closes it), so the
+    loss trains the model to answer, not to repeat prompts; a cut never drops the whole response.
+    """
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    ids = torch.full((len(records), max_length), int(pad), dtype=torch.long)
+    attention = torch.zeros((len(records), max_length), dtype=torch.long)
+    loss_mask = torch.zeros((len(records), max_length), dtype=torch.long)
+    for i, (prompt, response) in enumerate(zip(records.texts, records.responses)):
+        p = prompt_ids(tokenizer, prompt, chat=records.chat)
+        r = list(tokenizer(response, add_special_tokens=False)["input_ids"]) + eos
+        p, r = fit_instruction(p, r, max_length)
+        n = len(p) + len(r)
+        ids[i, :n] = torch.tensor(p + r, dtype=torch.long)
+        attention[i, :n] = 1
+        loss_mask[i, len(p):n] = 1
+    return TensorDataset(ids, attention, loss_mask)
 
 
 def check_trainable_size(n_train: int, batch_size: int, source: str) -> None:

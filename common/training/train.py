@@ -45,7 +45,8 @@ def batch_loss(model: torch.nn.Module, batch: list[torch.Tensor], *, task: str,
     else:
         logits = out.logits[:, :-1, :]
         targets = input_ids[:, 1:]
-        mask = attention_mask[:, 1:].to(logits.dtype)
+        # instruction records carry a loss mask (response tokens only); plain text trains on every real token
+        mask = (batch[2] if len(batch) > 2 else attention_mask)[:, 1:].to(logits.dtype)
         tok = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none")
         tok = tok.view(targets.shape) * mask
         per_sample = tok.sum(1) / mask.sum(1).clamp(min=1.0)
