@@ -193,8 +193,8 @@ class TrainConfig:
             out.append(f"train.eval-batch-size: expected >= 1, got {self.eval_batch_size}")
         if self.optimizer not in OPTIMIZERS:
             out.append(f"train.optimizer: expected one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
-        if not 0 < self.lr < 10:
-            out.append(f"train.lr: expected 0 < lr < 10, got {self.lr}")
+        if not 0 < self.lr <= 100:
+            out.append(f"train.lr: expected 0 < lr <= 100, got {self.lr}")
         if self.threads < 0:
             out.append(f"train.threads: expected >= 0, got {self.threads}")
         if self.class_weighting not in WEIGHTINGS:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 from fedtune.common.errors import ModelError
-from fedtune.common.training.assets import default_model_dir
+from fedtune.common.training.assets import SMOLLM2, default_model_dir, gguf_model_dir, smollm2_gguf
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
@@ -43,10 +43,20 @@ class LoraModel:
 
 
 def resolve_model_path(path: str) -> Path:
-    """The directory to load: ``path`` if given, else the packaged default."""
+    """The directory to load: ``path`` if given, else the packaged default.
+
+    ``path`` may also name the packaged SmolLM2-135M-Instruct (``smollm2-135m-instruct``) or a ``.gguf`` file;
+    both are converted once to an fp32 transformers directory in fedtune's cache.
+    """
     if not path:
         return default_model_dir()
+    if path == SMOLLM2:
+        return gguf_model_dir(smollm2_gguf())
     p = Path(path).expanduser()
+    if p.suffix.lower() == ".gguf":
+        if not p.is_file():
+            raise ModelError(f"GGUF file {p} does not exist", "check model.path")
+        return gguf_model_dir(p)
     if not p.is_dir():
         raise ModelError(f"model directory {p} does not exist",
                          "set model.path to a local directory holding config.json and weights "
