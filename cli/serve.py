@@ -167,6 +167,47 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from fedtune.common.errors import DataError
+    from fedtune.common.serving.generation import Generator
+
+    _check_model_args(args)
+    if args.prompt is not None and args.file:
+        raise FedtuneError("give the prompt once: as an argument or with --file, not both",
+                           "drop one of them")
+    if args.file:
+        path = Path(args.file).expanduser()
+        if not path.is_file():
+            raise DataError(f"prompt file {path} does not exist", "check --file, or pass the prompt as an argument")
+        try:
+            prompt = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise DataError(f"{path} is not UTF-8 text", "save the prompt as UTF-8") from None
+    elif args.prompt is not None:
+        prompt = args.prompt
+    else:
+        if sys.stdin.isatty():
+            say("reading the prompt from stdin (end with Ctrl-D)")
+        prompt = sys.stdin.read()
+    t0 = time.perf_counter()
+    kw = {"device": args.device}
+    gen = (Generator.from_registry(args.registry, args.version, **kw) if args.registry
+           else Generator(args.model, **kw))
+    say(f"loaded {gen.directory} in {time.perf_counter() - t0:.1f}s")
+    if args.seed is not None:
+        import torch
+
+        torch.manual_seed(args.seed)
+
+    def show(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    gen.generate(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature, on_text=show)
+    sys.stdout.write("\n")
+    return 0
+
+
 def cmd_drift(args: argparse.Namespace) -> int:
     from fedtune.common.serving import drift
 
@@ -252,3 +293,15 @@ def add_parsers(sub) -> None:
         pp.add_argument("--batch-size", type=int, default=32)
         pp.add_argument("--max-length", type=int, help="tokens per text (default: as trained)")
         pp.set_defaults(func=cmd_predict if name == "predict" else cmd_drift)
+
+    gp = sub.add_parser("generate", help="answer a prompt with an exported causal LM (streamed to stdout)")
+    gp.add_argument("prompt", nargs="?", help="the prompt (default: --file, else stdin)")
+    gp.add_argument("--file", help="read the prompt from this text file")
+    gp.add_argument("--model", help="an exported model directory")
+    gp.add_argument("--registry", help="a registry directory (uses its current version unless --version)")
+    gp.add_argument("--version", help="with --registry: this version instead of the current one")
+    gp.add_argument("--max-new-tokens", type=int, help="most tokens to generate (default: as exported, else 64)")
+    gp.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    gp.add_argument("--seed", type=int, help="seed for sampling (temperature > 0)")
+    gp.add_argument("--device", default="auto", help="auto (a CUDA GPU when there is one), cpu, cuda or cuda:N")
+    gp.set_defaults(func=cmd_generate)

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 
 import numpy as np
+from fedtune.common.operations.atomic import write_json_atomic
 from fedtune.common.operations.monitoring import node_privacy
 from fedtune.common.operations.rundir import RunDir
 from fedtune.common.training import adapter, builder
@@ -55,8 +56,16 @@ class ServerModel:
     def evaluate(self, arrays: dict[str, np.ndarray]) -> dict:
         self.load(arrays)
         kw = dict(task=self.cfg.model.task, labels=self.splits.labels, batch_size=self.cfg.train.eval_batch_size)
-        return {"val": evaluate(self.lora.model, self.val, groups=self.splits.val.groups, **kw),
-                "test": evaluate(self.lora.model, self.test, groups=self.splits.test.groups, **kw)}
+        out = {"val": evaluate(self.lora.model, self.val, groups=self.splits.val.groups, **kw),
+               "test": evaluate(self.lora.model, self.test, groups=self.splits.test.groups, **kw)}
+        m = self.cfg.model
+        if self.splits.test.responses and m.eval_generate:  # instruction tuning: answers scored against references
+            from fedtune.common.training.generate import generation_metrics
+
+            out["test"].update(generation_metrics(self.lora.model, self.lora.tokenizer, self.splits.test,
+                                                  n=m.eval_generate, max_new_tokens=m.max_new_tokens,
+                                                  max_prompt_tokens=m.max_length))
+        return out
 
     def save(self, arrays: dict[str, np.ndarray], directory) -> None:
         self.load(arrays)
@@ -104,8 +113,12 @@ class Federation:
             start = done + 1
             self.out(f"resuming after round {done} (from {ckpt or 'the initial adapter'})")
         ev0 = server.evaluate(global_arrays) if f.server_eval and start == 1 else None
-        if ev0 and "accuracy" in ev0["val"]:
-            self.out(f"round 0: val macro-F1 {ev0['val']['macro_f1']:.4f} accuracy {ev0['val']['accuracy']:.4f}")
+        if ev0:  # the model before any round (LoRA starts as a no-op: the base model), kept for the report
+            write_json_atomic(self.rd.path / INITIAL_FILE, _compact(ev0))
+            if "accuracy" in ev0["val"]:
+                self.out(f"round 0: val macro-F1 {ev0['val']['macro_f1']:.4f} accuracy {ev0['val']['accuracy']:.4f}")
+            else:
+                self.out(f"round 0 (the base model): {_lm_figures(ev0)}")
         best, since_best, status = _metric(ev0, f.early_stop_metric), 0, "finished"
         ev = ev0
         for rnd in range(start, cfg.train.rounds + 1):
@@ -224,6 +237,7 @@ class Federation:
             "status": status, "rounds_completed": len(rounds), "rounds_planned": cfg.train.rounds,
             "rounds_failed": [r["round"] for r in rounds if r["status"] != "ok"],
             "final": _compact(final) if final else None,
+            "initial": read_json(self.rd.path / INITIAL_FILE),
             "final_per_class": (final or {}).get("test", {}).get("per_class"),
             "federated_eval": {k: v for k, v in (last_fed or {}).items() if k != "per_node"} or None,
             "privacy": {"dp": cfg.privacy.enabled, "mechanism": "DP-SGD (Opacus), sample-level, per node dataset",
@@ -240,11 +254,29 @@ def _accountants(rounds: list[dict], cfg: JobConfig) -> str:
     return ", ".join(seen) if seen else cfg.privacy.accountant
 
 
+INITIAL_FILE = "initial.json"  # the round-0 evaluation (the base model before any round)
+
+
+def read_json(path) -> dict | None:
+    import json
+
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
 def _compact(ev: dict | None) -> dict | None:
     """Evaluation figures without the per-class table (kept in summary.json only)."""
     if not ev:
         return None
     return {split: {k: v for k, v in m.items() if k != "per_class"} for split, m in ev.items()}
+
+
+def _lm_figures(ev: dict) -> str:
+    t = ev["test"]
+    return (f"test response perplexity {t['perplexity']:.2f}"
+            + (f", ROUGE-L {t['rouge_l']:.4f} ({t['generated']} generated)" if t.get("rouge_l") is not None else ""))
 
 
 def _progress_line(rec: dict, planned: int) -> str:
@@ -254,6 +286,8 @@ def _progress_line(rec: dict, planned: int) -> str:
     if rec.get("train_loss") is not None:
         parts.append(f"train loss {rec['train_loss']:.4f}")
     se = rec.get("server_eval") or {}
+    if "test" in se and "perplexity" in se["test"]:
+        parts.append(_lm_figures(se))
     if "val" in se and "accuracy" in se["val"]:
         parts.append(f"val macro-F1 {se['val']['macro_f1']:.4f} acc {se['val']['accuracy']:.4f}, test macro-F1 "
                      f"{se['test']['macro_f1']:.4f} acc {se['test']['accuracy']:.4f}")

@@ -89,7 +89,9 @@ def write_report(run_dir: str | Path) -> Path:
               f"- privacy: {'DP-SGD, target epsilon ' + str(cfg.get('privacy.target-epsilon')) if cfg.get('privacy.enabled') else '**no differential privacy**'}, "
               f"clip {cfg.get('privacy.max-grad-norm')}, accountant {cfg.get('privacy.accountant')}", ""]
     final = summary.get("final") or {}
-    if final.get("test"):
+    if (final.get("test") or {}).get("perplexity") is not None:
+        lines += lm_lines(summary, cfg)
+    elif final.get("test"):
         t = final["test"]
         mb = summary.get("majority_baseline") or {}
         lines += ["## Final global adapter (server held-out test split)", "",
@@ -133,6 +135,31 @@ def write_report(run_dir: str | Path) -> Path:
     out = rd.path / "report.md"
     out.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return out
+
+
+def lm_lines(summary: dict, cfg: dict) -> list[str]:
+    """A causal LM's figures on the server's held-out split: the base model (round 0) against the tuned one."""
+    t = summary["final"]["test"]
+    base = (summary.get("initial") or {}).get("test") or {}
+    dp = f"DP at epsilon {cfg.get('privacy.target-epsilon')}" if cfg.get("privacy.enabled") else "no DP"
+    lines = ["## Held-out test split (server)", "",
+             "| model | response perplexity (lower is better) | ROUGE-L of generated answers | answers |",
+             "|---|---|---|---|"]
+    if base:
+        lines.append(f"| base model, zero-shot (round 0) | {_fmt(base.get('perplexity'), 2)} | "
+                     f"{_fmt(base.get('rouge_l'))} | {base.get('generated', '-')} |")
+    lines.append(f"| federated ({dp}) | **{_fmt(t.get('perplexity'), 2)}** | **{_fmt(t.get('rouge_l'))}** | "
+                 f"{t.get('generated', '-')} |")
+    lines.append("")
+    if base.get("rouge_l") is not None and t.get("rouge_l") is not None:
+        verdict = "beats" if t["rouge_l"] > base["rouge_l"] and t["perplexity"] < base["perplexity"] else \
+            "does NOT beat"
+        lines += [f"The tuned model {verdict} the base model on both figures.", ""]
+    if t.get("examples"):
+        lines += ["Examples (greedy answers to held-out prompts):", "", "| reference | generated |", "|---|---|"]
+        lines += [f"| {e['reference'].replace('|', '/')} | {e['generated'].replace('|', '/')} |"
+                  for e in t["examples"]] + [""]
+    return lines
 
 
 def fairness_lines(f: dict | None) -> list[str]:

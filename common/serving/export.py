@@ -105,6 +105,7 @@ def run_record(run_dir: str | Path, round: int | None = None, *, name_nodes: boo
                    "kind": "simulation" if simulated else "deployment",
                    "adapter_dir": str(src.resolve())},
         "model": {"task": cfg.model.task, "labels": _labels(cfg), "max_length": cfg.model.max_length,
+                  "max_new_tokens": cfg.model.max_new_tokens,
                   "base_model": cfg.model.path or DEFAULT_MODEL_NAME, "base_model_packaged": not cfg.model.path},
         "lora": {"r": cfg.lora.r, "alpha": cfg.lora.alpha, "dropout": cfg.lora.dropout,
                  "target_modules": cfg.lora.target_module_list, "ffa": cfg.lora.ffa,

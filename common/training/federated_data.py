@@ -37,7 +37,8 @@ def _partitions(key: str, num_nodes: int) -> list[list[int]]:
     cfg = load_config(json.loads(key))
     s = cfg.sim
     pool = _global_splits(key).train
-    return partition(pool.labels or [""] * len(pool), num_partitions=num_nodes, kind=s.partitioner, alpha=s.alpha,
+    # classification partitions by label; instruction data by its group (BBC headlines: the topic), if any
+    return partition(pool.labels or pool.groups or [""] * len(pool), num_partitions=num_nodes, kind=s.partitioner, alpha=s.alpha,
                      labels_per_node=s.labels_per_node, seed=s.seed, min_size=min_partition_size(cfg))
 
 
