@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from fedtune.common.privacy import accounting as privacy
-from fedtune.common.training import adapter, data, node
+from fedtune.common.training import adapter, data, node, train
 from fedtune.common.training.train import make_optimizer, train_steps
 from helpers import EASY_LABELS, small_config, write_easy_csv
 from torch.utils.data import DataLoader
@@ -133,6 +133,24 @@ def test_head_only_trains_and_exchanges_only_the_head_under_opacus(tmp_path, eas
     assert lora and all(torch.equal(before_all[k], after_all[k]) for k in lora)
     assert all(not after_all[k].any() for k in lora if "lora_B" in k)
     assert lm.trainable_parameters() == sum(v.size for v in result.arrays.values())
+
+
+def test_head_only_training_sees_the_frozen_models_features_without_dropout(minilm_easy):
+    # Prepare: 16 easy records; the loss in eval mode (no dropout) before any step
+    lm = copy.deepcopy(minilm_easy)
+    ds = data.tokenize(data.Records(["a goal in the match"] * 8 + ["shares fell sharply"] * 8, [EASY_LABELS[0]] * 8 +
+                                    [EASY_LABELS[1]] * 8, "t"), lm.tokenizer, label_set=EASY_LABELS, max_length=16)
+    batch = list(ds.tensors)
+    lm.model.eval()
+    with torch.no_grad():
+        clean = float(train.batch_loss(lm.model, batch, task="seq-cls"))
+    opt = make_optimizer(lm.model, name="sgd", lr=1e-12, weight_decay=0.0)
+    # Execute: one step with dropout off, one with it on (BERT's dropout 0.1 is active in train mode)
+    off = train_steps(lm.model, DataLoader(ds, batch_size=16), opt, steps=1, task="seq-cls", no_dropout=True)
+    on = train_steps(lm.model, DataLoader(ds, batch_size=16), opt, steps=1, task="seq-cls")
+    # Assert: without dropout the training loss is the clean loss; with it, it is not
+    assert off.mean_loss == pytest.approx(clean, rel=1e-6)
+    assert on.mean_loss != pytest.approx(clean, rel=1e-6)
 
 
 def test_head_only_is_built_from_the_config_and_refused_for_causal_lm():

@@ -271,7 +271,7 @@ def train_round(node: Node, *, job: str, round: int, initial: Mapping[str, np.nd
                 max_grad_norm=j.max_grad_norm, grad_sample_mode=j.grad_sample_mode)
             try:
                 stats = train_steps(dp_model, dp_loader, dp_opt, steps=steps, task=j.task, progress=progress,
-                                    class_weights=weights)
+                                    class_weights=weights, no_dropout=node.lora.head_only)
             finally:
                 privacy.release(dp_model)
             history = engine.accountant.history
@@ -279,7 +279,7 @@ def train_round(node: Node, *, job: str, round: int, initial: Mapping[str, np.nd
                 raise RuntimeError(f"Opacus sampled at rate {history[0][1]}, the ledger reserved {q}")
         else:
             stats = train_steps(model, loader, optimizer, steps=steps, task=j.task, progress=progress,
-                                class_weights=weights)
+                                class_weights=weights, no_dropout=node.lora.head_only)
     except BaseException:
         node.ledger.cancel(entry)  # nothing derived from this training has left the node
         raise

@@ -71,13 +71,22 @@ def _noise_only_step(optimizer: torch.optim.Optimizer) -> None:
 
 
 def train_steps(model: torch.nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, *, steps: int,
-                task: str, progress: ProgressFn | None = None, class_weights: torch.Tensor | None = None) -> TrainStats:
-    """Take exactly ``steps`` optimizer steps over ``loader`` (cycling it as needed)."""
+                task: str, progress: ProgressFn | None = None, class_weights: torch.Tensor | None = None,
+                no_dropout: bool = False) -> TrainStats:
+    """Take exactly ``steps`` optimizer steps over ``loader`` (cycling it as needed).
+
+    ``no_dropout``: dropout layers stay off (head-only training: the frozen model is a fixed feature extractor,
+    and dropout would only add noise to its features).
+    """
     is_dp = hasattr(optimizer, "noise_multiplier")
     device = next(model.parameters()).device
     if class_weights is not None:
         class_weights = class_weights.to(device)
     model.train()
+    if no_dropout:
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.eval()
     total_loss, counted, examples, done = 0.0, 0, 0, 0
     start = time.perf_counter()
     with warnings.catch_warnings():
