@@ -136,8 +136,11 @@ def test_head_only_trains_and_exchanges_only_the_head_under_opacus(tmp_path, eas
 
 
 def test_head_only_training_sees_the_frozen_models_features_without_dropout(minilm_easy):
-    # Prepare: 16 easy records; the loss in eval mode (no dropout) before any step
+    # Prepare: the model as head-only training has it (LoRA frozen), 16 easy records, the clean (eval-mode) loss
     lm = copy.deepcopy(minilm_easy)
+    for name, p in lm.model.named_parameters():
+        if "lora_" in name:
+            p.requires_grad_(False)
     ds = data.tokenize(data.Records(["a goal in the match"] * 8 + ["shares fell sharply"] * 8, [EASY_LABELS[0]] * 8 +
                                     [EASY_LABELS[1]] * 8, "t"), lm.tokenizer, label_set=EASY_LABELS, max_length=16)
     batch = list(ds.tensors)

@@ -83,9 +83,9 @@ def train_steps(model: torch.nn.Module, loader: DataLoader, optimizer: torch.opt
     if class_weights is not None:
         class_weights = class_weights.to(device)
     model.train()
-    if no_dropout:
+    if no_dropout:  # every module without a trainable weight in it (dropout layers, attention's dropout) evaluates
         for m in model.modules():
-            if isinstance(m, torch.nn.Dropout):
+            if not any(p.requires_grad for p in m.parameters()):
                 m.eval()
     total_loss, counted, examples, done = 0.0, 0, 0, 0
     start = time.perf_counter()
