@@ -57,7 +57,8 @@ def _metadata(record: dict) -> str:
     dataset = "BBC News" if "BBC" in record["data"]["server_eval"] else "held-out data"
     results = []
     test = met.get("test") or {}
-    for key, name in (("accuracy", "accuracy"), ("macro_f1", "f1"), ("loss", "loss"), ("perplexity", "perplexity")):
+    for key, name in (("accuracy", "accuracy"), ("macro_f1", "f1"), ("loss", "loss"), ("perplexity", "perplexity"),
+                      ("rouge_l", "rougeL")):
         if test.get(key) is not None:
             results.append(EvalResult(task_type=task, dataset_type="server-held-out", dataset_name=dataset,
                                       dataset_split="test", metric_type=name, metric_value=test[key],
@@ -207,7 +208,7 @@ def _evaluation_section(record: dict) -> list[str]:
     lines = []
     lines += ["", "## Evaluation", ""]
     test, val, fed = met.get("test") or {}, met.get("val") or {}, met.get("federated") or {}
-    keys = ("accuracy", "macro_f1", "loss", "n") if cls else ("loss", "perplexity", "n")
+    keys = ("accuracy", "macro_f1", "loss", "n") if cls else ("loss", "perplexity", "rouge_l", "n")
     if test or val:
         lines += [f"On the server's held-out data ({record['data']['server_eval']}):", "",
                   "| split | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
