@@ -173,6 +173,8 @@ class TrainConfig:
     local_epochs: float = _f(3.0, "passes over the node's training records per round")
     local_steps: int = _f(0, "optimizer steps per round; 0 = local-epochs x (records / batch-size)")
     batch_size: int = _f(32, "expected batch size (Poisson sampling varies it)")
+    max_physical_batch_size: int = _f(0, "DP: process Poisson batches in chunks of at most this many records "
+                                      "(memory), one optimizer step per logical batch, same accounting; 0 = whole")
     eval_batch_size: int = _f(64, "batch size for evaluation")
     optimizer: str = _f("adamw", f"one of {', '.join(OPTIMIZERS)}")
     lr: float = _f(3e-3, "learning rate")
@@ -194,6 +196,8 @@ class TrainConfig:
             out.append(f"train.local-steps: expected >= 0, got {self.local_steps}")
         if self.batch_size < 1:
             out.append(f"train.batch-size: expected >= 1, got {self.batch_size}")
+        if self.max_physical_batch_size < 0:
+            out.append(f"train.max-physical-batch-size: expected >= 0, got {self.max_physical_batch_size}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             out.append(f"train.device: expected auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.eval_batch_size < 1:

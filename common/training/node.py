@@ -72,6 +72,7 @@ class JobSettings:
     wants_evaluations: bool  # the job asks nodes for federated evaluations at all
     rounds: int
     batch_size: int
+    max_physical_batch: int
     eval_batch_size: int
     optimizer: str
     lr: float
@@ -84,6 +85,7 @@ class JobSettings:
         return cls(task=cfg.model.task, dp=p.enabled, target_epsilon=p.target_epsilon, fixed_noise=p.noise_multiplier,
                    max_grad_norm=p.max_grad_norm, grad_sample_mode=p.grad_sample_mode, eval_budget=p.eval_budget,
                    wants_evaluations=cfg.fed.fraction_evaluate > 0, rounds=t.rounds, batch_size=t.batch_size,
+                   max_physical_batch=t.max_physical_batch_size,
                    eval_batch_size=t.eval_batch_size, optimizer=t.optimizer, lr=t.lr, weight_decay=t.weight_decay,
                    seed=t.seed)
 
@@ -271,7 +273,8 @@ def train_round(node: Node, *, job: str, round: int, initial: Mapping[str, np.nd
                 max_grad_norm=j.max_grad_norm, grad_sample_mode=j.grad_sample_mode)
             try:
                 stats = train_steps(dp_model, dp_loader, dp_opt, steps=steps, task=j.task, progress=progress,
-                                    class_weights=weights, no_dropout=node.lora.head_only)
+                                    class_weights=weights, no_dropout=node.lora.head_only,
+                                    max_physical_batch=j.max_physical_batch)
             finally:
                 privacy.release(dp_model)
             history = engine.accountant.history

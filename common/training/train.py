@@ -72,13 +72,20 @@ def _noise_only_step(optimizer: torch.optim.Optimizer) -> None:
 
 def train_steps(model: torch.nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, *, steps: int,
                 task: str, progress: ProgressFn | None = None, class_weights: torch.Tensor | None = None,
-                no_dropout: bool = False) -> TrainStats:
+                no_dropout: bool = False, max_physical_batch: int = 0) -> TrainStats:
     """Take exactly ``steps`` optimizer steps over ``loader`` (cycling it as needed).
 
     ``no_dropout``: dropout layers stay off (head-only training: the frozen model is a fixed feature extractor,
     and dropout would only add noise to its features).
+    ``max_physical_batch`` (DP only): Poisson batches larger than this are processed in physical chunks with
+    Opacus' batch splitting; the optimizer steps (and the accountant counts) once per logical batch, so
+    the privacy accounting is unchanged. ``steps`` counts logical steps.
     """
     is_dp = hasattr(optimizer, "noise_multiplier")
+    if is_dp and max_physical_batch > 0:
+        from opacus.utils.batch_memory_manager import wrap_data_loader
+
+        loader = wrap_data_loader(data_loader=loader, max_batch_size=max_physical_batch, optimizer=optimizer)
     device = next(model.parameters()).device
     if class_weights is not None:
         class_weights = class_weights.to(device)
@@ -109,6 +116,8 @@ def train_steps(model: torch.nn.Module, loader: DataLoader, optimizer: torch.opt
                 total_loss += float(loss.detach()) * n
                 counted += n
                 examples += n
+                if is_dp and optimizer._is_last_step_skipped:  # type: ignore[attr-defined]  (mid logical batch)
+                    continue
                 done += 1
                 if progress:
                     progress(done, steps, total_loss / max(counted, 1))
