@@ -53,10 +53,13 @@ def read_scenario(path: str | Path) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _private_runtime(run_dir: Path):
-    """Ray and Flower confined to private temp dirs, no telemetry; restored afterwards."""
+def _private_runtime(run_dir: Path, *, ray_address: str = ""):
+    """Ray and Flower confined to private temp dirs, no telemetry; restored afterwards.
+
+    With ``ray_address`` the simulation joins that Ray cluster instead of starting a private one.
+    """
     tmp = Path(tempfile.mkdtemp(prefix="fedtune-ray-"))
-    env = {"RAY_ADDRESS": "local", "RAY_TMPDIR": str(tmp), "FLWR_TELEMETRY_ENABLED": "0",
+    env = {"RAY_ADDRESS": ray_address or "local", "RAY_TMPDIR": str(tmp), "FLWR_TELEMETRY_ENABLED": "0",
            "FLWR_HOME": str(tmp / "flwr"), "RAY_DEDUP_LOGS": "0", "TOKENIZERS_PARALLELISM": "false",
            "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
     old = {k: os.environ.get(k) for k in env}
@@ -106,6 +109,8 @@ def simulate(cfg: JobConfig, *, out: Callable[[str], None] = print, report: bool
     settings["fed.run-dir"] = str(run_dir)
     if not cfg.train.threads:
         settings["train.threads"] = cfg.sim.cpus_per_node
+    if not cfg.sim.gpus_per_node and cfg.train.device == "auto":  # nodes were given no GPU: all of it on the CPU
+        settings["train.device"] = "cpu"
     cfg = load_config(settings)
     from fedtune.common.training.federated_data import partition_sizes
 
@@ -121,13 +126,28 @@ def simulate(cfg: JobConfig, *, out: Callable[[str], None] = print, report: bool
     result: dict = {}
     t0 = time.perf_counter()
     cores = os.cpu_count() or 1
-    with _private_runtime(run_dir), _without_run_simulation_deprecation():
+    env_address = os.environ.get("RAY_ADDRESS", "")
+    address = cfg.sim.ray_address or (env_address if env_address != "local" else "")
+    gpus = cfg.sim.gpus_per_node
+    if address:
+        init_args = {"address": address}  # an existing cluster: its resources are what they are
+        out(f"joining the Ray cluster at {address}")
+    else:
+        init_args = {"num_cpus": cores, "include_dashboard": False}
+        if gpus:
+            import torch
+
+            if not torch.cuda.is_available():
+                raise FedtuneError(f"sim.gpus-per-node={gpus:g} but torch sees no CUDA GPU on this machine",
+                                   "set sim.gpus-per-node=0 (nodes train on the CPU), or run on a GPU machine")
+            init_args["num_gpus"] = torch.cuda.device_count()
+    with _private_runtime(run_dir, ray_address=address), _without_run_simulation_deprecation():
         logging.getLogger("flwr").setLevel(logging.WARNING)
         run_simulation(server_app=make_server_app(settings, result=result, out=out, simulated=True),
                        client_app=make_client_app(settings, sim_state_root=run_dir / "nodes"),
                        num_supernodes=cfg.fed.num_nodes,
-                       backend_config={"client_resources": {"num_cpus": cfg.sim.cpus_per_node, "num_gpus": 0.0},
-                                       "init_args": {"num_cpus": cores, "include_dashboard": False}})
+                       backend_config={"client_resources": {"num_cpus": cfg.sim.cpus_per_node, "num_gpus": gpus},
+                                       "init_args": init_args})
     if "summary" not in result:
         raise FedtuneError(f"the simulation ended without a result; see the log above and {run_dir}",
                            "fix the error reported above and run again")

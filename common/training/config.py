@@ -295,6 +295,10 @@ class SimConfig:
     local_test_fraction: float = _f(0.2, "share of each node's partition kept for its local evaluation")
     node_max_epsilon: float = _f(10.0, "privacy ceiling of every simulated node")
     cpus_per_node: int = _f(1, "CPUs Ray gives each virtual node (nodes run in parallel up to cores / this)")
+    gpus_per_node: float = _f(0.0, "GPUs (fractions allowed, e.g. 0.25) Ray gives each virtual node; 0 = the "
+                              "simulation runs on the CPU (train.device=auto becomes cpu)")
+    ray_address: str = _f("", "run on an existing Ray cluster (e.g. auto, or HEAD:6379; also $RAY_ADDRESS) instead "
+                          "of a private local one; empty = private")
     baseline_epochs: float = _f(2.0, "epochs of the centralized and local-only baselines")
     min_partition_size: int = _f(0, "fewest records a virtual node may get (0: enough for one training batch "
                                  "after its local test split)")
@@ -315,6 +319,8 @@ class SimConfig:
             out.append(f"sim.baseline-epochs: expected > 0, got {self.baseline_epochs}")
         if self.cpus_per_node < 1:
             out.append(f"sim.cpus-per-node: expected >= 1, got {self.cpus_per_node}")
+        if not 0 <= self.gpus_per_node <= 64:
+            out.append(f"sim.gpus-per-node: expected 0..64, got {self.gpus_per_node}")
         if self.min_partition_size < 0:
             out.append(f"sim.min-partition-size: expected >= 0, got {self.min_partition_size}")
         return out
