@@ -38,7 +38,9 @@ RECIPES = {
     "ffa-lr2": [],
     "ffa-lr5": ["train.lr=5.0"],
     # a DP linear probe: only the classification head is trained and exchanged, SGD at lr 10
-    "head-only": ["lora.head-only=true", "train.lr=10.0", "train.local-epochs=2", "train.batch-size=64"],
+    # (secure aggregation clips each update value to +-fed.secagg-clip: a head moves more than LoRA, so 10)
+    "head-only": ["lora.head-only=true", "train.lr=10.0", "train.local-epochs=2", "train.batch-size=64",
+                  "fed.secagg-clip=10"],
 }
 
 

@@ -115,7 +115,13 @@ def check_train(context: Context, ns, job: str, rec) -> tuple[sa.NodeKeys, sa.Pa
 
 def mask(context: Context, ns, keys: sa.NodeKeys, p: sa.Params, update: dict[str, np.ndarray],
          weight: int) -> tuple[np.ndarray, dict]:
-    out = keys.mask(p, sa.flatten(update), weight=weight, rules=ns.secagg_rules)
+    flat = sa.flatten(update)
+    clipped = int(np.count_nonzero(np.abs(flat) > p.clip))
+    if clipped:  # said here, on the node, only: a count derived from the update never leaves it in the clear
+        log.warning("node %s, round %d: %d of %d update values exceed the secure-aggregation clip %g and are cut to "
+                    "it (the aggregate is biased); raise fed.secagg-clip (nodes accept up to %g)", ns.name, p.round,
+                    clipped, flat.size, p.clip, ns.secagg_rules.clip[1])
+    out = keys.mask(p, flat, weight=weight, rules=ns.secagg_rules)
     save_keys(context, keys)
     epochs = _markers(ns.state_dir, p.job)
     epochs[_epoch_key(keys)] = p.round

@@ -199,3 +199,20 @@ def test_a_lying_server_is_refused_and_the_refusals_are_recorded(tmp_path, monke
         assert all("did not sign this round's parameters" in f["reason"] or "not the ones this node masked with"
                    in f["reason"] for f in refusals), refusals
         assert any("did not sign this round's parameters" in f["reason"] for f in refusals)
+
+
+def test_a_node_says_locally_when_the_clip_cuts_its_update(tmp_path, start, caplog):
+    import logging
+
+    ids = IDS[:3]
+    tight = SecureFedAvg(weighting="weighted", min_nodes=3, timeout=60, clip=0.001, max_weight=1000, threshold=0.5,
+                         degree=0)
+    with caplog.at_level(logging.WARNING, logger="fedtune.client.secure_node"):
+        out = _round(tight, InProcessGrid(_nodes(tmp_path, "tight", ids)), start, ids)
+    assert out.new_arrays is not None, out.reason
+    cut = [r.getMessage() for r in caplog.records if "exceed the secure-aggregation clip 0.001" in r.getMessage()]
+    assert len(cut) == 3 and all("raise fed.secagg-clip" in m for m in cut)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fedtune.client.secure_node"):
+        _round(_secure(), InProcessGrid(_nodes(tmp_path, "loose", ids)), start, ids)
+    assert not any("secure-aggregation clip" in r.getMessage() for r in caplog.records)
