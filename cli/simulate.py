@@ -26,6 +26,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     t = ((simulate(_sim_config(args, None))["summary"].get("final") or {}).get("test")) or {}
     if "accuracy" in t:
         print(f"final global adapter: test accuracy {t['accuracy']:.4f}, macro-F1 {t['macro_f1']:.4f}")
+    elif "perplexity" in t:
+        print(f"final global adapter: test response perplexity {t['perplexity']:.2f}"
+              + (f", ROUGE-L {t['rouge_l']:.4f}" if t.get("rouge_l") is not None else ""))
     return 0
 
 

@@ -40,7 +40,14 @@ def _train_eval(cfg: JobConfig, splits: data.Splits, *, dp: bool, label: str,
         node = prepare(job, policy, state_dir=state, splits=splits)
         res = train_round(node, job=label, round=1, federated=False, class_weights=server_class_weights(cfg))
         m = evaluate_split(node, "test")
+        if splits.test.responses and cfg.model.eval_generate:  # instruction tuning: score generated answers too
+            from fedtune.common.training.generate import generation_metrics
+
+            mc = cfg.model
+            m.update(generation_metrics(node.lora.model, node.lora.tokenizer, splits.test, n=mc.eval_generate,
+                                        max_new_tokens=mc.max_new_tokens, max_prompt_tokens=mc.max_length))
     return {"accuracy": m.get("accuracy"), "macro_f1": m.get("macro_f1"), "loss": m.get("loss"),
+            "perplexity": m.get("perplexity"), "rouge_l": m.get("rouge_l"),
             "group_gap": (m.get("fairness") or {}).get("accuracy_gap"),
             "epsilon": res.epsilon_spent if dp else None, "seconds": time.perf_counter() - t0,
             "steps": res.stats.steps}
@@ -67,7 +74,11 @@ def centralized(cfg: JobConfig, *, dp: bool, out: Callable[[str], None] = print)
     name = f"centralized, {'DP' if dp else 'no DP'}"
     out(f"baseline: {name} ({len(g.train)} records) ...")
     r = _train_eval(cfg, g, dp=dp, label=name, out=out)
-    out(f"  {name}: accuracy {r['accuracy']:.4f} in {r['seconds']:.0f}s")
+    if r["accuracy"] is not None:
+        out(f"  {name}: accuracy {r['accuracy']:.4f} in {r['seconds']:.0f}s")
+    else:
+        out(f"  {name}: test response perplexity {r['perplexity']:.2f}"
+            + (f", ROUGE-L {r['rouge_l']:.4f}" if r.get("rouge_l") is not None else "") + f" in {r['seconds']:.0f}s")
     return {"name": name, **r}
 
 
@@ -89,17 +100,23 @@ def local_only(cfg: JobConfig, *, out: Callable[[str], None] = print) -> dict:
             out(f"  node-{i} skipped: {e.problem}")
             skipped.append({"node": f"node-{i}", "reason": e.problem})
             continue
-        per.append(r["accuracy"])
+        per.append(r["accuracy"] if r["accuracy"] is not None else r["perplexity"])
         own.append(r)
     if not own:
         return {"name": name, "error": "no node could train alone", "skipped": skipped,
                 "seconds": time.perf_counter() - t0}
     mean = sum(per) / len(per)
+    common = {"name": name, "epsilon": max((r["epsilon"] or 0) for r in own) if dp else None, "nodes": len(own),
+              "skipped": skipped, "seconds": time.perf_counter() - t0}
+    if own[0]["accuracy"] is None:  # a language model: mean perplexity and ROUGE-L of the nodes alone
+        rouge = [r["rouge_l"] for r in own if r.get("rouge_l") is not None]
+        out(f"  local only: mean test response perplexity {mean:.2f}, worst {max(per):.2f} over {len(own)} nodes")
+        return {**common, "perplexity": mean, "worst_perplexity": max(per),
+                "rouge_l": sum(rouge) / len(rouge) if rouge else None}
     out(f"  local only: mean accuracy {mean:.4f}, worst {min(per):.4f} over {len(own)} nodes"
         + (f" ({len(skipped)} skipped)" if skipped else ""))
-    return {"name": name, "accuracy": mean, "macro_f1": sum(r["macro_f1"] for r in own) / len(own),
-            "worst_accuracy": min(per), "epsilon": max((r["epsilon"] or 0) for r in own) if dp else None,
-            "nodes": len(own), "skipped": skipped, "seconds": time.perf_counter() - t0}
+    return {**common, "accuracy": mean, "macro_f1": sum(r["macro_f1"] for r in own) / len(own),
+            "worst_accuracy": min(per)}
 
 
 def federated_row(summary: dict, *, name: str, seconds: float) -> dict:
@@ -108,6 +125,7 @@ def federated_row(summary: dict, *, name: str, seconds: float) -> dict:
     nodes = (summary.get("privacy") or {}).get("nodes") or {}
     eps = [p.get("epsilon") for p in nodes.values() if p.get("epsilon") is not None]
     return {"name": name, "accuracy": final.get("accuracy"), "macro_f1": final.get("macro_f1"),
+            "perplexity": final.get("perplexity"), "rouge_l": final.get("rouge_l"),
             "group_gap": (final.get("fairness") or {}).get("accuracy_gap"),
             "worst_accuracy": fe.get("worst_accuracy"), "epsilon": max(eps) if eps else None, "seconds": seconds}
 
@@ -123,6 +141,10 @@ def run_all(cfg: JobConfig, *, with_nodp: bool, out: Callable[[str], None] = pri
     rows = [federated_row(fed["summary"], name="federated, DP (this run)", seconds=fed["seconds"])]
     if cfg.model.task == "seq-cls":
         rows.append(majority_row(cfg))
+    elif (fed["summary"].get("initial") or {}).get("test"):  # the floor of a language model: the base model itself
+        base = fed["summary"]["initial"]["test"]
+        rows.append({"name": "base model, zero-shot", "perplexity": base.get("perplexity"),
+                     "rouge_l": base.get("rouge_l"), "epsilon": None, "seconds": 0.0})
     if with_nodp:
         nodp = cfg.replace(**{"privacy.enabled": False, "sim.node-max-epsilon": math.inf,
                               "fed.run-dir": str(run_dir) + "-nodp"})

@@ -177,8 +177,22 @@ def fairness_lines(f: dict | None) -> list[str]:
     return lines
 
 
+def lm_baseline_table(results: list[dict]) -> list[str]:
+    """Markdown rows for a language model: response perplexity and ROUGE-L per setting."""
+    rows = ["| setting | response perplexity | ROUGE-L | epsilon | seconds |", "|---|---|---|---|---|"]
+    for b in results:
+        if b.get("error"):
+            rows.append(f"| {b['name']} | not run: {b['error']} | | | |")
+        else:
+            rows.append(f"| {b['name']} | {_fmt(b.get('perplexity'), 2)} | {_fmt(b.get('rouge_l'))} | "
+                        f"{_fmt(b.get('epsilon'), 2)} | {b.get('seconds', 0):.0f} |")
+    return rows
+
+
 def baseline_table(results: list[dict]) -> list[str]:
     """Markdown rows: one per baseline (accuracy, macro-F1, worst node accuracy, epsilon, seconds)."""
+    if results and all(b.get("accuracy") is None for b in results if not b.get("error")):
+        return lm_baseline_table(results)
     gaps = any(b.get("group_gap") is not None for b in results)  # with a fairness audit (data.group-column)
     rows = ["| setting | macro-F1 | test accuracy | worst node accuracy | epsilon | seconds |"
             + (" accuracy gap between groups |" if gaps else ""), "|---|---|---|---|---|---|" + ("---|" if gaps else "")]

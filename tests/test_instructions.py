@@ -128,3 +128,28 @@ def test_instruction_tuning_under_dp_moves_lora_and_lowers_response_loss(tmp_pat
     assert after["perplexity"] < before["perplexity"] * 0.8, (before, after)
     assert 0 < result.epsilon_spent <= 8
     assert json.loads(json.dumps(after))  # plain numbers
+
+
+@pytest.mark.slow
+def test_llm_baselines_score_perplexity_and_rouge_in_one_table(tmp_path, tiny_gpt2_dir):
+    from fedtune.simulations.baselines import run_all
+    from fedtune.simulations.report import baseline_table
+
+    rows = [{"prompt": f"{s} (story {i})", "response": ("sport" if s in SPORT else "money")}
+            for i, s in enumerate((SPORT + FINANCE) * 13)][:150]
+    path = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    cfg = load_config({"model.path": str(tiny_gpt2_dir), "model.task": "causal-lm", "model.max-length": 24,
+                       "lora.target-modules": "c_attn", "data.path": str(path), "data.text-column": "prompt",
+                       "data.response-column": "response", "train.batch-size": 8, "train.local-steps": 2,
+                       "train.rounds": 1, "fed.num-nodes": 3, "fed.min-nodes": 3, "sim.partitioner": "iid",
+                       "sim.baseline-epochs": 0.5, "model.eval-generate": 4, "model.max-new-tokens": 3,
+                       "fed.run-dir": str(tmp_path / "run"), "fed.node-wait-timeout": 120})
+    run_dir, results = run_all(cfg, with_nodp=False, out=lambda s: None)
+    names = [r["name"] for r in results]
+    assert names[:2] == ["federated, DP (this run)", "base model, zero-shot"]
+    assert {"centralized, DP", "centralized, no DP"} <= set(names)
+    for r in results:
+        assert not r.get("error"), r
+        assert r["perplexity"] > 1 and 0.0 <= r["rouge_l"] <= 1.0, r
+    table = baseline_table(results)
+    assert table[0].startswith("| setting | response perplexity | ROUGE-L |") and len(table) == 2 + len(results)
