@@ -121,7 +121,7 @@ def check_against_plain_fedavg(cfg, run_dir: Path, rounds: list[dict]) -> tuple[
             secure = adapter.read_adapter_file(run_dir / "checkpoints" / f"round-{r['round']}")
             worst = max(worst, max(float(np.abs(plain[k] - secure[k]).max()) for k in plain))
             start = {k: secure[k] for k in start}
-    return worst, cfg.fed.secagg_clip / secagg.levels(n_nodes=cohort, max_weight=cfg.fed.secagg_max_weight)
+    return worst, cfg.secagg_clip / secagg.levels(n_nodes=cohort, max_weight=cfg.fed.secagg_max_weight)
 
 
 def main() -> None:

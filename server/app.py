@@ -22,7 +22,7 @@ def make_aggregator(cfg, out=print):
     f = cfg.fed
     if f.secure_aggregation:
         return SecureFedAvg(weighting=f.aggregation, min_nodes=f.min_nodes, timeout=f.round_timeout,
-                            clip=f.secagg_clip, max_weight=f.secagg_max_weight, threshold=f.secagg_threshold,
+                            clip=cfg.secagg_clip, max_weight=f.secagg_max_weight, threshold=f.secagg_threshold,
                             degree=f.secagg_degree, seed=cfg.train.seed)
     msg = ("SECURE AGGREGATION IS OFF (fed.secure-aggregation=false): the server sees every node's individual "
            "adapter update. Use this only when the server is trusted with each update.")

@@ -205,6 +205,14 @@ def test_head_only_is_built_from_the_config_and_refused_for_causal_lm():
         k for k in adapter.adapter_state(lm.model) if "lora_" not in k}
     with pytest.raises(ConfigError, match="lora.head-only"):
         load_config({"lora.head-only": "true", "model.task": "causal-lm"})
+    # secure aggregation's clip follows what is trained unless the job sets it: a head alone moves more than LoRA
+    assert load_config({}).secagg_clip == 1.0 and cfg.secagg_clip == 10.0
+    assert load_config({"lora.head-only": "true", "fed.secagg-clip": 3}).secagg_clip == 3.0
+    with pytest.raises(ConfigError, match="fed.secagg-clip"):
+        load_config({"fed.secagg-clip": 5000})
+    from fedtune.server.app import make_aggregator
+
+    assert make_aggregator(cfg).clip == 10.0
 
 
 def test_few_dp_steps_beat_chance_and_reload_in_stock_peft(tmp_path, fresh_easy):

@@ -232,7 +232,8 @@ class FedConfig:
     round_timeout: float = _f(900.0, "seconds to wait for replies in a round; late nodes count as dropped")
     node_wait_timeout: float = _f(300.0, "seconds to wait for enough nodes to connect before failing the run")
     secure_aggregation: bool = _f(True, "nodes send only masked updates; the server learns only their sum")
-    secagg_clip: float = _f(1.0, "secure aggregation: each update value is clipped to [-clip, clip] before quantizing")
+    secagg_clip: float = _f(0.0, "secure aggregation: each update value is clipped to [-clip, clip] before "
+                            "quantizing; 0 = auto (1 for LoRA updates, 10 for a head trained alone, which moves more)")
     secagg_max_weight: int = _f(100000, "secure aggregation: largest per-node FedAvg weight (records, rounded up "
                                         "to whole batches)")
     secagg_threshold: float = _f(0.5, "secure aggregation: Shamir threshold as a share of a node's k neighbours, "
@@ -260,8 +261,9 @@ class FedConfig:
             out.append(f"fed.early-stop-metric: expected one of {', '.join(METRICS)}, got {self.early_stop_metric!r}")
         if self.early_stop_patience < 0:
             out.append(f"fed.early-stop-patience: expected >= 0, got {self.early_stop_patience}")
-        if not 1e-3 <= self.secagg_clip <= 1e3:
-            out.append(f"fed.secagg-clip: expected 0.001..1000 (what nodes accept by default), got {self.secagg_clip}")
+        if self.secagg_clip != 0 and not 1e-3 <= self.secagg_clip <= 1e3:
+            out.append(f"fed.secagg-clip: expected 0 (auto) or 0.001..1000 (what nodes accept by default), got "
+                       f"{self.secagg_clip}")
         if self.secagg_max_weight < 1:
             out.append(f"fed.secagg-max-weight: expected >= 1, got {self.secagg_max_weight}")
         if not 0.5 <= self.secagg_threshold < 1:
@@ -346,6 +348,13 @@ class JobConfig:
             for f in dataclasses.fields(section):
                 flat[f"{sec.name}.{_key(f.name)}"] = getattr(section, f.name)
         return flat
+
+    @property
+    def secagg_clip(self) -> float:
+        """The secure-aggregation clip in force: fed.secagg-clip, or by default 1 for LoRA and 10 for a head alone."""
+        if self.fed.secagg_clip:
+            return self.fed.secagg_clip
+        return 10.0 if self.lora.head_only else 1.0
 
     def replace(self, **settings: Any) -> JobConfig:
         """A copy with some flat settings changed (validated like any other)."""

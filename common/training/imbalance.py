@@ -67,4 +67,6 @@ def learned_nothing(metrics: dict | None, baseline: dict | None, *, margin: floa
 def what_to_try(weighted: bool) -> str:
     """The advice that goes with a learned-nothing warning (no class weighting advice when it was on)."""
     return ("try " + ("" if weighted else "train.class-weighting=balanced, ") + "more train.rounds or "
-            "train.local-epochs, a higher train.lr, or search the recipe on your data with `fedtune tune`")
+            "train.local-epochs, a higher train.lr, for short texts the head-only recipe (`fedtune simulate "
+            "short-text`, or lora.head-only=true train.lr=10 train.local-epochs=2 train.batch-size=64), or "
+            "search the recipe on your data with `fedtune tune`")
