@@ -129,6 +129,17 @@ def reference_rows(path: str, labels: str, max_records: int = 0) -> dict:
             "test_records": len(s.test.labels)}
 
 
+def central_nodp(path: str, labels: str, max_records: int = 0) -> dict:
+    """Centralized, no DP: the demo's model and recipe trained on the whole training split (fedtune's baseline)."""
+    from fedtune.common.training.config import load_config
+    from fedtune.simulations.baselines import centralized
+    from fedtune.simulations.run import read_scenario
+
+    cfg = load_config({**read_scenario("demo"), **_data_settings(path, labels, max_records)})
+    r = centralized(cfg, dp=False, out=lambda s: None)
+    return {"accuracy": r["accuracy"], "macro_f1": r["macro_f1"], "seconds": r["seconds"]}
+
+
 def federated(name: str, path: str, labels: str, recipe: str, out: Path, max_records: int = 0) -> dict:
     run_dir = out / f"run-{name}-{recipe}"
     args = [sys.executable, "-m", "fedtune.cli", "simulate", "demo", "--run-dir", str(run_dir)]
@@ -151,18 +162,23 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--datasets", nargs="*", default=["bbc-news", "headlines-tech", "sms-spam", "trec6"])
     ap.add_argument("--recipes", nargs="*", default=list(RECIPES), choices=list(RECIPES))
+    ap.add_argument("--central", action="store_true", help="also train centralized without DP (demo recipe)")
     ap.add_argument("--max-records", type=int, default=2500,
                     help="records used per dataset (data.max-records; 0 = all); 2,500 keeps a run near 5 min")
     a = ap.parse_args()
     results: dict = {}
     for name, (path, labels) in build_datasets(a.out, a.datasets).items():
         results[name] = reference_rows(path, labels, a.max_records)
+        if a.central:
+            print(f"{name}: centralized, no DP ...", flush=True)
+            results[name]["central_nodp"] = central_nodp(path, labels, a.max_records)
+            print(f"  {json.dumps(results[name]['central_nodp'])}", flush=True)
         for recipe in a.recipes:
             print(f"{name}: federated DP, recipe {recipe} ...", flush=True)
             results[name][recipe] = federated(name, path, labels, recipe, a.out, a.max_records)
             print(f"  {json.dumps(results[name][recipe])}", flush=True)
         (a.out / "recipes.json").write_text(json.dumps(results, indent=2) + "\n")
-    cols = ["majority", "tfidf_lr"] + a.recipes
+    cols = ["majority", "tfidf_lr"] + (["central_nodp"] if a.central else []) + a.recipes
     print("\n| dataset | " + " | ".join(cols) + " |  (accuracy / macro-F1)")
     print("|---|" + "---|" * len(cols))
     for name, r in results.items():
