@@ -151,10 +151,13 @@ def lm_lines(summary: dict, cfg: dict) -> list[str]:
     lines.append(f"| federated ({dp}) | **{_fmt(t.get('perplexity'), 2)}** | **{_fmt(t.get('rouge_l'))}** | "
                  f"{t.get('generated', '-')} |")
     lines.append("")
-    if base.get("rouge_l") is not None and t.get("rouge_l") is not None:
-        verdict = "beats" if t["rouge_l"] > base["rouge_l"] and t["perplexity"] < base["perplexity"] else \
-            "does NOT beat"
-        lines += [f"The tuned model {verdict} the base model on both figures.", ""]
+    if base.get("perplexity") and t.get("perplexity") is not None:
+        change = 100 * (t["perplexity"] / base["perplexity"] - 1)
+        said = f"Against the base model: response perplexity {change:+.1f}%"
+        if base.get("rouge_l") is not None and t.get("rouge_l") is not None:
+            said += f", ROUGE-L {t['rouge_l'] - base['rouge_l']:+.4f}"
+        better = t["perplexity"] < base["perplexity"] and (t.get("rouge_l") or 0) > (base.get("rouge_l") or 0)
+        lines += [said + (" (better on both)." if better else " (NOT better on both)."), ""]
     if t.get("examples"):
         lines += ["Examples (greedy answers to held-out prompts):", "", "| reference | generated |", "|---|---|"]
         lines += [f"| {e['reference'].replace('|', '/')} | {e['generated'].replace('|', '/')} |"
