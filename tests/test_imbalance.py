@@ -40,6 +40,9 @@ def test_weights_baseline_and_warning_by_hand():
     good = {"accuracy": 0.95, "macro_f1": 0.9, "per_class": {"a": {"predicted": 82}, "b": {"predicted": 18}}}
     assert learned_nothing(good, mb) is None
     assert "class-weighting" in what_to_try(weighted=False) and "class-weighting" not in what_to_try(weighted=True)
+    assert "head-only recipe" in what_to_try(weighted=True)  # a run that adapted the encoder is told about the head
+    assert "head-only recipe" not in what_to_try(weighted=True, head_only=True)  # one that trained the head alone
+    assert "lora.head-only=false" in what_to_try(weighted=True, head_only=True)  # ... is told about the encoder
 
 
 @pytest.mark.slow

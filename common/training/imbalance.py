@@ -64,9 +64,10 @@ def learned_nothing(metrics: dict | None, baseline: dict | None, *, margin: floa
     return None
 
 
-def what_to_try(weighted: bool) -> str:
-    """The advice that goes with a learned-nothing warning (no class weighting advice when it was on)."""
+def what_to_try(weighted: bool, head_only: bool = False) -> str:
+    """The advice that goes with a learned-nothing warning (nothing the run already did)."""
+    other = ("adapting the encoder (lora.head-only=false, the demo's FFA-LoRA recipe)" if head_only else
+             "for short texts the head-only recipe (`fedtune simulate short-text`, or lora.head-only=true "
+             "train.lr=10 train.local-epochs=2 train.batch-size=64)")
     return ("try " + ("" if weighted else "train.class-weighting=balanced, ") + "more train.rounds or "
-            "train.local-epochs, a higher train.lr, for short texts the head-only recipe (`fedtune simulate "
-            "short-text`, or lora.head-only=true train.lr=10 train.local-epochs=2 train.batch-size=64), or "
-            "search the recipe on your data with `fedtune tune`")
+            f"train.local-epochs, a higher train.lr, {other}, or search the recipe on your data with `fedtune tune`")
