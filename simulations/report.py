@@ -189,12 +189,14 @@ def lm_baseline_table(results: list[dict]) -> list[str]:
         else:
             rows.append(f"| {b['name']} | {_fmt(b.get('perplexity'), 2)} | {_fmt(b.get('rouge_l'))} | "
                         f"{_fmt(b.get('epsilon'), 2)} | {b.get('seconds', 0):.0f} |")
-    return rows
+    notes = [f"{b['name']}: {s['node']} skipped ({s['reason']})" for b in results for s in b.get("skipped") or []]
+    return rows + ([""] + notes if notes else [])
 
 
 def baseline_table(results: list[dict]) -> list[str]:
     """Markdown rows: one per baseline (accuracy, macro-F1, worst node accuracy, epsilon, seconds)."""
-    if results and all(b.get("accuracy") is None for b in results if not b.get("error")):
+    scored = [b for b in results if not b.get("error")]
+    if any(b.get("perplexity") is not None for b in scored) and all(b.get("accuracy") is None for b in scored):
         return lm_baseline_table(results)
     gaps = any(b.get("group_gap") is not None for b in results)  # with a fairness audit (data.group-column)
     rows = ["| setting | macro-F1 | test accuracy | worst node accuracy | epsilon | seconds |"
