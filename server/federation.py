@@ -24,9 +24,11 @@ from fedtune.common.training.imbalance import class_weights, learned_nothing, ma
 from fedtune.common.training.wire import EvalAnswer, NodeRoundResult, RoundTask
 from fedtune.server.aggregation import Aggregator
 from fedtune.server.messages import (
+    Pending,
     array_record,
+    collect,
     config_record,
-    exchange,
+    post,
     wait_for_nodes,
 )
 from flwr.serverapp import Grid
@@ -175,8 +177,11 @@ class Federation:
             elif r.status in ("error", "unsafe"):
                 self.benched[r.node_id] = rnd + 2
         new = outcome.new_arrays
-        ev = server.evaluate(new if new is not None else global_arrays) if f.server_eval else {}
-        fed_ev = self._federated_eval(grid, rnd, new if new is not None else global_arrays, connected)
+        arrays = new if new is not None else global_arrays
+        # the nodes evaluate while the server does: neither waits for the other (in a simulation they share cores)
+        pending = self._post_federated_eval(grid, rnd, arrays, connected)
+        ev = server.evaluate(arrays) if f.server_eval else {}
+        fed_ev = self._collect_federated_eval(grid, pending)
         ok = [r for r in outcome.replies if r.ok]
         results = {r.node_id: NodeRoundResult.from_record(r.metrics) for r in outcome.replies}
         losses = [results[r.node_id].train_loss for r in ok if results[r.node_id].train_loss is not None]
@@ -206,16 +211,20 @@ class Federation:
         }
         return record, new, ev
 
-    def _federated_eval(self, grid: Grid, rnd: int, arrays: dict, connected: list[int]) -> dict | None:
+    def _post_federated_eval(self, grid: Grid, rnd: int, arrays: dict, connected: list[int]) -> Pending | None:
         f = self.cfg.fed
         if f.fraction_evaluate <= 0 or self.cfg.privacy.eval_budget <= 0 or not connected:
             return None
         k = max(1, math.ceil(f.fraction_evaluate * len(connected)))
         nodes = sorted(random.Random(f"{self.cfg.train.seed}-{rnd}-eval").sample(connected, k))
         conf = RoundTask(job=self.rd.path.name, round=rnd).to_record()
-        replies = exchange(grid, node_ids=nodes, message_type="evaluate", timeout=f.round_timeout,
-                           group=f"eval-{rnd}", names=self.names,
-                           content={"arrays": array_record(arrays), "config": config_record(conf)})
+        return post(grid, node_ids=nodes, message_type="evaluate", timeout=f.round_timeout, group=f"eval-{rnd}",
+                    content={"arrays": array_record(arrays), "config": config_record(conf)})
+
+    def _collect_federated_eval(self, grid: Grid, pending: Pending | None) -> dict | None:
+        if pending is None:
+            return None
+        replies = collect(grid, pending, names=self.names)
         task = self.cfg.model.task
         answers = {self.key(r.node_id): {"name": r.name, **EvalAnswer.from_record(r.metrics, task).figures(task)}
                    for r in replies if r.ok}

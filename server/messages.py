@@ -56,21 +56,46 @@ def wait_for_nodes(grid: Grid, *, wanted: int, minimum: int, timeout: float) -> 
         time.sleep(0.2)
 
 
-def exchange(grid: Grid, *, node_ids: Iterable[int], message_type: str, content, timeout: float,
-             group: str, names: dict[int, str] | None = None) -> list[NodeReply]:
-    """Send ``content`` (a dict, or a function of the node id giving one) to every node and classify the
-    replies (missing ones are 'dropped')."""
+@dataclass
+class Pending:
+    """Requests pushed to nodes whose replies have not been collected yet (see :func:`post`)."""
+
+    node_ids: list[int]
+    message_ids: set[str]
+    deadline: float
+    timeout: float
+
+
+def post(grid: Grid, *, node_ids: Iterable[int], message_type: str, content, timeout: float,
+         group: str) -> Pending:
+    """Push ``content`` (a dict, or a function of the node id giving one) to every node without waiting: the
+    server can do its own work while the nodes do theirs, then :func:`collect` the replies."""
     node_ids = list(node_ids)
     make = content if callable(content) else (lambda nid: content)
     msgs = [Message(RecordDict(dict(make(nid))), dst_node_id=nid, message_type=message_type, group_id=group)
             for nid in node_ids]
-    replies = {r.metadata.src_node_id: r for r in grid.send_and_receive(msgs, timeout=timeout)}
+    ids = set(grid.push_messages(msgs))
+    return Pending(node_ids, ids, time.monotonic() + timeout, timeout)
+
+
+def collect(grid: Grid, pending: Pending, *, names: dict[int, str] | None = None) -> list[NodeReply]:
+    """Pull the replies to ``pending`` until all are in or its deadline passes; classify them (missing ones
+    are 'dropped')."""
+    waiting, got = set(pending.message_ids), []
+    while waiting:
+        res = list(grid.pull_messages(waiting))
+        got += res
+        waiting -= {m.metadata.reply_to_message_id for m in res}
+        if not waiting or time.monotonic() >= pending.deadline:
+            break
+        time.sleep(0.1)
+    replies = {r.metadata.src_node_id: r for r in got}
     out = []
-    for nid in node_ids:
+    for nid in pending.node_ids:
         name = (names or {}).get(nid, str(nid))
         r = replies.get(nid)
         if r is None:
-            out.append(NodeReply(nid, name, "dropped", f"no reply within {timeout:.0f}s"))
+            out.append(NodeReply(nid, name, "dropped", f"no reply within {pending.timeout:.0f}s"))
             continue
         if r.has_error():
             reason = str(r.error.reason).strip().splitlines()
@@ -86,6 +111,13 @@ def exchange(grid: Grid, *, node_ids: Iterable[int], message_type: str, content,
             for b in (v if isinstance(v, list) else [v]) if isinstance(b, bytes))
         out.append(NodeReply(nid, info.name, info.status, info.reason, metrics, r.content, nbytes, info.accountant))
     return out
+
+
+def exchange(grid: Grid, *, node_ids: Iterable[int], message_type: str, content, timeout: float,
+             group: str, names: dict[int, str] | None = None) -> list[NodeReply]:
+    """Send ``content`` to every node and classify the replies (:func:`post`, then :func:`collect`)."""
+    return collect(grid, post(grid, node_ids=node_ids, message_type=message_type, content=content, timeout=timeout,
+                              group=group), names=names)
 
 
 def _last_line(lines: list[str]) -> str:

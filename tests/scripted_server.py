@@ -58,25 +58,32 @@ class InProcessGrid:
     """
 
     def __init__(self, nodes: dict[int, ScriptedServer], tamper=None) -> None:
-        self.nodes, self.tamper, self.log = nodes, tamper, []
+        self.nodes, self.tamper, self.log, self.replies = nodes, tamper, [], {}
 
     def get_node_ids(self) -> list[int]:
         return sorted(self.nodes)
 
-    def send_and_receive(self, messages, *, timeout=None):
-        out = []
+    def push_messages(self, messages) -> list[str]:
+        ids = []
         for m in messages:
+            m.metadata._message_id = uuid.uuid4().hex  # what the SuperLink stamps
+            ids.append(m.metadata.message_id)
             node = self.nodes.get(m.metadata.dst_node_id)
             if node is None:
                 continue
-            m.metadata._message_id = uuid.uuid4().hex  # what the SuperLink stamps
             reply = node.app(m, node.context)
             self.log.append((m.metadata.message_type, m.metadata.dst_node_id))
             if self.tamper is not None:
                 reply = self.tamper(m, reply)
             if reply is not None:
-                out.append(reply)
-        return out
+                self.replies[m.metadata.message_id] = reply
+        return ids
+
+    def pull_messages(self, message_ids) -> list:
+        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
+
+    def send_and_receive(self, messages, *, timeout=None):
+        return self.pull_messages(self.push_messages(messages))
 
 
 def task_identity(monkeypatch) -> None:

@@ -9,7 +9,7 @@ from fedtune.cli import main
 from fedtune.common.errors import ConfigError, ModelError
 from fedtune.common.training import adapter, node
 from fedtune.common.training.config import load_config
-from fedtune.common.training.model import build_lora_model, device_of, resolve_device
+from fedtune.common.training.model import build_lora_model, device_of, resolve_device, resolve_dtype
 from helpers import EASY_LABELS, small_config, write_easy_csv
 
 HAS_CUDA = torch.cuda.is_available()
@@ -61,3 +61,43 @@ def test_training_on_the_chosen_device_moves_every_lora_tensor(tmp_path):
     for k in before:
         assert not torch.equal(torch.as_tensor(before[k]), torch.as_tensor(result.arrays[k])), f"{k} unchanged"
     assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["n"] > 0
+
+
+def test_precision_auto_is_fp32_on_a_cpu_and_a_bad_value_is_a_config_error():
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+    with pytest.raises(ConfigError, match="train.precision"):
+        load_config({"train.precision": "fp16"})
+
+
+@pytest.mark.parametrize("task", ["seq-cls", "causal-lm"])
+def test_a_bf16_base_trains_fp32_weights_under_dp(tmp_path, task):
+    # Prepare: the same seeded model in fp32 and with its frozen base in bf16 (forced: this CPU has no GPU)
+    kw = dict(model_path="", task=task, labels=EASY_LABELS if task == "seq-cls" else [], r=4, alpha=8, dropout=0.0,
+              target_modules=None, ffa=False, seed=0, device="cpu")
+    full = build_lora_model(**kw, precision="fp32")
+    half = build_lora_model(**kw, precision="bf16")
+    frozen = [p for p in half.model.parameters() if not p.requires_grad]
+    trained = [p for p in half.model.parameters() if p.requires_grad]
+    assert frozen and all(p.dtype == torch.bfloat16 for p in frozen if p.is_floating_point())
+    assert trained and all(p.dtype == torch.float32 for p in trained)  # LoRA and the head stay fp32
+    csv_path = write_easy_csv(tmp_path / "easy.csv", n=96)
+    cfg = small_config(**{"data.path": str(csv_path), "data.labels": ",".join(EASY_LABELS), "data.max-records": 0,
+                          "train.local-steps": 3, "train.batch-size": 16, "model.task": task,
+                          "train.precision": "bf16"})
+    n_half = node.prepare(cfg, node.NodePolicy(source="easy", max_epsilon=50), state_dir=tmp_path / "h", model=half)
+    n_full = node.prepare(cfg.replace(**{"train.precision": "fp32"}), node.NodePolicy(source="easy", max_epsilon=50),
+                          state_dir=tmp_path / "f", model=full)
+    # the loss of the bf16 base is the fp32 loss up to bf16 rounding
+    loss_half, loss_full = node.evaluate_split(n_half, "test")["loss"], node.evaluate_split(n_full, "test")["loss"]
+    assert abs(loss_half - loss_full) < 0.05 * abs(loss_full) + 1e-3
+    before = adapter.pack(half.model, ffa=False)
+    # Execute: a DP round on the bf16 base
+    result = node.train_round(n_half, job="t", round=1, federated=False)
+    # Assert: every trained tensor changed, stayed fp32 and finite; the round was accounted as usual
+    for k in before:
+        after = torch.as_tensor(result.arrays[k])
+        assert after.dtype == torch.float32 and torch.isfinite(after).all()
+        assert not torch.equal(torch.as_tensor(before[k]), after), f"{k} unchanged"
+    assert all(p.dtype == torch.float32 for p in half.model.parameters() if p.requires_grad)
+    assert result.stats.steps == 3 and result.epsilon_spent > 0

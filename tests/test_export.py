@@ -203,7 +203,9 @@ def test_causal_lm_run_exports_and_is_not_served_as_a_classifier(tiny_gpt2_dir, 
     simulate(load_config({"model.path": str(tiny_gpt2_dir), "model.task": "causal-lm", "model.max-length": 16,
                           "data.max-records": 120, "train.local-steps": 2, "train.batch-size": 8,
                           "sim.partitioner": "iid", "fed.num-nodes": 3, "fed.min-nodes": 3, "train.rounds": 1,
-                          "fed.run-dir": str(run_dir), "fed.node-wait-timeout": 120}), out=lambda s: None,
+                          "fed.run-dir": str(run_dir), "fed.node-wait-timeout": 120,
+                          # trained on a bf16 base (forced here: no GPU); the export is still exact, in fp32
+                          "train.precision": "bf16"}), out=lambda s: None,
              report=False)
     out = tmp_path / "export"
     record = export_run(run_dir, out)
@@ -212,7 +214,9 @@ def test_causal_lm_run_exports_and_is_not_served_as_a_classifier(tiny_gpt2_dir, 
     ids = torch.tensor([[1, 5, 9, 30, 2, 7]])
     base = AutoModelForCausalLM.from_pretrained(str(tiny_gpt2_dir))
     ref = PeftModel.from_pretrained(base, str(run_dir / "adapter")).eval()(input_ids=ids).logits
-    got = AutoModelForCausalLM.from_pretrained(str(out)).eval()(input_ids=ids).logits
+    stock = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    assert all(p.dtype == torch.float32 for p in stock.parameters())
+    got = stock(input_ids=ids).logits
     assert torch.max(torch.abs(got - ref)).item() < LOGIT_TOLERANCE
     card = ModelCard.load(out / "README.md")
     assert card.data.pipeline_tag == "text-generation" and record["model"]["labels"] == []

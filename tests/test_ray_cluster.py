@@ -72,3 +72,21 @@ def test_gpus_per_node_without_a_gpu_is_one_clear_error(tmp_path):
     with pytest.raises(FedtuneError, match="sim.gpus-per-node=0.5 but torch sees no CUDA GPU"):
         simulate(cfg, out=lambda s: None, report=False)
     assert not (tmp_path / "run" / "rounds.jsonl").exists()
+
+
+def test_every_node_runs_at_once_while_memory_allows(monkeypatch):
+    from fedtune.common.errors import ConfigError
+    from fedtune.simulations import run
+
+    cfg = load_config({"fed.num-nodes": 5})
+    # the demo's shape on 2 cores: all 5 nodes at once (2 would leave one core idle behind the largest node)
+    monkeypatch.setattr(run, "_memory_bytes", lambda: 24 << 30)
+    assert run.concurrent_nodes(cfg, cores=2) == 5
+    # memory bounds it: each running node holds the model; never fewer than one node per core
+    monkeypatch.setattr(run, "_memory_bytes", lambda: 3 * run._node_bytes(cfg))
+    assert run.concurrent_nodes(cfg, cores=1) == 1 and run.concurrent_nodes(cfg, cores=2) == 2
+    assert run.concurrent_nodes(cfg.replace(**{"sim.cpus-per-node": 2}), cores=8) == 4
+    # an explicit value is what the researcher asked for
+    assert run.concurrent_nodes(cfg.replace(**{"sim.concurrent-nodes": 1}), cores=2) == 1
+    with pytest.raises(ConfigError, match="sim.concurrent-nodes"):
+        load_config({"sim.concurrent-nodes": -1})

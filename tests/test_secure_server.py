@@ -216,3 +216,24 @@ def test_a_node_says_locally_when_the_clip_cuts_its_update(tmp_path, start, capl
     with caplog.at_level(logging.WARNING, logger="fedtune.client.secure_node"):
         _round(_secure(), InProcessGrid(_nodes(tmp_path, "loose", ids)), start, ids)
     assert not any("secure-aggregation clip" in r.getMessage() for r in caplog.records)
+
+
+def test_replies_are_collected_after_the_server_worked_and_a_silent_node_is_dropped_at_the_deadline(tmp_path,
+                                                                                                 start):
+    """The federated evaluation is posted first and collected after the server's own evaluation: replies that
+    arrived meanwhile are read, a node that never answers is 'dropped' once the deadline has passed."""
+    import time
+
+    from fedtune.server.messages import array_record, collect, config_record, post
+
+    nodes = _nodes(tmp_path, "eval")
+    grid = InProcessGrid(nodes, tamper=lambda msg, reply: None if msg.metadata.dst_node_id == IDS[0] else reply)
+    content = {"arrays": array_record(start), "config": config_record({"job": "j", "server-round": 1})}
+    t0 = time.monotonic()
+    pending = post(grid, node_ids=IDS, message_type="evaluate", content=content, timeout=1.0, group="eval-1")
+    replies = collect(grid, pending, names={})
+    waited = time.monotonic() - t0
+    status = {r.node_id: r.status for r in replies}
+    assert status == {IDS[0]: "dropped", **{nid: "ok" for nid in IDS[1:]}}
+    assert all("correct" in r.metrics for r in replies if r.ok)  # the nodes' (noised) evaluation answers
+    assert 1.0 <= waited < 30  # waited for the silent node until the deadline, not for ever

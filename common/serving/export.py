@@ -263,7 +263,9 @@ def _merged_model(cfg: JobConfig, record: dict, src: Path):
     if m["task"] == "seq-cls" and not m["labels"]:
         raise ExportError("the run's configuration has no label set (data.labels is empty)",
                           "this run cannot be exported as a classifier; its config.json lacks data.labels")
-    lm = builder.build_model(cfg, m["labels"], task=m["task"])
+    # an fp32 base whatever the run trained on (train.precision=bf16 is for the frozen base during training):
+    # the merged weights are base + scaled B @ A, exact in fp32
+    lm = builder.build_model(cfg.replace(**{"train.precision": "fp32"}), m["labels"], task=m["task"])
     adapter.load_adapter_dir(lm.model, src)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

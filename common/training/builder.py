@@ -19,7 +19,8 @@ def build_model(cfg: JobConfig, labels: Sequence[str], *, task: str | None = Non
     lc = cfg.lora
     return build_lora_model(model_path=cfg.model.path, task=task or cfg.model.task, labels=list(labels), r=lc.r,
                             alpha=lc.alpha, dropout=lc.dropout, target_modules=lc.target_module_list, ffa=lc.ffa,
-                            head_only=lc.head_only, seed=lc.seed, device=cfg.train.device)
+                            head_only=lc.head_only, seed=lc.seed, device=cfg.train.device,
+                            precision=cfg.train.precision)
 
 
 def load_records(cfg: JobConfig, path: str | None = None) -> data.Splits:

@@ -22,6 +22,7 @@ from fedtune.common.training.imbalance import WEIGHTINGS
 TASKS = ("seq-cls", "causal-lm")
 ACCOUNTANTS = ("pld", "rdp")  # gdp and prv are not offered: GDP's CLT approximation can under-count
 GRAD_SAMPLE_MODES = ("hooks", "ghost", "functorch", "ew")
+PRECISIONS = ("auto", "fp32", "bf16")
 OPTIMIZERS = ("adamw", "sgd")
 
 
@@ -183,6 +184,8 @@ class TrainConfig:
     threads: int = _f(0, "torch CPU threads; 0 = torch's default")
     device: str = _f("auto", "where training, evaluation and inference run: auto (a CUDA GPU when torch sees one, "
                      "else the CPU), cpu, cuda or cuda:N")
+    precision: str = _f("auto", "dtype of the frozen base model's weights: auto (bf16 on a CUDA GPU that supports it, "
+                        "else fp32), fp32 or bf16; LoRA, the head, gradients, clipping and noise stay fp32")
     class_weighting: str = _f("auto", "class-weighted loss from the labels of the server's held-out data: auto "
                               "(only when labels are skewed), balanced, none")
 
@@ -200,6 +203,8 @@ class TrainConfig:
             out.append(f"train.max-physical-batch-size: expected >= 0, got {self.max_physical_batch_size}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             out.append(f"train.device: expected auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.precision not in PRECISIONS:
+            out.append(f"train.precision: expected one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.eval_batch_size < 1:
             out.append(f"train.eval-batch-size: expected >= 1, got {self.eval_batch_size}")
         if self.optimizer not in OPTIMIZERS:
@@ -296,7 +301,10 @@ class SimConfig:
     seed: int = _f(0, "seed of the partitioning")
     local_test_fraction: float = _f(0.2, "share of each node's partition kept for its local evaluation")
     node_max_epsilon: float = _f(10.0, "privacy ceiling of every simulated node")
-    cpus_per_node: int = _f(1, "CPUs Ray gives each virtual node (nodes run in parallel up to cores / this)")
+    cpus_per_node: int = _f(1, "torch threads (and Ray CPUs) each virtual node trains with")
+    concurrent_nodes: int = _f(0, "virtual nodes that run at once on a private local Ray; 0 = auto: every node, up "
+                               "to twice the cores / sim.cpus-per-node (the OS shares the cores, so none idles "
+                               "while a slow node finishes); 1 = one after another")
     gpus_per_node: float = _f(0.0, "GPUs (fractions allowed, e.g. 0.25) Ray gives each virtual node; 0 = the "
                               "simulation runs on the CPU (train.device=auto becomes cpu)")
     ray_address: str = _f("", "run on an existing Ray cluster (e.g. auto, or HEAD:6379; also $RAY_ADDRESS) instead "
@@ -321,6 +329,8 @@ class SimConfig:
             out.append(f"sim.baseline-epochs: expected > 0, got {self.baseline_epochs}")
         if self.cpus_per_node < 1:
             out.append(f"sim.cpus-per-node: expected >= 1, got {self.cpus_per_node}")
+        if self.concurrent_nodes < 0:
+            out.append(f"sim.concurrent-nodes: expected >= 0 (0 = auto), got {self.concurrent_nodes}")
         if not 0 <= self.gpus_per_node <= 64:
             out.append(f"sim.gpus-per-node: expected 0..64, got {self.gpus_per_node}")
         if self.min_partition_size < 0:

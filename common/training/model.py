@@ -108,13 +108,15 @@ def load_base_model(path: Path, *, task: str, labels: Sequence[str]) -> torch.nn
 
 def build_lora_model(*, model_path: str, task: str, labels: Sequence[str], r: int, alpha: float, dropout: float,
                      target_modules: list[str] | None, ffa: bool, seed: int, head_only: bool = False,
-                     device: str = "cpu") -> LoraModel:
+                     device: str = "cpu", precision: str = "fp32") -> LoraModel:
     """Load the base model and wrap it with a LoRA adapter initialised from ``seed``.
 
     With ``ffa`` (FFA-LoRA, Sun et al. 2024) the A matrices stay frozen at their
     seeded initial values and only B (and the head) are trained and exchanged. With
     ``head_only`` all of LoRA stays at its initial value (B = 0: the adapter adds nothing) and only
     the classification head is trained and exchanged: a linear probe on the frozen model's features.
+    ``precision`` (see :func:`resolve_dtype`) is the dtype of the frozen base weights only: what is trained
+    (LoRA, a head) stays fp32, so per-sample gradients, clipping and noise are computed in fp32.
     """
     from peft import LoraConfig, TaskType, get_peft_model
 
@@ -124,6 +126,9 @@ def build_lora_model(*, model_path: str, task: str, labels: Sequence[str], r: in
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # the new head and A matrices: identical on every node
         base = load_base_model(path, task=task, labels=labels).to(dev)  # before PEFT wraps it (Opacus issue 820)
+        dtype = resolve_dtype(precision, dev)
+        if dtype != torch.float32:
+            base = base.to(dtype)  # the frozen weights; PEFT makes the LoRA weights fp32 (autocast_adapter_dtype)
         cfg = LoraConfig(
             r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
             task_type=TaskType.SEQ_CLS if task == "seq-cls" else TaskType.CAUSAL_LM,
@@ -139,11 +144,44 @@ def build_lora_model(*, model_path: str, task: str, labels: Sequence[str], r: in
         for name, p in model.named_parameters():
             if "lora_A" in name or (head_only and "lora_" in name):
                 p.requires_grad_(False)
+    if dtype != torch.float32:
+        _trainable_in_fp32(model)
     # PEFT leaves new modules in train mode but the copied head in eval mode; Opacus
     # then records no activations for the head. Keep one mode for the whole model.
     model.eval()
     return LoraModel(model=model, tokenizer=tokenizer, task=task, labels=list(labels), ffa=ffa, base_path=path,
                      head_only=head_only)
+
+
+def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The dtype of the frozen base weights for ``train.precision`` on ``device``.
+
+    auto: bf16 on a CUDA GPU that supports it (half the memory and faster matmuls; the frozen weights need no
+    fp32 master copy), fp32 elsewhere (bf16 on most CPUs is slower, not faster). bf16 can be forced anywhere.
+    """
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision in ("auto", "") and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def _trainable_in_fp32(model: torch.nn.Module) -> None:
+    """Keep every trained weight in fp32 on a low-precision base.
+
+    PEFT already upcasts LoRA weights and casts their inputs. A trained module it copies (a classification
+    head, ``modules_to_save``) keeps the base's dtype: it is cast to fp32 here, and its inputs are cast on the
+    way in, so Opacus records fp32 activations and computes fp32 per-sample gradients for it.
+    """
+    def to_fp32(_module, args, kwargs):
+        cast = (lambda t: t.float() if torch.is_tensor(t) and t.is_floating_point() else t)
+        return tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
+
+    for module in model.modules():
+        own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+        if own and any(p.dtype != torch.float32 for p in own):
+            module.float()
+            module.register_forward_pre_hook(to_fp32, with_kwargs=True)
 
 
 def resolve_device(spec: str = "auto") -> torch.device:

@@ -39,11 +39,11 @@ def batch_loss(model: torch.nn.Module, batch: list[torch.Tensor], *, task: str,
     input_ids, attention_mask = batch[0], batch[1]
     out = model(input_ids=input_ids, attention_mask=attention_mask)
     if task == "seq-cls":
-        per_sample = F.cross_entropy(out.logits, batch[2], reduction="none")
+        per_sample = F.cross_entropy(out.logits.float(), batch[2], reduction="none")
         if class_weights is not None:  # fixed weights scale each record's loss; clipping still bounds it
             per_sample = per_sample * class_weights[batch[2]]
     else:
-        logits = out.logits[:, :-1, :]
+        logits = out.logits[:, :-1, :].float()  # a bf16 base gives bf16 logits: the loss in fp32
         targets = input_ids[:, 1:]
         # instruction records carry a loss mask (response tokens only); plain text trains on every real token
         mask = (batch[2] if len(batch) > 2 else attention_mask)[:, 1:].to(logits.dtype)
