@@ -173,8 +173,10 @@ def _trainable_in_fp32(model: torch.nn.Module) -> None:
     head, ``modules_to_save``) keeps the base's dtype: it is cast to fp32 here, and its inputs are cast on the
     way in, so Opacus records fp32 activations and computes fp32 per-sample gradients for it.
     """
+    def cast(t):
+        return t.float() if torch.is_tensor(t) and t.is_floating_point() else t
+
     def to_fp32(_module, args, kwargs):
-        cast = (lambda t: t.float() if torch.is_tensor(t) and t.is_floating_point() else t)
         return tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
 
     for module in model.modules():
