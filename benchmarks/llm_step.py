@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def _setup(batch: int, seq: int, device: str):
+def _setup(batch: int, seq: int, device: str, precision: str = "auto"):
     import torch
     from fedtune.common.training import data
     from fedtune.common.training.assets import SMOLLM2
@@ -34,7 +34,8 @@ def _setup(batch: int, seq: int, device: str):
     set_threads(2 if device == "cpu" else 0)
     torch.manual_seed(0)
     lm = build_lora_model(model_path=SMOLLM2, task="causal-lm", labels=[], r=8, alpha=16, dropout=0.0,
-                          target_modules=["q_proj", "v_proj"], ffa=False, seed=0, device=device)
+                          target_modules=["q_proj", "v_proj"], ffa=False, seed=0, device=device,
+                          precision=precision)
     recs = data.read_bbc_headlines().subset(range(0, 2000, 10))
     ds = data.tokenize(recs, lm.tokenizer, label_set=[], max_length=seq)
     return lm, DataLoader(ds, batch_size=batch, shuffle=True, drop_last=True)
@@ -53,13 +54,13 @@ def _stepper(lm, loader, *, dp: bool, physical: int):
     return lambda: train_steps(model, loader, opt, steps=1, task="causal-lm", max_physical_batch=physical)
 
 
-def memory_child(batch: int, seq: int, physical: int, device: str) -> None:
+def memory_child(batch: int, seq: int, physical: int, device: str, precision: str) -> None:
     import threading
 
     import psutil
     import torch
 
-    lm, loader = _setup(batch, seq, device)
+    lm, loader = _setup(batch, seq, device, precision)
     step = _stepper(lm, loader, dp=True, physical=physical)
     if device != "cpu":
         torch.cuda.reset_peak_memory_stats()
@@ -93,14 +94,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4, help="timed steps per mode (after one warm-up)")
     ap.add_argument("--physical", type=int, nargs=2, default=[8, 2], help="two physical batch sizes for memory")
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    ap.add_argument("--precision", default="auto", help="frozen base dtype: auto (bf16 on a GPU), fp32, bf16")
     ap.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.memory_child is not None:
-        return memory_child(args.batch, args.seq, args.memory_child, args.device)
+        return memory_child(args.batch, args.seq, args.memory_child, args.device, args.precision)
 
     print(f"fedtune LLM step benchmark: SmolLM2-135M-Instruct, LoRA r=8 on q_proj,v_proj, logical batch "
-          f"{args.batch}, seq {args.seq}, device {args.device}, {args.steps} timed steps per mode")
-    lm, loader = _setup(args.batch, args.seq, args.device)
+          f"{args.batch}, seq {args.seq}, device {args.device}, precision {args.precision}, {args.steps} timed steps per mode")
+    lm, loader = _setup(args.batch, args.seq, args.device, args.precision)
     plain = _stepper(copy.deepcopy(lm), loader, dp=False, physical=0)
     dp = _stepper(copy.deepcopy(lm), loader, dp=True, physical=0)
     plain(), dp()  # warm-up
@@ -115,7 +117,8 @@ def main() -> None:
     print(f"{'seconds per step (median)':30}{med['plain']:>10.3f}{med['dp']:>10.3f}{med['dp'] / med['plain']:>7.2f}x")
     for phys in args.physical:
         out = subprocess.run([sys.executable, __file__, "--memory-child", str(phys), "--batch", str(args.batch),
-                              "--seq", str(args.seq), "--device", args.device],
+                              "--seq", str(args.seq), "--device", args.device,
+                              "--precision", args.precision],
                              capture_output=True, text=True, check=True)
         mem = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"DP step, physical batch {phys:>3}: peak training memory {mem['train_mb']:8.0f} MB "
