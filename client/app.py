@@ -141,7 +141,7 @@ def make_client_app(settings: dict | None = None, *, sim_state_root: str | Path 
             node = get_node(cfg, ns)
             adapter.unpack(node.lora.model, {k: a.numpy() for k, a in msg.content["arrays"].items()},
                            ffa=node.lora.ffa, head_only=node.lora.head_only)
-            answer: EvalAnswer = answer_evaluation(node, job=task.job, round=task.round)
+            answer: EvalAnswer = answer_evaluation(node, job=task.job, round=task.round, groups=task.groups)
             return _reply(msg, NodeInfo(ns.name, "ok", accountant=ns.policy.accountant),
                           answer.to_record(cfg.model.task))
 

@@ -8,7 +8,8 @@ An organization's SuperNode is started with e.g.::
 Everything that touches privacy is the node's: the data source its budget belongs to
 (``source``; a new name starts a new budget, which only the organization can do), the
 ceiling (``max-epsilon``), ``delta``, the accountant, whether it answers federated
-evaluations, the columns it reads and the task its data is for. The server's run config
+evaluations, the columns it reads (``group-column``: whether it joins the fairness audit, with noised
+per-group answers at no extra privacy cost) and the task its data is for. The server's run config
 can ask a node to spend *less* (``privacy.target-epsilon``) but never more; a job that
 asks for other columns is ignored with a log line, one for another task is refused.
 A simulated node (``partition-id`` set by Flower) gets its rules from the job's settings.
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 
 KEYS = {"name": str, "data-path": str, "source": str, "state-dir": str, "max-epsilon": float, "delta": float,
         "accountant": str, "evaluate": str, "task": str, "text-column": str, "label-column": str,
-        "response-column": str, "messages-column": str,
+        "response-column": str, "messages-column": str, "group-column": str,
         "identity-key": str, "roster": str, "secagg-min-cohort": int, "secagg-min-threshold": int,
         "secagg-max-weight": int, "approved-apps": str}
 ON_OFF = {"on": True, "true": True, "yes": True, "off": False, "false": False, "no": False}
@@ -50,6 +51,7 @@ class NodeSettings:
     label_column: str | None = None
     response_column: str | None = None  # instruction tuning: this node's response column ("" = plain text)
     messages_column: str | None = None  # instruction tuning from chat records
+    group_column: str | None = None  # the fairness audit of this node's held-out records ("" = not audited)
     partition: tuple[int, int] | None = None  # (index, count) for a simulated node
     secagg_rules: NodeRules = field(default_factory=NodeRules)
     identity_key_path: str | None = None  # this node's OpenSSH private key (its SuperNode authentication key)
@@ -76,7 +78,7 @@ class NodeSettings:
         changes = {}
         for key, mine in (("data.text-column", self.text_column), ("data.label-column", self.label_column),
                           ("data.response-column", self.response_column),
-                          ("data.messages-column", self.messages_column)):
+                          ("data.messages-column", self.messages_column), ("data.group-column", self.group_column)):
             if mine is None:
                 continue
             asked = cfg.to_flat()[key]
@@ -84,8 +86,6 @@ class NodeSettings:
                 log.info("node %s: ignoring %s=%r from the job; this node reads column %r (node config)",
                          self.name, key, asked, mine)
                 changes[key] = mine
-        if self.partition is None and cfg.data.group_column:  # the fairness audit runs on the server's data only
-            changes["data.group-column"] = ""
         return cfg.replace(**changes) if changes else cfg
 
 
@@ -153,7 +153,8 @@ def node_settings(node_config: Mapping[str, Any], node_id: int) -> NodeSettings:
                         text_column=values.get("text-column", "text"),
                         label_column=values.get("label-column", "label"),
                         response_column=values.get("response-column", ""),
-                        messages_column=values.get("messages-column", ""), secagg_rules=rules,
+                        messages_column=values.get("messages-column", ""),
+                        group_column=values.get("group-column", ""), secagg_rules=rules,
                         identity_key_path=str(Path(values["identity-key"]).expanduser()) if "identity-key" in values
                         else None,
                         roster_path=str(Path(values["roster"]).expanduser()) if "roster" in values else None)

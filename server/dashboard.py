@@ -86,11 +86,16 @@ def quality(view: dict, summary: dict | None) -> str:
                                          f"{_e(last.get('test_accuracy'))} (round {last['round']})" if last else "")
                      + (f" &middot; majority-class baseline accuracy {_e(mb.get('accuracy'))}, macro-F1 "
                         f"{_e(mb.get('macro_f1'))} (always {_e(mb.get('label'))})" if mb else "") + "</p>")
-    fair = (((summary or {}).get("final") or {}).get("test") or {}).get("fairness")
-    if fair:
+    audits = (("fairness", "server's held-out test split",
+               (((summary or {}).get("final") or {}).get("test") or {}).get("fairness")),
+              ("fairness-nodes", "nodes' own test splits, noised answers, estimates",
+               ((summary or {}).get("federated_eval") or {}).get("fairness")))
+    for ident, where, fair in audits:
+        if not fair:
+            continue
         rows = "".join(f"<tr><td class=l>{_e(g)}</td><td>{m['n']}</td><td>{_e(m['accuracy'])}</td>"
                        f"<td>{_e(m['macro_f1'])}</td></tr>" for g, m in fair["groups"].items())
-        parts.append("<h2>Fairness audit (server's held-out test split)</h2><table id=fairness><tr><th>group</th>"
+        parts.append(f"<h2>Fairness audit ({_e(where)})</h2><table id={ident}><tr><th>group</th>"
                      f"<th>records</th><th>accuracy</th><th>macro-F1</th></tr>{rows}</table>"
                      f"<p>largest gaps: accuracy {_e(fair['accuracy_gap'])}, macro-F1 {_e(fair['macro_f1_gap'])}; "
                      f"demographic-parity difference {_e(fair['demographic_parity_difference'])}, equalized-odds "

@@ -20,6 +20,7 @@ from fedtune.common.operations.rundir import RunDir
 from fedtune.common.training import adapter, builder
 from fedtune.common.training.config import JobConfig
 from fedtune.common.training.evaluate import evaluate, pool_answers
+from fedtune.common.training.fairness import audit_groups, pool_cells
 from fedtune.common.training.imbalance import class_weights, learned_nothing, majority_baseline, what_to_try
 from fedtune.common.training.wire import EvalAnswer, NodeRoundResult, RoundTask
 from fedtune.server.aggregation import Aggregator
@@ -48,6 +49,8 @@ class ServerModel:
         cls = cfg.model.task == "seq-cls"
         self.class_weights = class_weights(held, self.splits.labels, cfg.train.class_weighting) if cls else None
         self.majority = majority_baseline(self.splits.test.labels, self.splits.labels) if cls else None
+        # the groups nodes are asked to audit: the server's own (a node never names its own groups)
+        self.audit_groups = audit_groups(self.splits.val.groups + self.splits.test.groups) if cls else ()
 
     def initial_arrays(self) -> dict[str, np.ndarray]:
         return adapter.pack(self.lora.model, ffa=self.lora.ffa, head_only=self.lora.head_only)
@@ -90,6 +93,8 @@ class Federation:
         self.benched: dict[int, float] = {}  # node id -> first round it may be asked again
         self.class_weights: list[float] | None = None
         self.majority: dict | None = None
+        self.audit_groups: tuple[str, ...] = ()
+        self.labels: list[str] = []
 
     def run(self, grid: Grid) -> dict:
         cfg, f = self.cfg, self.cfg.fed
@@ -98,6 +103,7 @@ class Federation:
         self.out(f"fedtune server: run directory {self.rd.path}")
         server = ServerModel(cfg)
         self.class_weights, self.majority = server.class_weights, server.majority
+        self.audit_groups, self.labels = server.audit_groups, server.splits.labels
         if server.majority:
             m = server.majority
             self.out(f"majority-class baseline on the server's test split: accuracy {m['accuracy']:.4f}, macro-F1 "
@@ -217,7 +223,7 @@ class Federation:
             return None
         k = max(1, math.ceil(f.fraction_evaluate * len(connected)))
         nodes = sorted(random.Random(f"{self.cfg.train.seed}-{rnd}-eval").sample(connected, k))
-        conf = RoundTask(job=self.rd.path.name, round=rnd).to_record()
+        conf = RoundTask(job=self.rd.path.name, round=rnd, groups=self.audit_groups).to_record()
         return post(grid, node_ids=nodes, message_type="evaluate", timeout=f.round_timeout, group=f"eval-{rnd}",
                     content={"arrays": array_record(arrays), "config": config_record(conf)})
 
@@ -226,9 +232,14 @@ class Federation:
             return None
         replies = collect(grid, pending, names=self.names)
         task = self.cfg.model.task
-        answers = {self.key(r.node_id): {"name": r.name, **EvalAnswer.from_record(r.metrics, task).figures(task)}
-                   for r in replies if r.ok}
-        return pool_answers(answers, failed=[r.name for r in replies if not r.ok], task=task)
+        parsed = {self.key(r.node_id): (r.name, EvalAnswer.from_record(r.metrics, task)) for r in replies if r.ok}
+        answers = {key: {"name": name, **a.figures(task)} for key, (name, a) in parsed.items()}
+        pooled = pool_answers(answers, failed=[r.name for r in replies if not r.ok], task=task)
+        if self.audit_groups:  # nodes' noised per-group histograms, summed, then audited
+            audit = pool_cells([a.cells for _, a in parsed.values() if a.cells], self.audit_groups, self.labels)
+            if audit is not None:
+                pooled["fairness"] = audit
+        return pooled
 
     def key(self, node_id: int) -> str:
         """The key a node's figures are recorded under: its node id (names are self-declared and may collide);

@@ -107,6 +107,7 @@ def write_report(run_dir: str | Path) -> Path:
     if fe.get("worst_accuracy") is not None:
         lines += [f"Nodes' own test data (noised answers, estimates): pooled accuracy {_fmt(fe.get('accuracy'))}, worst node "
                   f"{fe.get('worst_node')} {_fmt(fe.get('worst_accuracy'))}", ""]
+    lines += fairness_lines(fe.get("fairness"), nodes=True)
     baselines = rd.path / "baselines.json"
     if baselines.exists():
         lines += ["## Baselines (same data split)", "", *baseline_table(json.loads(baselines.read_text())), ""]
@@ -165,11 +166,14 @@ def lm_lines(summary: dict, cfg: dict) -> list[str]:
     return lines
 
 
-def fairness_lines(f: dict | None) -> list[str]:
-    """The fairness audit of the server's test split as Markdown (empty without data.group-column)."""
+def fairness_lines(f: dict | None, *, nodes: bool = False) -> list[str]:
+    """A fairness audit as Markdown (empty without data.group-column): of the server's test split, or
+    (``nodes``) of the nodes' own test splits from their noised per-group answers."""
     if not f:
         return []
-    lines = ["## Fairness audit (server held-out test split, by data.group-column)", "",
+    where = (f"nodes' own test splits: noised per-group answers of {f.get('nodes')} node(s), summed; estimates"
+             if nodes else "server held-out test split")
+    lines = [f"## Fairness audit ({where}, by data.group-column)", "",
              "| group | records | accuracy | macro-F1 |", "|---|---|---|---|"]
     lines += [f"| {g} | {m['n']} | {_fmt(m['accuracy'])} | {_fmt(m['macro_f1'])} |" for g, m in f["groups"].items()]
     lines += ["", f"Largest gaps between groups: accuracy {_fmt(f['accuracy_gap'])}, macro-F1 {_fmt(f['macro_f1_gap'])}; "

@@ -38,7 +38,12 @@ def test_a_lying_figure_becomes_no_figure(bad):
 
 @pytest.mark.parametrize("rec", [{}, {"job": "", "server-round": 1}, {"job": "j", "server-round": -1},
                                  {"job": "j", "server-round": "1"}, {"job": "j", "server-round": True},
-                                 {"job": 3, "server-round": 1}, {"job": "x" * 201, "server-round": 1}])
+                                 {"job": 3, "server-round": 1}, {"job": "x" * 201, "server-round": 1},
+                                 {"job": "j", "server-round": 1, "audit-groups": "north"},
+                                 {"job": "j", "server-round": 1, "audit-groups": ["a", "a"]},
+                                 {"job": "j", "server-round": 1, "audit-groups": ["a", 3]},
+                                 {"job": "j", "server-round": 1, "audit-groups": [""]},
+                                 {"job": "j", "server-round": 1, "audit-groups": [str(i) for i in range(65)]}])
 def test_a_node_refuses_a_malformed_round_instruction(rec):
     with pytest.raises(FedtuneError):
         RoundTask.from_record(rec)
@@ -46,6 +51,8 @@ def test_a_node_refuses_a_malformed_round_instruction(rec):
 
 def test_round_task_and_status_line_round_trip():
     assert RoundTask.from_record(RoundTask("job-1", 3).to_record()) == RoundTask("job-1", 3)
+    audit = RoundTask("job-1", 3, groups=("north", "../../etc"))  # a group is a label, never a path
+    assert RoundTask.from_record(audit.to_record()) == audit
     info = NodeInfo("hospital-a", "refused", "budget", "pld")
     assert NodeInfo.from_record(info.to_record(), "?") == info
     forged = NodeInfo.from_record({"node": "n" * 500, "status": "ok", "accountant": "made-up"}, "?")
@@ -59,6 +66,14 @@ def test_an_evaluation_answer_round_trips_for_both_tasks(task):
     assert back.counts == pytest.approx(a.counts) and back.noise_std == 1.5 and back.epsilon == 2.0
     assert set(a.figures(task)) == ({"correct", "wrong"} if task == "seq-cls" else {"records", "loss_sum"}) | {
         "noise_std", "epsilon"}
+
+
+@pytest.mark.parametrize("cells", [[1.0, float("nan")], "1,2", [1.0, "2"], [True, 1.0]])
+def test_a_malformed_audit_histogram_is_no_audit_but_the_counts_still_count(cells):
+    good = EvalAnswer(counts=(4.0, 1.0), noise_std=1.0, epsilon=1.0, cells=(1.0, 2.0, 0.5, 1.5))
+    assert EvalAnswer.from_record(good.to_record("seq-cls")["metrics"], "seq-cls") == good
+    back = EvalAnswer.from_record({**good.to_record("seq-cls")["metrics"], "audit-cells": cells}, "seq-cls")
+    assert back.cells == () and back.counts == (4.0, 1.0)
 
 
 def test_run_directories_of_fedtune_0_1_with_dashed_keys_still_read():

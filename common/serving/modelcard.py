@@ -216,9 +216,12 @@ def _evaluation_section(record: dict) -> list[str]:
             if ev:
                 lines.append(f"| {split} | " + " | ".join(_fmt(ev.get(k), "d" if k == "n" else ".4f")
                                                          for k in keys) + " |")
-        fair = (met.get("test") or {}).get("fairness")
-        if fair:
-            lines += ["", "Fairness audit (by the data's group column, on the test split):", "",
+        audits = (("the server's test split", (met.get("test") or {}).get("fairness")),
+                  ("the nodes' own test splits, from their noised per-group answers (estimates)", fed.get("fairness")))
+        for where, fair in audits:
+            if not fair:
+                continue
+            lines += ["", f"Fairness audit (by the data's group column, on {where}):", "",
                       "| group | records | accuracy | macro-F1 |", "|---|---|---|---|"]
             lines += [f"| {g} | {v['n']} | {_fmt(v['accuracy'])} | {_fmt(v['macro_f1'])} |"
                       for g, v in fair["groups"].items()]

@@ -81,6 +81,7 @@ LM_LOSS_CLIP = 10.0  # nats: a sequence's loss is clipped to this before it is c
 
 
 @torch.no_grad()
+@torch.no_grad()
 def private_counts(model: torch.nn.Module, dataset: TensorDataset, *, task: str, batch_size: int) -> np.ndarray:
     """The vector a node releases (with noise) to answer a federated evaluation.
 
@@ -89,10 +90,11 @@ def private_counts(model: torch.nn.Module, dataset: TensorDataset, *, task: str,
     (L2 sensitivity sqrt(2)). Counts, never a metric: the server derives accuracy from the noised counts.
     """
     model.eval()
+    dev = next(model.parameters()).device
     out = np.zeros(2, np.float64)
     for batch in DataLoader(dataset, batch_size=batch_size):
         if task == "seq-cls":
-            pred = model(input_ids=batch[0], attention_mask=batch[1]).logits.argmax(-1)
+            pred = model(input_ids=batch[0].to(dev), attention_mask=batch[1].to(dev)).logits.argmax(-1).cpu()
             right = int((pred == batch[2]).sum())
             out += (right, len(batch[2]) - right)
         else:

@@ -28,7 +28,8 @@ from fedtune.common.privacy.ledger import PrivacyLedger
 from fedtune.common.training import adapter, aggregate, builder, data
 from fedtune.common.training.aggregate import batch_weight
 from fedtune.common.training.config import JobConfig
-from fedtune.common.training.evaluate import evaluate, private_counts
+from fedtune.common.training.evaluate import evaluate, predict, private_counts
+from fedtune.common.training.fairness import cells_counts, node_cells
 from fedtune.common.training.imbalance import MAX_WEIGHT, MIN_WEIGHT
 from fedtune.common.training.model import LoraModel, set_threads
 from fedtune.common.training.train import ProgressFn, TrainStats, make_optimizer, train_steps
@@ -318,11 +319,14 @@ def train_and_report(node: Node, received: Mapping[str, np.ndarray], *, job: str
                            seconds=time.perf_counter() - t0)
 
 
-def answer_evaluation(node: Node, *, job: str, round: int) -> EvalAnswer:
+def answer_evaluation(node: Node, *, job: str, round: int, groups: Sequence[str] = ()) -> EvalAnswer:
     """A federated-evaluation answer on the node's test split: counts with calibrated Gaussian noise.
 
     The answer is a release about the node's records like any other: it is reserved in the
     source's ledger first (refused past the ceiling or past the job's planned evaluations).
+    With ``groups`` (the server's audit groups) and a group column on this node, the answer is the
+    per-group confusion histogram instead (fedtune.common.training.fairness): same sensitivity, same
+    noise, same ledger entry; the counts are then sums of its noised cells.
 
     Raises:
         EvaluationRefused: the node's policy answers no evaluations, or the job planned none.
@@ -337,20 +341,28 @@ def answer_evaluation(node: Node, *, job: str, round: int) -> EvalAnswer:
             f"job {job!r} planned no evaluation answers on this node (privacy.eval-budget=0 or "
             "fed.fraction-evaluate=0)", "set privacy.eval-budget > 0 for federated evaluation in a new job")
     task = node.job.task
-    sensitivity = 1.0 if task == "seq-cls" else math.sqrt(2.0)
+    own_groups = node.splits.test.groups
+    audit = bool(groups) and task == "seq-cls" and len(own_groups) == len(node.test_set)
+    sensitivity = 1.0 if task == "seq-cls" else math.sqrt(2.0)  # one record moves one count (or cell) by one
     std = jp.eval_noise * sensitivity
     entry = node.ledger.reserve(job=job, round=round, kind="eval", noise_multiplier=jp.eval_noise, sample_rate=1.0,
                                 steps=1, fingerprint=node.splits.fingerprint, n_records=node.splits.n_source,
                                 job_limit=jp.evaluations if node.job.dp else None)
     try:
-        counts = private_counts(node.lora.model, node.test_set, task=task,
-                                batch_size=node.job.eval_batch_size)
+        if audit:
+            pred = predict(node.lora.model, node.test_set, batch_size=node.job.eval_batch_size).argmax(-1)
+            exact = node_cells(node.test_set.tensors[2].numpy(), pred, own_groups, groups, len(node.splits.labels))
+        else:
+            exact = private_counts(node.lora.model, node.test_set, task=task, batch_size=node.job.eval_batch_size)
     except BaseException:
         node.ledger.cancel(entry)
         raise
     entry = node.ledger.settle(entry)
     rng = np.random.default_rng(secrets.randbits(128))  # fresh OS entropy, never a job seed
-    noised = counts + rng.normal(0.0, std, size=counts.shape) if std > 0 else counts
+    noised = exact + rng.normal(0.0, std, size=exact.shape) if std > 0 else exact
+    if audit:
+        return EvalAnswer(counts=cells_counts(noised, len(node.splits.labels)), noise_std=std,
+                          epsilon=entry.epsilon_after, cells=tuple(float(c) for c in noised))
     return EvalAnswer(counts=(float(noised[0]), float(noised[1])), noise_std=std, epsilon=entry.epsilon_after)
 
 

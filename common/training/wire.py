@@ -17,6 +17,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 from fedtune.common.errors import FedtuneError
 from fedtune.common.training.evaluate import LM_LOSS_CLIP
+from fedtune.common.training.fairness import MAX_GROUP_NAME, MAX_GROUPS
 
 # field name -> wire key (Flower record keys use dashes; the run directory uses the field names)
 _RESULT_KEYS = {"weight": "weight", "train_loss": "train-loss", "epsilon": "epsilon", "max_epsilon": "max-epsilon",
@@ -39,11 +40,14 @@ class RoundTask:
     job: str
     round: int
     class_weights: tuple[float, ...] | None = None  # per label, from the server's own data (the node checks bounds)
+    groups: tuple[str, ...] = ()  # an evaluation's audit groups (the server's; fedtune.common.training.fairness)
 
     def to_record(self) -> dict:
         rec = {"job": self.job, "server-round": self.round}
         if self.class_weights is not None:
             rec["class-weights"] = [float(w) for w in self.class_weights]
+        if self.groups:
+            rec["audit-groups"] = list(self.groups)
         return rec
 
     @classmethod
@@ -59,7 +63,12 @@ class RoundTask:
                     any(_number(w) is None for w in weights):
                 raise FedtuneError("the server's request has malformed class weights", "refusing")
             weights = tuple(float(w) for w in weights)
-        return cls(job=job, round=rnd, class_weights=weights)
+        groups = rec.get("audit-groups", [])
+        if not isinstance(groups, list) or len(groups) > MAX_GROUPS or len(set(map(str, groups))) != len(groups) \
+                or any(not isinstance(g, str) or not g or len(g) > MAX_GROUP_NAME for g in groups):
+            raise FedtuneError(f"the server's request has malformed audit groups (at most {MAX_GROUPS} distinct "
+                               f"names of 1-{MAX_GROUP_NAME} characters)", "refusing")
+        return cls(job=job, round=rnd, class_weights=weights, groups=tuple(groups))
 
 
 @dataclass(frozen=True)
@@ -101,11 +110,15 @@ class NodeRoundResult:
 class EvalAnswer:
     """A noised federated-evaluation answer: counts plus Gaussian noise, never exact.
 
-    ``counts``: seq-cls (correct, wrong); causal-lm (records, clipped loss sum / ``LM_LOSS_CLIP``)."""
+    ``counts``: seq-cls (correct, wrong); causal-lm (records, clipped loss sum / ``LM_LOSS_CLIP``).
+    ``cells``: a fairness audit's noised per-group confusion histogram (seq-cls, when the server listed
+    groups and the node has a group column); ``counts`` are then sums of its cells, and ``noise_std`` is
+    the noise on each cell."""
 
     counts: tuple[float, float]
     noise_std: float
     epsilon: float | None
+    cells: tuple[float, ...] = ()
 
     def figures(self, task: str) -> dict:
         a, b = self.counts
@@ -113,7 +126,10 @@ class EvalAnswer:
         return {**counts, "noise_std": self.noise_std, "epsilon": self.epsilon}
 
     def to_record(self, task: str) -> dict:
-        return {"metrics": {k.replace("_", "-"): v for k, v in self.figures(task).items() if v is not None}}
+        metrics = {k.replace("_", "-"): v for k, v in self.figures(task).items() if v is not None}
+        if self.cells and task == "seq-cls":
+            metrics["audit-cells"] = [float(c) for c in self.cells]
+        return {"metrics": metrics}
 
     @classmethod
     def from_record(cls, metrics: Mapping, task: str) -> EvalAnswer:
@@ -122,8 +138,11 @@ class EvalAnswer:
         else:
             a, loss = _number(metrics.get("records")), _number(metrics.get("loss-sum"))
             b = None if loss is None else loss / LM_LOSS_CLIP
+        cells = metrics.get("audit-cells") if task == "seq-cls" else None
+        if not isinstance(cells, list) or len(cells) > 1_000_000 or any(_number(c) is None for c in cells):
+            cells = []  # a malformed histogram is no audit (the counts still count)
         return cls(counts=(a or 0.0, b or 0.0), noise_std=_number(metrics.get("noise-std")) or 0.0,
-                   epsilon=_number(metrics.get("epsilon")))
+                   epsilon=_number(metrics.get("epsilon")), cells=tuple(float(c) for c in cells))
 
 
 @dataclass(frozen=True)
