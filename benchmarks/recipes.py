@@ -41,6 +41,12 @@ RECIPES = {
     # (secure aggregation clips each update value to +-fed.secagg-clip: a head moves more than LoRA, so 10)
     "head-only": ["lora.head-only=true", "train.lr=10.0", "train.local-epochs=2", "train.batch-size=64",
                   "fed.secagg-clip=10"],
+    # the same probe on the L2-normalised mean of the last hidden states (model.pooling=mean) instead of the
+    # pooler over the first token: the sentence embedding all-MiniLM-L6-v2 was trained to give
+    "head-only-mean": ["lora.head-only=true", "model.pooling=mean", "train.lr=10.0", "train.local-epochs=2",
+                       "train.batch-size=64"],
+    # the demo recipe (FFA-LoRA, SGD 2.0) with the head on mean-pooled features
+    "ffa-mean": ["model.pooling=mean"],
 }
 
 

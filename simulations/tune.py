@@ -34,9 +34,10 @@ from fedtune.common.operations.rundir import RunDir
 from fedtune.common.privacy import accounting
 from fedtune.common.privacy.ledger import open_all
 from fedtune.common.training.config import JobConfig
+from fedtune.common.training.model import mean_pooling_applies
 
 PRIVATE_SPACE = ("train.optimizer", "train.lr", "lora.head-only", "lora.r", "lora.ffa", "privacy.max-grad-norm",
-                 "train.class-weighting")
+                 "train.class-weighting", "model.pooling")
 SHAPE_SPACE = ("train.batch-size", "train.local-epochs", "train.rounds")  # change a trial's privacy events
 
 
@@ -79,6 +80,8 @@ def _rest(trial, cfg: JobConfig, want) -> dict:
         out["privacy.max-grad-norm"] = trial.suggest_categorical("privacy.max-grad-norm", [0.5, 1.0, 2.0])
     if want("train.class-weighting") and cfg.model.task == "seq-cls":
         out["train.class-weighting"] = trial.suggest_categorical("train.class-weighting", ["auto", "balanced", "none"])
+    if want("model.pooling") and cfg.model.task == "seq-cls" and mean_pooling_applies(cfg.model.path):
+        out["model.pooling"] = trial.suggest_categorical("model.pooling", ["cls", "mean"])
     if want("train.batch-size"):
         out["train.batch-size"] = trial.suggest_categorical("train.batch-size", [16, 32, 64])
     if want("train.local-epochs"):

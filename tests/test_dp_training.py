@@ -241,3 +241,45 @@ def test_few_dp_steps_beat_chance_and_reload_in_stock_peft(tmp_path, fresh_easy)
     assert n.ledger.spent() <= 8.0
     assert before["accuracy"] < 0.7 and after["accuracy"] >= 0.85, (before, after)
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+
+
+def test_mean_pooling_feeds_the_head_the_sentence_embedding_and_trains_under_opacus(tmp_path, easy_csv):
+    """model.pooling=mean: the head reads the normalised mean of the real tokens' last hidden states (checked
+    against the encoder by hand, padding included), and a DP round through a node moves the head."""
+    from fedtune.common.errors import ConfigError, ModelError
+    from fedtune.common.training import builder
+    from fedtune.common.training.assets import default_model_dir
+    from fedtune.common.training.config import load_config
+    from transformers import AutoModel
+
+    cfg = small_config(**{"data.path": str(easy_csv), "data.labels": ",".join(EASY_LABELS), "data.max-records": 0,
+                          "lora.head-only": True, "model.pooling": "mean"})
+    lm = builder.build_model(cfg, EASY_LABELS)
+    texts = ["a goal", "shares fell sharply after the bank reported lower profits"]  # the first one is padded
+    batch = lm.tokenizer(texts, padding=True, return_tensors="pt")
+    encoder = AutoModel.from_pretrained(str(default_model_dir())).eval()
+    head = lm.model.base_model.model.classifier
+    lm.model.eval()
+    with torch.no_grad():
+        hidden = encoder(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        expected = head(torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1))
+        got = lm.model(**batch).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert batch["attention_mask"][0].sum() < batch["attention_mask"].shape[1]  # padding really was left out
+    # a DP round: only the head is trained and exchanged, and it moves
+    n = node.prepare(cfg, node.NodePolicy(source="easy", max_epsilon=50), state_dir=tmp_path, model=lm)
+    before = adapter.pack(lm.model, ffa=False, head_only=True)
+    result = node.train_round(n, job="t", round=1, federated=False)
+    assert set(result.arrays) == set(before) and all("classifier" in k for k in before)
+    assert all(not np.allclose(result.arrays[k], before[k]) for k in before)
+    # refused where it means nothing: a causal LM (config), a model without a BERT-style pooler (build)
+    with pytest.raises(ConfigError, match="model.pooling"):
+        load_config({"model.pooling": "mean", "model.task": "causal-lm"})
+    with pytest.raises(ConfigError, match="model.pooling"):
+        load_config({"model.pooling": "max"})
+    from fedtune.common.training.model import use_mean_pooling
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    with pytest.raises(ModelError, match="model.pooling=cls"):  # a decoder classifies from its last token
+        use_mean_pooling(GPT2ForSequenceClassification(GPT2Config(n_layer=1, n_embd=32, n_head=2, num_labels=2)))

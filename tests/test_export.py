@@ -26,9 +26,9 @@ STOCK_LOADER = r"""
 import json, sys
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
-d, max_length, texts = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
-tok = AutoTokenizer.from_pretrained(d, local_files_only=True)
-model = AutoModelForSequenceClassification.from_pretrained(d, local_files_only=True).eval()
+d, max_length, texts, trust = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4] == "trust"
+tok = AutoTokenizer.from_pretrained(d, local_files_only=True, trust_remote_code=trust)
+model = AutoModelForSequenceClassification.from_pretrained(d, local_files_only=True, trust_remote_code=trust).eval()
 with torch.no_grad():
     logits = model(**tok(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")).logits
 leaked = sorted(m for m in sys.modules if m.split(".")[0] in ("fedtune", "peft", "opacus", "flwr"))
@@ -36,8 +36,9 @@ print(json.dumps({"logits": logits.tolist(), "id2label": model.config.id2label, 
 """
 
 
-def _stock_logits(directory: Path, max_length: int) -> dict:
-    proc = subprocess.run([sys.executable, "-c", STOCK_LOADER, str(directory), str(max_length), json.dumps(TEXTS)],
+def _stock_logits(directory: Path, max_length: int, *, trust_remote_code: bool = False) -> dict:
+    proc = subprocess.run([sys.executable, "-c", STOCK_LOADER, str(directory), str(max_length), json.dumps(TEXTS),
+                           "trust" if trust_remote_code else "no"],
                           capture_output=True, text=True, cwd=directory, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -227,3 +228,46 @@ def test_causal_lm_run_exports_and_is_not_served_as_a_classifier(tiny_gpt2_dir, 
     texts.write_text("hello\n")
     assert main(["predict", str(texts), "--model", str(out)]) == 2
     assert "only classifiers label texts" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_mean_pooled_run_exports_loads_with_its_code_and_is_never_silently_wrong(tmp_path):
+    """model.pooling=mean (LoRA trained too): the export equals base + adapter with the head on the normalised
+    mean of the last hidden states, computed here by hand; stock transformers loads it with
+    trust_remote_code in a process without fedtune, refuses it without, and fedtune serves it without
+    running the directory's code."""
+    from fedtune.common.serving.inference import Classifier
+    from fedtune.common.training.config import load_config
+    from fedtune.simulations.run import simulate
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    run_dir, out = tmp_path / "run", tmp_path / "export"
+    simulate(load_config({"data.max-records": 240, "model.max-length": 16, "train.local-steps": 2,
+                          "train.batch-size": 8, "sim.partitioner": "iid", "fed.num-nodes": 3, "fed.min-nodes": 3,
+                          "train.rounds": 1, "fed.run-dir": str(run_dir), "fed.node-wait-timeout": 120,
+                          "model.pooling": "mean"}), out=lambda s: None, report=False)
+    record = export_run(run_dir, out)
+    labels, max_length = record["model"]["labels"], record["model"]["max_length"]
+    # Reference, without fedtune's pooling code: stock PEFT, then the mean of the real tokens' states, normalised
+    base = AutoModelForSequenceClassification.from_pretrained(str(default_model_dir()), num_labels=len(labels))
+    peft_model = PeftModel.from_pretrained(base, str(run_dir / "adapter")).eval()
+    tok = AutoTokenizer.from_pretrained(str(default_model_dir()))
+    batch = tok(TEXTS, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    with torch.no_grad():
+        hidden = peft_model.base_model.model.bert(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        pooled = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+        ref = peft_model.base_model.model.classifier(pooled)
+        stock_pooler = peft_model(**batch).logits
+    assert torch.max(torch.abs(ref - stock_pooler)).item() > 1e-3  # the two poolings really differ
+    got = _stock_logits(out, max_length, trust_remote_code=True)
+    assert got["leaked"] == []
+    assert torch.max(torch.abs(torch.tensor(got["logits"]) - ref)).item() < LOGIT_TOLERANCE
+    # without trust_remote_code stock transformers refuses: it never loads the stock pooler silently
+    proc = subprocess.run([sys.executable, "-c", STOCK_LOADER, str(out), str(max_length), json.dumps(TEXTS), "no"],
+                          capture_output=True, text=True, cwd=out, timeout=300, check=False)
+    assert proc.returncode != 0 and "trust_remote_code" in proc.stderr
+    # fedtune serves it (applying its own installed pooling, not the directory's code)
+    served = torch.tensor(Classifier(out).predict_proba(TEXTS))
+    assert torch.max(torch.abs(served - torch.softmax(ref, -1))).item() < LOGIT_TOLERANCE

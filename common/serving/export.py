@@ -4,6 +4,7 @@
     <out>/config.json            merged model: base + LoRA folded in (``merge_and_unload``), with
     <out>/model.safetensors        id2label/label2id, and its tokenizer files; stock
     <out>/tokenizer*.json ...      ``AutoModelFor...from_pretrained(out)`` loads it, no fedtune needed
+    <out>/fedtune_pooling.py     only for model.pooling=mean: the pooling code (load with trust_remote_code=True)
     <out>/adapter/               the LoRA adapter alone, a standard PEFT directory (+ the same card)
     <out>/fedtune-export.json    provenance, metrics, privacy figures and the sha256 of every file
 
@@ -28,10 +29,12 @@ from fedtune.common.operations.rundir import RunDir
 from fedtune.common.training import adapter
 from fedtune.common.training.assets import BBC_LABELS, DEFAULT_MODEL_NAME
 from fedtune.common.training.config import JobConfig, load_config
+from fedtune.common.training.pooling import MARK as POOLING_MARK
 
 EXPORT_FILE = "fedtune-export.json"
 FORMAT = 1
 WEIGHTS_FILE = "model.safetensors"
+MEAN_POOLED_TYPE = "fedtune-mean-pooled"  # the exported model type of a mean-pooled classifier
 
 
 def _labels(cfg: JobConfig) -> list[str]:
@@ -105,7 +108,7 @@ def run_record(run_dir: str | Path, round: int | None = None, *, name_nodes: boo
                    "kind": "simulation" if simulated else "deployment",
                    "adapter_dir": str(src.resolve())},
         "model": {"task": cfg.model.task, "labels": _labels(cfg), "max_length": cfg.model.max_length,
-                  "max_new_tokens": cfg.model.max_new_tokens,
+                  "max_new_tokens": cfg.model.max_new_tokens, "pooling": cfg.model.pooling,
                   "base_model": cfg.model.path or DEFAULT_MODEL_NAME, "base_model_packaged": not cfg.model.path},
         "lora": {"r": cfg.lora.r, "alpha": cfg.lora.alpha, "dropout": cfg.lora.dropout,
                  "target_modules": cfg.lora.target_module_list, "ffa": cfg.lora.ffa,
@@ -221,6 +224,8 @@ def export_run(run_dir: str | Path, out: str | Path, *, round: int | None = None
         progress("writing the merged model, its tokenizer, the adapter and the model card ...")
         merged.save_pretrained(str(staging), safe_serialization=True)
         tokenizer.save_pretrained(str(staging))
+        if getattr(merged.config, POOLING_MARK, "cls") == "mean":
+            _write_mean_pooling_code(staging, merged)
         (staging / "adapter").mkdir()
         for name in (adapter.CONFIG_FILE, adapter.ADAPTER_FILE):
             shutil.copy2(src / name, staging / "adapter" / name)
@@ -251,6 +256,50 @@ def export_run(run_dir: str | Path, out: str | Path, *, round: int | None = None
                               "choose a directory you can write to, with room for about 100 MB") from None
         raise
     return record
+
+
+REMOTE_CODE = "fedtune_pooling.py"
+
+
+def _write_mean_pooling_code(directory: Path, merged) -> None:
+    """Make a mean-pooled classifier loadable without fedtune, and never silently wrong.
+
+    The export's config.json gets a model type no transformers release knows, with an ``auto_map`` to
+    ``fedtune_pooling.py`` (fedtune's pooling module, copied verbatim, plus two small classes): stock
+    ``AutoModelForSequenceClassification.from_pretrained(DIR, trust_remote_code=True)`` loads it, and
+    without ``trust_remote_code`` transformers refuses instead of loading the stock pooler. fedtune's own
+    loader (fedtune.common.serving.inference) never runs code from an export directory.
+    """
+    from fedtune.common.training import pooling
+
+    arch, conf = type(merged).__name__, type(merged.config).__name__
+    code = Path(pooling.__file__).read_text(encoding="utf-8") + f'''
+
+# -- written by fedtune export: the classes config.json's auto_map names ----------------------------------
+from transformers import {conf} as _BaseConfig  # noqa: E402
+from transformers import {arch} as _BaseModel  # noqa: E402
+
+
+class MeanPooledConfig(_BaseConfig):
+    model_type = "{MEAN_POOLED_TYPE}"
+
+
+class MeanPooledForSequenceClassification(_BaseModel):
+    config_class = MeanPooledConfig
+
+    def __init__(self, config, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        attach_mean_pooling(self)
+'''
+    (directory / REMOTE_CODE).write_text(code, encoding="utf-8")
+    path = directory / "config.json"
+    c = json.loads(path.read_text(encoding="utf-8"))
+    c.update({"fedtune_base_model_type": c.get("model_type"), "model_type": MEAN_POOLED_TYPE,
+              "fedtune_base_architecture": arch, "fedtune_base_config": conf,
+              "architectures": ["MeanPooledForSequenceClassification"],
+              "auto_map": {"AutoConfig": "fedtune_pooling.MeanPooledConfig",
+                           "AutoModelForSequenceClassification": "fedtune_pooling.MeanPooledForSequenceClassification"}})
+    path.write_text(json.dumps(c, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def _merged_model(cfg: JobConfig, record: dict, src: Path):

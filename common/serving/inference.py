@@ -48,6 +48,32 @@ class Prediction:
     status: str = "ok"
 
 
+def load_classifier(d: Path) -> torch.nn.Module:
+    """A merged classifier from an export directory, without running any code from it.
+
+    A mean-pooled export (``model.pooling=mean``) names fedtune's pooling code for stock transformers
+    (trust_remote_code); here its base architecture is loaded from transformers itself and the pooling
+    applied from the installed fedtune instead.
+    """
+    import transformers
+    from fedtune.common.training.pooling import MARK, attach_mean_pooling
+
+    conf = json.loads((d / "config.json").read_text(encoding="utf-8"))
+    if conf.get(MARK, "cls") == "cls":
+        return transformers.AutoModelForSequenceClassification.from_pretrained(str(d), local_files_only=True,
+                                                                               dtype=torch.float32)
+    arch = getattr(transformers, str(conf.get("fedtune_base_architecture")), None)
+    config_cls = getattr(transformers, str(conf.get("fedtune_base_config")), None)
+    if conf.get(MARK) != "mean" or arch is None or config_cls is None or \
+            not arch.__name__.endswith("ForSequenceClassification"):
+        raise ValueError(f"config.json names a pooling ({conf.get(MARK)!r}) or base architecture this fedtune "
+                         "does not know")
+    config = config_cls.from_pretrained(str(d), local_files_only=True)
+    model = arch.from_pretrained(str(d), config=config, local_files_only=True, dtype=torch.float32)
+    attach_mean_pooling(model)
+    return model
+
+
 class Classifier:
     """A text classifier loaded from an exported directory (stock transformers, no PEFT).
 
@@ -63,7 +89,7 @@ class Classifier:
                  verify: bool = True, device: str = "auto") -> None:
         from fedtune.common.serving import export
         from fedtune.common.training.model import resolve_device
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoTokenizer
         from transformers.utils import logging as hf_logging
 
         d = Path(directory).expanduser()
@@ -80,9 +106,9 @@ class Classifier:
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(str(d), local_files_only=True)
-            self.model = AutoModelForSequenceClassification.from_pretrained(str(d), local_files_only=True,
-                                                                            dtype=torch.float32)
+            # never code from the directory (and never a prompt asking whether to run it)
+            self.tokenizer = AutoTokenizer.from_pretrained(str(d), local_files_only=True, trust_remote_code=False)
+            self.model = load_classifier(d)
         except (OSError, ValueError) as e:
             raise ModelError(f"cannot load a classifier from {d}: {e}",
                              "re-export the run; the directory is damaged or not a classifier") from None

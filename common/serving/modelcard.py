@@ -294,7 +294,13 @@ def _use_section(record: dict) -> list[str]:
               "from transformers import AutoModelForSequenceClassification, AutoTokenizer" if cls else
               "from transformers import AutoModelForCausalLM, AutoTokenizer",
               "tok = AutoTokenizer.from_pretrained(\"THIS_DIR\")",
-              ("model = AutoModelForSequenceClassification.from_pretrained(\"THIS_DIR\")" if cls else
-               "model = AutoModelForCausalLM.from_pretrained(\"THIS_DIR\")"), "```", "",
-              "or `fedtune predict --model THIS_DIR texts.txt` (see docs/serving.md).", ""]
+              ("model = AutoModelForSequenceClassification.from_pretrained(\"THIS_DIR\"" +
+               (", trust_remote_code=True)" if m.get("pooling") == "mean" else ")") if cls else
+               "model = AutoModelForCausalLM.from_pretrained(\"THIS_DIR\")"), "```", ""]
+    if m.get("pooling") == "mean":
+        lines += ["The head reads the normalised mean of the last hidden states (`model.pooling=mean`), which stock "
+                  "BERT classes do not do: `fedtune_pooling.py` in this directory holds that code (torch and "
+                  "transformers only), so transformers loads the model only with `trust_remote_code=True` and refuses without "
+                  "it rather than compute wrong answers. fedtune itself never runs that file.", ""]
+    lines += ["or `fedtune predict --model THIS_DIR texts.txt` (see docs/serving.md).", ""]
     return lines

@@ -20,7 +20,7 @@ def build_model(cfg: JobConfig, labels: Sequence[str], *, task: str | None = Non
     return build_lora_model(model_path=cfg.model.path, task=task or cfg.model.task, labels=list(labels), r=lc.r,
                             alpha=lc.alpha, dropout=lc.dropout, target_modules=lc.target_module_list, ffa=lc.ffa,
                             head_only=lc.head_only, seed=lc.seed, device=cfg.train.device,
-                            precision=cfg.train.precision)
+                            precision=cfg.train.precision, pooling=cfg.model.pooling)
 
 
 def load_records(cfg: JobConfig, path: str | None = None) -> data.Splits:

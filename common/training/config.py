@@ -23,6 +23,7 @@ TASKS = ("seq-cls", "causal-lm")
 ACCOUNTANTS = ("pld", "rdp")  # gdp and prv are not offered: GDP's CLT approximation can under-count
 GRAD_SAMPLE_MODES = ("hooks", "ghost", "functorch", "ew")
 PRECISIONS = ("auto", "fp32", "bf16")
+POOLINGS = ("cls", "mean")
 OPTIMIZERS = ("adamw", "sgd")
 
 
@@ -38,11 +39,20 @@ class ModelConfig:
     max_new_tokens: int = _f(32, "instruction tuning: most tokens generated per answer (evaluation, fedtune generate)")
     eval_generate: int = _f(16, "instruction tuning: held-out prompts the server answers at each evaluation to "
                             "score ROUGE-L against the reference responses (0 = none)")
+    pooling: str = _f("cls", "what the classification head reads: cls (the model's own pooler over the first token, "
+                      "as stock transformers does) or mean (the L2-normalised mean of the last hidden states over "
+                      "the text's tokens: what sentence-embedding models such as the packaged MiniLM were trained "
+                      "for; its export needs trust_remote_code outside fedtune); seq-cls encoders with a pooler")
 
     def problems(self) -> list[str]:
         out = []
         if self.task not in TASKS:
             out.append(f"model.task: expected one of {', '.join(TASKS)}, got {self.task!r}")
+        if self.pooling not in POOLINGS:
+            out.append(f"model.pooling: expected one of {', '.join(POOLINGS)}, got {self.pooling!r}")
+        elif self.pooling != "cls" and self.task != "seq-cls":
+            out.append(f"model.pooling={self.pooling}: only a seq-cls model has a head that reads pooled features; "
+                       "set model.pooling=cls for model.task=causal-lm")
         if not 8 <= self.max_length <= 8192:
             out.append(f"model.max-length: expected 8..8192, got {self.max_length}")
         if not 1 <= self.max_new_tokens <= 4096:

@@ -34,6 +34,7 @@ class LoraModel:
     ffa: bool
     base_path: Path
     head_only: bool = False
+    pooling: str = "cls"
 
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
@@ -108,7 +109,7 @@ def load_base_model(path: Path, *, task: str, labels: Sequence[str]) -> torch.nn
 
 def build_lora_model(*, model_path: str, task: str, labels: Sequence[str], r: int, alpha: float, dropout: float,
                      target_modules: list[str] | None, ffa: bool, seed: int, head_only: bool = False,
-                     device: str = "cpu", precision: str = "fp32") -> LoraModel:
+                     device: str = "cpu", precision: str = "fp32", pooling: str = "cls") -> LoraModel:
     """Load the base model and wrap it with a LoRA adapter initialised from ``seed``.
 
     With ``ffa`` (FFA-LoRA, Sun et al. 2024) the A matrices stay frozen at their
@@ -117,6 +118,7 @@ def build_lora_model(*, model_path: str, task: str, labels: Sequence[str], r: in
     the classification head is trained and exchanged: a linear probe on the frozen model's features.
     ``precision`` (see :func:`resolve_dtype`) is the dtype of the frozen base weights only: what is trained
     (LoRA, a head) stays fp32, so per-sample gradients, clipping and noise are computed in fp32.
+    ``pooling="mean"`` makes the classification head read mean-pooled features (:func:`use_mean_pooling`).
     """
     from peft import LoraConfig, TaskType, get_peft_model
 
@@ -126,6 +128,8 @@ def build_lora_model(*, model_path: str, task: str, labels: Sequence[str], r: in
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # the new head and A matrices: identical on every node
         base = load_base_model(path, task=task, labels=labels).to(dev)  # before PEFT wraps it (Opacus issue 820)
+        if pooling == "mean":
+            use_mean_pooling(base)
         dtype = resolve_dtype(precision, dev)
         if dtype != torch.float32:
             base = base.to(dtype)  # the frozen weights; PEFT makes the LoRA weights fp32 (autocast_adapter_dtype)
@@ -150,7 +154,33 @@ def build_lora_model(*, model_path: str, task: str, labels: Sequence[str], r: in
     # then records no activations for the head. Keep one mode for the whole model.
     model.eval()
     return LoraModel(model=model, tokenizer=tokenizer, task=task, labels=list(labels), ffa=ffa, base_path=path,
-                     head_only=head_only)
+                     head_only=head_only, pooling=pooling)
+
+
+def mean_pooling_applies(model_path: str) -> bool:
+    """Whether ``model.pooling=mean`` can work for this model: a BERT classifier, whose head reads the pooler
+    (RoBERTa-style classifiers have their own head over the first token and no pooler to replace)."""
+    import json
+
+    try:
+        path = resolve_model_path(model_path)
+        return json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type") == "bert"
+    except (ModelError, OSError, ValueError):
+        return False
+
+
+def use_mean_pooling(model: torch.nn.Module) -> None:
+    """Make a sequence classifier's head read mean-pooled features (``model.pooling=mean``), in place.
+
+    Raises:
+        ModelError: the model has no BERT-style pooler to replace.
+    """
+    from fedtune.common.training.pooling import attach_mean_pooling
+
+    try:
+        attach_mean_pooling(model)
+    except ValueError as e:
+        raise ModelError(f"model.pooling=mean: {e}", "set model.pooling=cls for this model") from None
 
 
 def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
