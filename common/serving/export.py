@@ -165,6 +165,33 @@ def read_record(directory: str | Path) -> dict:
                           "re-export the run; the export directory was damaged") from None
 
 
+def open_export(directory: str | Path, *, task: str, verify_files: bool = True) -> tuple[Path, dict | None]:
+    """An export directory for a model of ``task``: its path and record (None for a plain transformers directory),
+    its files checked against the record's hashes.
+
+    Raises:
+        ModelError: not a model directory, or a model for the other task.
+        ExportError: a file does not match the record.
+    """
+    from fedtune.common.errors import ModelError
+
+    d = Path(directory).expanduser()
+    if not (d / "config.json").is_file():
+        raise ModelError(f"{d} is not an exported model directory (no config.json)",
+                         "point at a directory written by `fedtune export`, or use --registry DIR")
+    record = read_record(d) if (d / EXPORT_FILE).is_file() else None
+    held = (record or {}).get("model", {}).get("task")
+    if record and held != task and task == "causal-lm":
+        raise ModelError(f"{d} holds a {held} model, which labels texts and does not generate",
+                         "use `fedtune predict` for a classifier, or export a causal-lm run")
+    if record and held != task:
+        raise ModelError(f"{d} holds a {held} model; only classifiers label texts",
+                         "export a seq-cls run to label texts, or use `fedtune generate` for a causal LM")
+    if verify_files and record:
+        verify(d, record)
+    return d, record
+
+
 def verify(directory: str | Path, record: dict | None = None) -> dict:
     """Check every file of an export against the sha256 recorded at export time; returns the record.
 

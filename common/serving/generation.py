@@ -26,18 +26,9 @@ class Generator:
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
-        d = Path(directory).expanduser()
-        if not (d / "config.json").is_file():
-            raise ModelError(f"{d} is not an exported model directory (no config.json)",
-                             "point at a directory written by `fedtune export`, or use --registry DIR")
+        d, self.record = export.open_export(directory, task="causal-lm", verify_files=verify)
         self.directory = d
-        self.record = export.read_record(d) if (d / export.EXPORT_FILE).is_file() else None
         model_rec = (self.record or {}).get("model", {})
-        if self.record and model_rec.get("task") != "causal-lm":
-            raise ModelError(f"{d} holds a {model_rec.get('task')} model, which labels texts and does not generate",
-                             "use `fedtune predict` for a classifier, or export a causal-lm run")
-        if verify and self.record:
-            export.verify(d, self.record)
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
         try:

@@ -92,17 +92,8 @@ class Classifier:
         from transformers import AutoTokenizer
         from transformers.utils import logging as hf_logging
 
-        d = Path(directory).expanduser()
-        if not (d / "config.json").is_file():
-            raise ModelError(f"{d} is not an exported model directory (no config.json)",
-                             "point at a directory written by `fedtune export`, or use --registry DIR")
+        d, self.record = export.open_export(directory, task="seq-cls", verify_files=verify)
         self.directory = d
-        self.record = export.read_record(d) if (d / export.EXPORT_FILE).is_file() else None
-        if self.record and self.record["model"]["task"] != "seq-cls":
-            raise ModelError(f"{d} holds a {self.record['model']['task']} model; only classifiers label texts",
-                             "export a seq-cls run to label texts")
-        if verify and self.record:
-            export.verify(d, self.record)
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
         try:
