@@ -33,20 +33,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+# Every recipe spells out all it sets, so a row means the same whatever the demo scenario's defaults are.
+FFA = ["lora.head-only=false", "lora.ffa=true", "train.optimizer=sgd", "train.local-epochs=1", "train.batch-size=32"]
+PROBE = ["lora.head-only=true", "train.optimizer=sgd", "train.lr=10.0", "train.local-epochs=2", "train.batch-size=64"]
 RECIPES = {
-    # the demo recipe before this change: FFA-LoRA, plain SGD at lr 2.0, 6 rounds of 1 local epoch, batch 32
-    "ffa-lr2": [],
-    "ffa-lr5": ["train.lr=5.0"],
-    # a DP linear probe: only the classification head is trained and exchanged, SGD at lr 10
-    # (secure aggregation clips each update value to +-fed.secagg-clip: a head moves more than LoRA, so 10)
-    "head-only": ["lora.head-only=true", "train.lr=10.0", "train.local-epochs=2", "train.batch-size=64",
-                  "fed.secagg-clip=10"],
-    # the same probe on the L2-normalised mean of the last hidden states (model.pooling=mean) instead of the
-    # pooler over the first token: the sentence embedding all-MiniLM-L6-v2 was trained to give
-    "head-only-mean": ["lora.head-only=true", "model.pooling=mean", "train.lr=10.0", "train.local-epochs=2",
-                       "train.batch-size=64"],
-    # the demo recipe (FFA-LoRA, SGD 2.0) with the head on mean-pooled features
-    "ffa-mean": ["model.pooling=mean"],
+    # the demo recipe until issue 17: FFA-LoRA, plain SGD at lr 2.0, 6 rounds of 1 local epoch, batch 32
+    "ffa-lr2": FFA + ["train.lr=2.0", "model.pooling=cls"],
+    "ffa-lr5": FFA + ["train.lr=5.0", "model.pooling=cls"],
+    # a DP linear probe: only the classification head is trained and exchanged, SGD at lr 10, on BERT's pooler
+    # (secure aggregation clips each update value to +-fed.secagg-clip: automatic, 10 for a head trained alone)
+    "head-only": PROBE + ["model.pooling=cls"],
+    # the same probe on the L2-normalised mean of the last hidden states (model.pooling=mean): the sentence
+    # embedding all-MiniLM-L6-v2 was trained to give
+    "head-only-mean": PROBE + ["model.pooling=mean"],
+    # FFA-LoRA with the head on mean-pooled features
+    "ffa-mean": FFA + ["train.lr=2.0", "model.pooling=mean"],
 }
 
 
