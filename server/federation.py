@@ -253,7 +253,8 @@ class Federation:
         nothing = learned_nothing((final or {}).get("test"), self.majority)
         return {
             "majority_baseline": self.majority, "class_weights": self.class_weights,
-            "warnings": [f"{nothing}. {what_to_try(bool(self.class_weights), cfg.lora.head_only)}"] if nothing else [],
+            "warnings": [f"{nothing}. {what_to_try(bool(self.class_weights), cfg.lora.head_only, cfg.model.pooling)}"]
+            if nothing else [],
             "status": status, "rounds_completed": len(rounds), "rounds_planned": cfg.train.rounds,
             "rounds_failed": [r["round"] for r in rounds if r["status"] != "ok"],
             "final": _compact(final) if final else None,

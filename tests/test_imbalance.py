@@ -43,6 +43,8 @@ def test_weights_baseline_and_warning_by_hand():
     assert "head-only recipe" in what_to_try(weighted=True)  # a run that adapted the encoder is told about the head
     assert "head-only recipe" not in what_to_try(weighted=True, head_only=True)  # one that trained the head alone
     assert "lora.head-only=false" in what_to_try(weighted=True, head_only=True)  # ... is told about the encoder
+    assert "model.pooling=mean" in what_to_try(weighted=True, head_only=True, pooling="cls")  # ... and the pooling
+    assert "model.pooling=mean" not in what_to_try(weighted=True, head_only=True, pooling="mean")
 
 
 @pytest.mark.slow

@@ -64,10 +64,13 @@ def learned_nothing(metrics: dict | None, baseline: dict | None, *, margin: floa
     return None
 
 
-def what_to_try(weighted: bool, head_only: bool = False) -> str:
+def what_to_try(weighted: bool, head_only: bool = False, pooling: str = "mean") -> str:
     """The advice that goes with a learned-nothing warning (nothing the run already did)."""
-    other = ("adapting the encoder (lora.head-only=false, the demo's FFA-LoRA recipe)" if head_only else
-             "for short texts the head-only recipe (`fedtune simulate short-text`, or lora.head-only=true "
-             "train.lr=10 train.local-epochs=2 train.batch-size=64)")
+    if head_only:
+        other = ("the head on mean-pooled features (model.pooling=mean), or " if pooling != "mean" else "") + \
+            "adapting the encoder (FFA-LoRA: lora.head-only=false train.lr=2 train.local-epochs=1 train.batch-size=32)"
+    else:
+        other = ("the default head-only recipe (lora.head-only=true model.pooling=mean train.lr=10 "
+                 "train.local-epochs=2 train.batch-size=64: `fedtune simulate demo data.path=...`)")
     return ("try " + ("" if weighted else "train.class-weighting=balanced, ") + "more train.rounds or "
             f"train.local-epochs, a higher train.lr, {other}, or search the recipe on your data with `fedtune tune`")
