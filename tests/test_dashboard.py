@@ -146,7 +146,12 @@ def test_the_run_page_shows_majority_baseline_warning_and_fairness_audit(tmp_pat
     warning = learned_nothing(test, baseline)
     assert warning
     rd = make_run(tmp_path / "runs" / "run-a", finished=True)
-    rd.write_summary({"final": {"test": test}, "majority_baseline": baseline, "warnings": [warning]})
+    from fedtune.common.training.fairness import node_cells, pool_cells
+
+    nodes = pool_cells([node_cells(np.array([0, 1, 0]), np.array([0, 0, 0]), ["east", "<i>west</i>", "east"],
+                                   ("east", "<i>west</i>"), 2)], ("east", "<i>west</i>"), ["ham", "spam"])
+    rd.write_summary({"final": {"test": test}, "majority_baseline": baseline, "warnings": [warning],
+                      "federated_eval": {"accuracy": 0.67, "fairness": nodes}})
     client = TestClient(create_app(tmp_path / "runs"))
     # Execute
     page = client.get("/runs/run-a").text
@@ -157,3 +162,5 @@ def test_the_run_page_shows_majority_baseline_warning_and_fairness_audit(tmp_pat
         assert "majority-class baseline accuracy 0.8000" in html_ and "always ham" in html_
         assert "<table id=fairness>" in html_ and "&lt;b&gt;north&lt;/b&gt;" in html_ and "<b>north</b>" not in html_
         assert "demographic-parity difference" in html_
+        # the nodes' audit (pooled noised answers), in its own table, marked as estimates
+        assert "<table id=fairness-nodes>" in html_ and "&lt;i&gt;west&lt;/i&gt;" in html_ and "estimates" in html_
