@@ -321,7 +321,7 @@ class MeanPooledForSequenceClassification(_BaseModel):
     (directory / REMOTE_CODE).write_text(code, encoding="utf-8")
     path = directory / "config.json"
     c = json.loads(path.read_text(encoding="utf-8"))
-    c.update({"fedtune_base_model_type": c.get("model_type"), "model_type": MEAN_POOLED_TYPE,
+    c.update({"model_type": MEAN_POOLED_TYPE,
               "fedtune_base_architecture": arch, "fedtune_base_config": conf,
               "architectures": ["MeanPooledForSequenceClassification"],
               "auto_map": {"AutoConfig": "fedtune_pooling.MeanPooledConfig",

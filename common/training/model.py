@@ -34,7 +34,6 @@ class LoraModel:
     ffa: bool
     base_path: Path
     head_only: bool = False
-    pooling: str = "cls"
 
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
@@ -154,7 +153,7 @@ def build_lora_model(*, model_path: str, task: str, labels: Sequence[str], r: in
     # then records no activations for the head. Keep one mode for the whole model.
     model.eval()
     return LoraModel(model=model, tokenizer=tokenizer, task=task, labels=list(labels), ffa=ffa, base_path=path,
-                     head_only=head_only, pooling=pooling)
+                     head_only=head_only)
 
 
 def mean_pooling_applies(model_path: str) -> bool:
