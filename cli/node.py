@@ -35,7 +35,8 @@ def cmd_local(args: argparse.Namespace) -> int:
 
     cfg = _job_config(args)
     res = train_locally(cfg, max_epsilon=float(args.max_epsilon), state_dir=args.state_dir, out=args.out,
-                        source=args.source, init_adapter=args.init_adapter, say=lambda m: print(m, flush=True),
+                        source=args.source, shared_content_ok=args.allow_shared_content,
+                        init_adapter=args.init_adapter, say=lambda m: print(m, flush=True),
                         warn=say, progress=progress_printer)
     _print_metrics("test", res["metrics"]["test"], cfg.model.task, per_class=True)
     out = Path(res["out"])
@@ -124,8 +125,12 @@ def add_parsers(sub) -> None:
     lp.add_argument("--data", help="CSV, JSONL or Parquet file (default: packaged BBC News)")
     lp.add_argument("--state-dir", default=DEFAULT_STATE_DIR, help="node state directory holding the privacy ledger")
     lp.add_argument("--max-epsilon", default="10", help="this node's privacy ceiling on the data source (default 10)")
-    lp.add_argument("--source", help="name of the data source whose budget this spends (default: the resolved "
-                    "--data path); a new name starts a new budget")
+    lp.add_argument("--source", help="name of the data source whose budget this spends (default: one budget per "
+                    "--state-dir, whatever file is read); a new name starts a new budget, and records already "
+                    "released under another name are refused")
+    lp.add_argument("--allow-shared-content", action="store_true",
+                    help="records already released under another --source of this --state-dir are different "
+                    "people's records (without it such a release is refused)")
     lp.add_argument("--out", help="output directory (default runs/local-<time>)")
     lp.add_argument("--init-adapter", help="start from this saved adapter directory")
     lp.add_argument("settings", nargs="*", help="job settings as key=value (see `fedtune config`)")

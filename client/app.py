@@ -14,14 +14,15 @@ import logging
 import os
 from pathlib import Path
 
+import numpy as np
+
 from fedtune.client import secure_node
 from fedtune.client.node_config import NodeSettings, node_settings, simulated_settings
 from fedtune.client.runtime import get_node
-from fedtune.common.errors import BudgetExceededError, FedtuneError, SecAggError
+from fedtune.common.errors import BudgetExceededError, FedtuneError, SecAggError, UnsafeMessage
 from fedtune.common.privacy import accounting as privacy
-from fedtune.common.training import adapter
 from fedtune.common.training.config import JobConfig, load_config
-from fedtune.common.training.node import answer_evaluation, train_and_report
+from fedtune.common.training.node import answer_evaluation, check_received, receive, train_and_report
 from fedtune.common.training.wire import EvalAnswer, NodeInfo, NodeRoundResult, RoundTask
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -43,10 +44,28 @@ def _reply(msg: Message, info: NodeInfo, result: dict | None = None, secagg: dic
     return Message(RecordDict(content), reply_to=msg)
 
 
+def _arrays(msg: Message) -> dict:
+    """The server's adapter tensors (a message without them is refused, not a crash)."""
+    rec = msg.content.array_records.get("arrays")
+    if rec is None:
+        raise UnsafeMessage("the server's message carries no adapter ('arrays' record)", "refusing")
+    try:
+        return {str(k): np.asarray(a.numpy()) for k, a in rec.items()}
+    except Exception as e:  # noqa: BLE001  (bytes from the network that do not decode: refused, never a crash)
+        raise UnsafeMessage(f"the server's adapter does not decode ({e.__class__.__name__})", "refusing") from None
+
+
+def _task(msg: Message) -> RoundTask:
+    rec = msg.content.config_records.get("config")
+    if rec is None:
+        raise UnsafeMessage("the server's message carries no instruction ('config' record)", "refusing")
+    return RoundTask.from_record(rec)
+
+
 def _refusal(msg: Message, settings: NodeSettings, err: FedtuneError) -> Message:
     """A refusal the server records: budget (for good), an unsafe secure-aggregation request, or an error."""
     status = ("refused" if isinstance(err, BudgetExceededError) else
-              "unsafe" if isinstance(err, SecAggError) else "error")
+              "unsafe" if isinstance(err, (SecAggError, UnsafeMessage)) else "error")
     log.error("node %s %s round: %s", settings.name, status, err)
     return _reply(msg, NodeInfo(settings.name, status, str(err), settings.policy.accountant))
 
@@ -93,17 +112,18 @@ def make_client_app(settings: dict | None = None, *, sim_state_root: str | Path 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         def work(cfg: JobConfig, ns: NodeSettings) -> Message:
-            task = RoundTask.from_record(msg.content["config"])
+            task = _task(msg)
             sec = msg.content.config_records.get("secagg")
             keys = params = None
             if sec is not None:  # refuse an unsafe or reused round before spending any privacy budget on it
                 keys, params = secure_node.check_train(context, ns, task.job, sec)
                 if params.round != task.round:
                     raise SecAggError("the round number differs between the job and secure aggregation", "refusing")
+            received = _arrays(msg)
+            check_received(received, ns.policy)  # before any record is read: a refusal on the message alone
             node = get_node(cfg, ns)
             if not cfg.privacy.enabled and ns.partition is None:  # simulations print it once in the driver
                 privacy.warn_dp_off(task.job)
-            received = {k: a.numpy() for k, a in msg.content["arrays"].items()}
             result: NodeRoundResult = train_and_report(node, received, job=task.job, round=task.round,
                                                        class_weights=task.class_weights)
             info = NodeInfo(ns.name, "ok", accountant=ns.policy.accountant)
@@ -137,10 +157,11 @@ def make_client_app(settings: dict | None = None, *, sim_state_root: str | Path 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         def work(cfg: JobConfig, ns: NodeSettings) -> Message:
-            task = RoundTask.from_record(msg.content["config"])
+            task = _task(msg)
+            received = _arrays(msg)
+            check_received(received, ns.policy)
             node = get_node(cfg, ns)
-            adapter.unpack(node.lora.model, {k: a.numpy() for k, a in msg.content["arrays"].items()},
-                           ffa=node.lora.ffa, head_only=node.lora.head_only)
+            receive(node, received)
             answer: EvalAnswer = answer_evaluation(node, job=task.job, round=task.round, groups=task.groups)
             return _reply(msg, NodeInfo(ns.name, "ok", accountant=ns.policy.accountant),
                           answer.to_record(cfg.model.task))

@@ -7,7 +7,8 @@ An organization's SuperNode is started with e.g.::
 
 Everything that touches privacy is the node's: the data source its budget belongs to
 (``source``; a new name starts a new budget, which only the organization can do), the
-ceiling (``max-epsilon``), ``delta``, the accountant, whether it answers federated
+ceiling (``max-epsilon``), the bounds on what the server may send (``max-received-abs``,
+``max-received-norm``), ``delta``, the accountant, whether it answers federated
 evaluations, the columns it reads (``group-column``: whether it joins the fairness audit, with noised
 per-group answers at no extra privacy cost) and the task its data is for. The server's run config
 can ask a node to spend *less* (``privacy.target-epsilon``) but never more; a job that
@@ -26,6 +27,7 @@ from typing import Any
 
 from fedtune.common.errors import ConfigError, FedtuneError
 from fedtune.common.privacy import accounting as privacy
+from fedtune.common.privacy.ledger import DEFAULT_SOURCE
 from fedtune.common.secagg.protocol import NodeRules, load_identity_key, load_roster
 from fedtune.common.training.config import TASKS, JobConfig
 from fedtune.common.training.node import NodePolicy
@@ -36,7 +38,8 @@ KEYS = {"name": str, "data-path": str, "source": str, "state-dir": str, "max-eps
         "accountant": str, "evaluate": str, "task": str, "text-column": str, "label-column": str,
         "response-column": str, "messages-column": str, "group-column": str,
         "identity-key": str, "roster": str, "secagg-min-cohort": int, "secagg-min-threshold": int,
-        "secagg-max-weight": int, "approved-apps": str}
+        "secagg-max-weight": int, "approved-apps": str, "max-received-abs": float, "max-received-norm": float,
+        "allow-shared-content": str}
 ON_OFF = {"on": True, "true": True, "yes": True, "off": False, "false": False, "no": False}
 
 
@@ -127,7 +130,10 @@ def node_settings(node_config: Mapping[str, Any], node_id: int) -> NodeSettings:
     data_path = values.get("data-path")
     if not data_path:  # never a path from the job: the server does not choose which file a node reads
         problems.append("node config 'data-path': required (the file of this organization's records)")
-    source = values.get("source") or (str(Path(data_path).expanduser().resolve()) if data_path else "")
+    source = values.get("source") or DEFAULT_SOURCE  # one budget per node unless the organization names sources
+    shared = ON_OFF.get(str(values.get("allow-shared-content", "off")).strip().lower())
+    if shared is None:
+        problems.append(f"node config 'allow-shared-content': expected on or off, got {values['allow-shared-content']!r}")
     rules = NodeRules(min_cohort=values.get("secagg-min-cohort", 3), min_threshold=values.get("secagg-min-threshold", 2),
                       max_weight=values.get("secagg-max-weight", NodeRules.max_weight))
     if rules.min_cohort < 3:
@@ -143,10 +149,16 @@ def node_settings(node_config: Mapping[str, Any], node_id: int) -> NodeSettings:
     if ("identity-key" in values) != ("roster" in values):
         problems.append("node config 'identity-key' and 'roster' go together: the node signs its keys with the "
                         "one and checks its peers' against the other")
+    bounds = {k: values.get(k, getattr(NodePolicy, k.replace("-", "_"))) for k in ("max-received-abs",
+                                                                                  "max-received-norm")}
+    for k, v in bounds.items():
+        if not 0 < v < math.inf:
+            problems.append(f"node config {k!r}: expected a finite number > 0, got {v}")
     if problems:
         raise ConfigError(problems)
     policy = NodePolicy(source=source, max_epsilon=values["max-epsilon"], delta=delta, accountant=accountant,
-                        evaluate=bool(evaluate))
+                        evaluate=bool(evaluate), max_received_abs=bounds["max-received-abs"],
+                        max_received_norm=bounds["max-received-norm"], shared_content_ok=bool(shared))
     return NodeSettings(name=values.get("name") or str(node_id),
                         state_dir=Path(values.get("state-dir") or Path.home() / ".fedtune" / "node").expanduser(),
                         policy=policy, data_path=data_path, task=task,

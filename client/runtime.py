@@ -43,7 +43,7 @@ def get_node(cfg: JobConfig, ns: NodeSettings) -> Node:
     if ns.partition is not None:  # a simulated node: its partition of the job's data
         splits = node_splits(cfg, *ns.partition)
     else:  # an organization's node: its own file (its own columns already applied by NodeSettings.apply)
-        splits = builder.load_records(cfg, str(ns.data_path))
+        splits = builder.load_records(cfg, str(ns.data_path), own_source=True)
     model = shared_model(cfg, splits.labels)
     node = prepare(cfg, ns.policy, state_dir=ns.state_dir, model=model, splits=splits,
                    cache_dir=None if ns.partition is not None else ns.state_dir / "cache")

@@ -65,6 +65,10 @@ class BudgetExceededError(PrivacyError):
     exit_code = 3
 
 
+class SourceConflict(PrivacyError):
+    """Raised when records already released under one data source appear under another name on the same node."""
+
+
 class LedgerError(PrivacyError):
     """Raised when a node's privacy ledger is unreadable or inconsistent."""
 
@@ -91,6 +95,11 @@ class KeyFileError(FedtuneError):
 
 class SecAggError(FedtuneError):
     """Raised when a protocol step cannot proceed safely (tampering, replay, unsafe parameters, dropouts)."""
+
+
+class UnsafeMessage(FedtuneError):
+    """Raised by a node for a server message outside the bounds its organization enforces (before any record is
+    read: the refusal depends on the message alone)."""
 
 
 class ParamsError(SecAggError):

@@ -65,12 +65,12 @@ def rounds_table(view: dict) -> str:
     rows = "".join(
         f"<tr class='r-{_e(r['status'])}'><td>{r['round']}</td><td class=l>{_e(r['status'])}</td>"
         f"<td>{r['asked']}</td><td>{r['replied']}</td><td>{r['failed']}</td><td>{_e(r['seconds'], 1)}</td>"
-        f"<td>{r['bytes_received']:,}</td><td>{_e(r['train_loss'])}</td><td>{_e(r['test_accuracy'])}</td>"
+        f"<td>{r['bytes_received']:,}</td><td>{_e(r['val_loss'])}</td><td>{_e(r['test_accuracy'])}</td>"
         f"<td>{_e(r['worst_node_accuracy'])}</td><td>{_e(r['epsilon_max'], 3)}</td>"
         f"<td class=l>{'; '.join(_e(f['node'] + ' ' + f['status'] + ': ' + f['reason'][:200]) for f in r['failures'])}"
         f"{(' ' + _e(r['reason'])) if r['status'] != 'ok' else ''}</td></tr>" for r in view["rounds"])
     return ("<table id=rounds><tr><th>round</th><th>status</th><th>asked</th><th>replied</th><th>failed</th>"
-            "<th>seconds</th><th>bytes in</th><th>train loss</th><th>test acc</th><th>worst node acc</th>"
+            "<th>seconds</th><th>bytes in</th><th>val loss</th><th>test acc</th><th>worst node acc</th>"
             f"<th>max epsilon</th><th>failures</th></tr>{rows}</table>")
 
 
@@ -124,7 +124,7 @@ def chart_svg(view: dict, kind: str) -> bytes:
     import matplotlib.pyplot as plt
 
     series = {"accuracy": [("test accuracy", "test_accuracy"), ("worst node", "worst_node_accuracy")],
-              "loss": [("train loss", "train_loss"), ("test loss", "test_loss")],
+              "loss": [("val loss", "val_loss"), ("test loss", "test_loss")],
               "epsilon": [("max epsilon", "epsilon_max")]}[kind]
     fig, ax = plt.subplots(figsize=(5.6, 3.0), dpi=80)
     for label, key in series:

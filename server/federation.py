@@ -190,8 +190,6 @@ class Federation:
         fed_ev = self._collect_federated_eval(grid, pending)
         ok = [r for r in outcome.replies if r.ok]
         results = {r.node_id: NodeRoundResult.from_record(r.metrics) for r in outcome.replies}
-        losses = [results[r.node_id].train_loss for r in ok if results[r.node_id].train_loss is not None]
-        loss = sum(losses) / len(losses) if losses else None  # mean over nodes (weights are not sent in the clear)
         eps = {self.key(r.node_id): results[r.node_id].epsilon for r in ok}
         for key, m in ((fed_ev or {}).get("per_node") or {}).items():  # a node's spend after its last release
             if m.get("epsilon") is not None:
@@ -206,7 +204,6 @@ class Federation:
                          for r in outcome.replies if not r.ok]
             + [{"node": r.name, "key": self.key(r.node_id), "status": r.status, "reason": r.reason,
                 "stage": "after training"} for r in outcome.later],
-            "train_loss": loss,
             "epsilon_per_node": eps, "epsilon_max": max((e for e in eps.values() if e is not None), default=None),
             "bytes_sent": outcome.bytes_sent, "bytes_received": outcome.bytes_received,
             "exchanges": outcome.exchanges, "server_eval": _compact(ev), "federated_eval": fed_ev,
@@ -304,8 +301,6 @@ def _progress_line(rec: dict, planned: int) -> str:
     parts = [f"round {rec['round']}/{planned}: {rec['nodes_replied']}/{rec['nodes_asked']} nodes"]
     if rec["status"] != "ok":
         parts.append(f"FAILED ({rec['reason']})")
-    if rec.get("train_loss") is not None:
-        parts.append(f"train loss {rec['train_loss']:.4f}")
     se = rec.get("server_eval") or {}
     if "test" in se and "perplexity" in se["test"]:
         parts.append(_lm_figures(se))

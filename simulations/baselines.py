@@ -92,7 +92,7 @@ def local_only(cfg: JobConfig, *, out: Callable[[str], None] = print) -> dict:
         ns = node_splits(cfg, i, cfg.fed.num_nodes)
         # train on the node's records; test on the shared held-out split
         splits = data.Splits(train=ns.train, val=ns.val, test=g.test, labels=ns.labels, fingerprint=ns.fingerprint,
-                             n_source=ns.n_source)
+                             n_source=ns.n_source, train_share=ns.train_share)
         out(f"baseline: local only, node-{i} ({len(ns.train)} records) ...")
         try:
             r = _train_eval(cfg, splits, dp=dp, label=f"local-{i}", out=out)

@@ -65,7 +65,6 @@ def write_report(run_dir: str | Path) -> Path:
     }):
         made.append(("Accuracy", "accuracy.png"))
     if _plot(plots / "loss.png", "Loss per round", "loss", {
-        "train (nodes)": _xy(rounds, lambda r: r["train_loss"]),
         "server val": _xy(rounds, lambda r: r["server_eval"]["val"]["loss"]),
     }):
         made.append(("Loss", "loss.png"))
@@ -111,12 +110,12 @@ def write_report(run_dir: str | Path) -> Path:
     baselines = rd.path / "baselines.json"
     if baselines.exists():
         lines += ["## Baselines (same data split)", "", *baseline_table(json.loads(baselines.read_text())), ""]
-    lines += ["## Rounds", "", "| round | status | nodes | train loss | test macro-F1 | test acc | worst node acc | "
+    lines += ["## Rounds", "", "| round | status | nodes | val loss | test macro-F1 | test acc | worst node acc | "
               "max epsilon | MB in | seconds |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rounds:
         se, fe_r = r.get("server_eval") or {}, r.get("federated_eval") or {}
         lines.append(f"| {r['round']} | {r['status']} | {r['nodes_replied']}/{r['nodes_asked']} | "
-                     f"{_fmt(r.get('train_loss'))} | {_fmt((se.get('test') or {}).get('macro_f1'))} | "
+                     f"{_fmt((se.get('val') or {}).get('loss'))} | {_fmt((se.get('test') or {}).get('macro_f1'))} | "
                      f"{_fmt((se.get('test') or {}).get('accuracy'))} | {_fmt(fe_r.get('worst_accuracy'))} | "
                      f"{_fmt(r.get('epsilon_max'), 3)} | {r['bytes_received'] / 1e6:.2f} | {r['seconds']:.1f} |")
     failures = [(r["round"], f) for r in rounds for f in r.get("failures", [])]

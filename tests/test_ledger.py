@@ -61,7 +61,7 @@ def test_node_at_budget_refuses_also_after_restart(tmp_path, easy_csv, fresh_eas
     assert any((trained[k] != before[k]).any() for k in before)
 
 
-@pytest.mark.parametrize("variation", ["append-a-record", "max-records", "columns", "labels-order", "rename-file"])
+@pytest.mark.parametrize("variation", ["append-a-record", "subsample", "columns", "labels-order", "rename-file"])
 def test_the_ceiling_holds_whatever_the_job_reads_from_the_source(tmp_path, fresh_easy, variation):
     """The budget belongs to the named source: new file content or other job settings never fork it."""
     csv = write_easy_csv(tmp_path / "notes.csv")
@@ -75,8 +75,8 @@ def test_the_ceiling_holds_whatever_the_job_reads_from_the_source(tmp_path, fres
         with open(csv, "a", encoding="utf-8") as f:
             f.write("the striker scored again on day 31,sport\n")
         cfg2 = cfg
-    elif variation == "max-records":
-        cfg2 = cfg.replace(**{"data.max-records": 60})
+    elif variation == "subsample":
+        cfg2 = cfg.replace(**{"data.subsample": 0.8})
     elif variation == "columns":
         rows = csv.read_text(encoding="utf-8").splitlines()
         (tmp_path / "cols.csv").write_text("\n".join(["body,topic"] + rows[1:]) + "\n", encoding="utf-8")

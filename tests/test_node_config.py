@@ -18,8 +18,9 @@ def test_node_config_is_parsed_and_checked(tmp_path):
         "hospital-a", 3.0, "/d.csv", "body", None)
     assert (ns.policy.source, ns.policy.delta, ns.policy.accountant, ns.policy.evaluate) == (
         "notes-2026", 1e-5, "pld", True)
-    # without a source name the budget belongs to the resolved data file
-    assert node_settings({"data-path": "/data/../d.csv", "max-epsilon": 3}, 1).policy.source == "/d.csv"
+    # without a source name the budget is the node's one default budget, whatever file it reads
+    assert node_settings({"data-path": "/data/../d.csv", "max-epsilon": 3}, 1).policy.source == "default"
+    assert node_settings({"data-path": "/other.csv", "max-epsilon": 3}, 1).policy.source == "default"
     with pytest.raises(ConfigError) as e:
         node_settings({"data-path": "/d.csv", "max-epsiln": 3}, 1)
     assert "max-epsiln" in str(e.value) and "'max-epsilon': required" in str(e.value)
@@ -32,6 +33,10 @@ def test_node_config_is_parsed_and_checked(tmp_path):
     ({"evaluate": "maybe"}, "'evaluate': expected on or off"),
     ({"task": "ner"}, "'task': expected one of"),
     ({"data-path": ""}, "'data-path': required"),
+    ({"allow-shared-content": "perhaps"}, "'allow-shared-content': expected on or off"),
+    ({"max-received-abs": 0}, "'max-received-abs': expected a finite number > 0"),
+    ({"max-received-norm": float("inf")}, "'max-received-norm': expected a finite number > 0"),
+    ({"max-received-abs": float("nan")}, "'max-received-abs': expected a finite number > 0"),
 ])
 def test_node_config_values_out_of_range_are_refused(bad, needle):
     with pytest.raises(ConfigError, match=needle):

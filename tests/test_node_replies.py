@@ -81,6 +81,7 @@ def test_no_reply_carries_an_exact_record_count(tmp_path, minilm_easy):
     whole = {k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
              and float(v).is_integer()}
     assert not {k: v for k, v in whole.items() if int(v) in counts}, (whole, counts)
-    # the FedAvg weight is the training set rounded up to whole batches, and delta is a round value
-    assert values["metrics.weight"] == math.ceil(len(exact.train) / 8) * 8 != len(exact.train)
+    # the FedAvg weight is the planned training set (from the source's size, never the count that landed in
+    # train) rounded up to whole batches, and delta is a round value
+    assert values["metrics.weight"] == math.ceil(exact.planned_train / 8) * 8 != len(exact.train)
     assert values["metrics.delta"] == pytest.approx(1e-5)

@@ -78,11 +78,12 @@ def run_view(run_dir: str | Path) -> dict:
                       "evaluations": p["evaluations"]}
     for r in rounds:
         se = (r.get("server_eval") or {}).get("test") or {}
+        val = (r.get("server_eval") or {}).get("val") or {}
         fe = r.get("federated_eval") or {}
         rows.append({"round": r["round"], "status": r["status"], "reason": r.get("reason", ""),
                      "asked": r["nodes_asked"], "replied": r["nodes_replied"], "failed": len(r.get("failures", [])),
                      "failures": r.get("failures", []), "seconds": r["seconds"],
-                     "bytes_received": r["bytes_received"], "train_loss": r.get("train_loss"),
+                     "bytes_received": r["bytes_received"], "val_loss": val.get("loss"),
                      "test_accuracy": se.get("accuracy"), "test_macro_f1": se.get("macro_f1"),
                      "test_loss": se.get("loss"),
                      "worst_node_accuracy": fe.get("worst_accuracy"), "epsilon_max": r.get("epsilon_max")})
@@ -120,7 +121,7 @@ def status_table(view: dict) -> str:
     lines = [f"run {view['name']}: {view['status']}, rounds {view['completed_rounds']}/{view['planned_rounds']}, "
              f"{_f(view['duration'], 0)}s; DP {'on' if view['dp'] else 'OFF'}, secure aggregation "
              f"{'on' if view['secure_aggregation'] else 'OFF'}", "",
-             f"{'round':>5} {'status':<7} {'nodes':>7} {'failed':>6} {'train loss':>10} {'macro-F1':>8} {'test acc':>8} "
+             f"{'round':>5} {'status':<7} {'nodes':>7} {'failed':>6} {'val loss':>10} {'macro-F1':>8} {'test acc':>8} "
              f"{'worst node':>10} {'max eps':>8} {'MB in':>7} {'secs':>6}"]
     mb = view.get("majority_baseline")
     if mb:
@@ -129,7 +130,7 @@ def status_table(view: dict) -> str:
     lines[1:1] = [f"WARNING: {w}" for w in view.get("warnings") or []]
     for r in view["rounds"]:
         lines.append(f"{r['round']:>5} {r['status']:<7} {r['replied']:>3}/{r['asked']:<3} {r['failed']:>6} "
-                     f"{_f(r['train_loss']):>10} {_f(r.get('test_macro_f1')):>8} {_f(r['test_accuracy']):>8} "
+                     f"{_f(r['val_loss']):>10} {_f(r.get('test_macro_f1')):>8} {_f(r['test_accuracy']):>8} "
                      f"{_f(r['worst_node_accuracy']):>10} "
                      f"{_f(r['epsilon_max'], 2):>8} {r['bytes_received'] / 1e6:>7.2f} {r['seconds']:>6.1f}")
         if r["status"] != "ok":

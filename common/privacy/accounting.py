@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 from fedtune.common.errors import PrivacyError
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 log = logging.getLogger(__name__)
 
@@ -157,30 +157,48 @@ def fresh_generator() -> torch.Generator:
     return g
 
 
-def make_private(*, model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
-                 noise_multiplier: float, max_grad_norm: float, grad_sample_mode: str):
-    """Wrap model, optimizer and loader with Opacus; returns them and the PrivacyEngine.
+def make_private(*, model: torch.nn.Module, optimizer: torch.optim.Optimizer, noise_multiplier: float,
+                 max_grad_norm: float, grad_sample_mode: str, dataset: Dataset | None = None,
+                 sample_rate: float | None = None, expected_batch_size: int | None = None,
+                 loader: DataLoader | None = None):
+    """Wrap model and optimizer with Opacus and Poisson-sample ``dataset`` at ``sample_rate``.
 
-    Batches are always Poisson-sampled (the only sampling the accountants here are valid
-    for), and the sampling and the Gaussian noise draw from fresh OS entropy, never from
-    the job seed. Call :func:`release` afterwards.
+    Returns the model, optimizer, loader and the PrivacyEngine (whose accountant fedtune never reads).
+    Batches are always Poisson-sampled at exactly the rate the ledger reserved (the only sampling the
+    accountants here are valid for), and the sampling and the Gaussian noise draw from fresh OS entropy,
+    never from the job seed. The summed clipped gradients plus noise are divided by ``expected_batch_size``
+    (a planned figure, not the count of records present). ``loader`` instead of the three: Opacus' own
+    rule (rate 1 / batches per pass). Call :func:`release` afterwards.
     """
+    if loader is not None:
+        dataset, sample_rate = loader.dataset, 1.0 / max(1, math.ceil(len(loader.dataset) / loader.batch_size))
+        expected_batch_size = int(len(dataset) * sample_rate)
+    if dataset is None or sample_rate is None or expected_batch_size is None:
+        raise TypeError("make_private needs dataset, sample_rate and expected_batch_size (or a loader)")
     from opacus import PrivacyEngine
+    from opacus.data_loader import DPDataLoader
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
         warnings.filterwarnings("ignore", message="Optimal order is the")
-        engine = PrivacyEngine(accountant="rdp")  # only its step history is read; accounting is ours
-    loader = DataLoader(loader.dataset, batch_size=loader.batch_size, generator=fresh_generator())
-    out = engine.make_private(
-        module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
-        max_grad_norm=max_grad_norm, poisson_sampling=True, grad_sample_mode=grad_sample_mode,
-        noise_generator=fresh_generator(), loss_reduction="mean",
-    )
+        engine = PrivacyEngine(accountant="rdp")  # its accountant is never read: accounting is ours
+    loader = DPDataLoader(dataset, sample_rate=sample_rate, generator=fresh_generator())
+    with warnings.catch_warnings():  # the loader is already Poisson: Opacus is told not to wrap it again
+        warnings.simplefilter("ignore")
+        out = engine.make_private(
+            module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm, poisson_sampling=False, grad_sample_mode=grad_sample_mode,
+            noise_generator=fresh_generator(), loss_reduction="mean",
+        )
     if len(out) == 4:  # ghost clipping also returns a criterion; we compute losses ourselves
         raise PrivacyError("privacy.grad-sample-mode=ghost needs Opacus' own criterion, which fedtune does not use",
                            "use privacy.grad-sample-mode=hooks (the fastest for LoRA here)")
     dp_model, dp_optimizer, dp_loader = out
+    dp_model.forbid_grad_accumulation()  # one batch per step, as Opacus does for Poisson sampling
+    if dp_loader.batch_sampler.sample_rate != sample_rate:  # a bug, not a user error
+        raise RuntimeError(f"Opacus would sample at {dp_loader.batch_sampler.sample_rate}, the ledger reserved "
+                           f"{sample_rate}")
+    dp_optimizer.expected_batch_size = max(1, int(expected_batch_size))
     return dp_model, dp_optimizer, dp_loader, engine
 
 

@@ -1,10 +1,13 @@
 """A node's privacy ledger: every DP release on one data source, kept on the node's disk.
 
-The budget belongs to a **data source the organization names** (its node config; the
-resolved ``--data`` path for ``fedtune local``; each simulated node in a simulation),
-never to a hash of job settings: whatever columns, task, record limit or file version a
-job uses, it spends from the same ledger. One JSON file per source under
-``<state-dir>/ledger/``, named by a hash of the source name.
+The budget belongs to a **data source**: by default one per node (:data:`DEFAULT_SOURCE`, the node's
+state directory: every job, file, copy or rename spends from the same ledger), or the names the
+organization gives in its node config (``source``; ``fedtune local --source``); each simulated node in a
+simulation has its own. Never a hash of job settings or a file's path: whatever columns, task, record
+limit or file version a job uses, it spends from the same ledger. One JSON file per source under
+``<state-dir>/ledger/``, named by a hash of the source name. Records already released under one source
+that appear under another name (a copied or renamed file given a new ``source``) are refused
+(:class:`SourceConflict`) unless the organization says they are different people's records.
 
 Spending is **reserve, then release**: :meth:`PrivacyLedger.reserve` checks the ceiling
 and records the release under an exclusive file lock *before* training or evaluating
@@ -31,7 +34,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from fedtune.common.errors import BudgetExceededError, LedgerError
+from fedtune.common.errors import BudgetExceededError, LedgerError, SourceConflict
 from fedtune.common.operations.atomic import write_json_atomic
 from fedtune.common.privacy import accounting as privacy
 
@@ -39,6 +42,8 @@ log = logging.getLogger(__name__)
 
 FORMAT = 2
 COUNTED = ("reserved", "settled")
+DEFAULT_SOURCE = "default"  # one budget per node state directory unless the organization names sources
+IMPLICIT_SOURCE = "bbc-news (packaged)"  # what fedtune local named the packaged data before DEFAULT_SOURCE
 
 
 @dataclass(frozen=True)
@@ -78,10 +83,13 @@ class PrivacyLedger:
         max_epsilon: the node's ceiling; a release that would pass it is refused.
         delta: the node's delta (every epsilon here is at this delta).
         accountant: ``pld`` (default, near-exact) or ``rdp``.
+        shared_content_ok: the organization says records whose content was released under another source
+            of this node are different people's records (node config ``allow-shared-content``); otherwise
+            such a release is refused.
     """
 
     def __init__(self, state_dir: str | Path, *, source: str, max_epsilon: float,
-                 delta: float = privacy.DEFAULT_DELTA, accountant: str = "pld") -> None:
+                 delta: float = privacy.DEFAULT_DELTA, accountant: str = "pld", shared_content_ok: bool = False) -> None:
         if not source:
             raise LedgerError("a privacy ledger needs a data-source name", "name the source in the node config")
         self.state_dir = Path(state_dir)
@@ -90,6 +98,7 @@ class PrivacyLedger:
         self.max_epsilon = float(max_epsilon)
         self.delta = float(delta)
         self.accountant = accountant
+        self.shared_content_ok = shared_content_ok
         self._data = self._read() or self._new()
 
     # -- reading -------------------------------------------------------------
@@ -150,6 +159,8 @@ class PrivacyLedger:
                 self.refresh()
                 if not self.path.exists():
                     self._import_legacy()
+                    if self.source == DEFAULT_SOURCE:
+                        self._import_implicit()
                 yield
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
@@ -185,6 +196,39 @@ class PrivacyLedger:
             log.warning("privacy ledger %s: imported %d releases from the old ledger %s", self.path,
                         len(old.get("entries", [])), p.name)
 
+    def _import_implicit(self) -> None:
+        """Before :data:`DEFAULT_SOURCE`, a node without a ``source`` spent under its data file's resolved path
+        (``fedtune local``: that path, or the packaged data's name). Those budgets were the node's default
+        budget: the first default ledger takes their releases (over-counting is safe), and remembers the
+        sources it took, whose content is then not a conflict."""
+        for other in open_all(self.state_dir):
+            if other.source == self.source or not (other.source.startswith("/") or other.source == IMPLICIT_SOURCE):
+                continue
+            self._data["entries"].extend(asdict(e) for e in other.entries)
+            self._data["imported"].append(other.source)
+            self._write()
+            with contextlib.suppress(FileNotFoundError):
+                other.path.rename(other.path.with_name(other.path.name + ".migrated"))
+            log.warning("privacy ledger %s: the node's default budget takes the %d releases of its earlier implicit "
+                        "source %r (%s.migrated)", self.path, len(other.counted), other.source, other.path.name)
+
+    def _check_content(self, fingerprint: str) -> None:
+        """Refuse records already released under another source of this node (a copy or rename of the data
+        given a new source name would otherwise start a fresh budget for the same people)."""
+        if self.shared_content_ok or not fingerprint:
+            return
+        skip = {self.source, *self._data.get("imported", [])}
+        for other in open_all(self.state_dir):
+            if other.source in skip or not any(e.fingerprint == fingerprint for e in other.counted):
+                continue
+            raise SourceConflict(
+                f"these records (content fingerprint {fingerprint[:12]}...) were already released under data "
+                f"source {other.source!r} of this node (epsilon {other.spent():.3f} spent there); spending them "
+                f"under {self.source!r} would start a fresh budget for the same people",
+                f"use source {other.source!r} for this data (node config `source`, `fedtune local --source`), or, "
+                "if these are in fact different people's records with identical content, set node config "
+                "allow-shared-content=on")
+
     def plan(self, job: str, key: str, compute: Callable[[privacy.History], dict]) -> dict:
         """The noise plan of ``job`` on this source, computed once (from the history before it) and kept.
 
@@ -215,6 +259,7 @@ class PrivacyLedger:
         """
         with self._locked():
             privacy.check_delta(self.delta, n_records, where=f"data source {self.source!r}")
+            self._check_content(fingerprint)
             # a job's plan covers job_limit rounds; a round interrupted (e.g. by a server crash) and run again
             # after a resume is the same round: its second release counts in full, but not as a new round
             done = {e.round for e in self.counted if e.job == job and e.kind == kind}

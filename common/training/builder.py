@@ -23,14 +23,17 @@ def build_model(cfg: JobConfig, labels: Sequence[str], *, task: str | None = Non
                             precision=cfg.train.precision, pooling=cfg.model.pooling)
 
 
-def load_records(cfg: JobConfig, path: str | None = None) -> data.Splits:
-    """The job's records split into train / val / test (``path`` overrides ``data.path``: a node's own file)."""
+def load_records(cfg: JobConfig, path: str | None = None, *, own_source: bool = False) -> data.Splits:
+    """The job's records split into train / val / test (``path`` overrides ``data.path``: a node's own file).
+
+    ``own_source``: these are a node's private records (see :func:`data.load_splits`)."""
     d = cfg.data
     return data.load_splits(path=d.path if path is None else str(path), text_column=d.text_column,
                             label_column=d.label_column, labels=d.label_list, task=cfg.model.task,
                             response_column=d.response_column, messages_column=d.messages_column,
                             val_fraction=d.val_fraction, test_fraction=d.test_fraction, seed=d.seed,
-                            max_records=d.max_records, group_column=d.group_column)
+                            max_records=d.max_records, subsample=d.subsample, group_column=d.group_column,
+                            own_source=own_source)
 
 
 def tokenized(cfg: JobConfig, lora: LoraModel, splits: data.Splits, *names: str) -> list:

@@ -155,7 +155,10 @@ class DataConfig:
     val_fraction: float = _f(0.1, "share of records held out for validation")
     test_fraction: float = _f(0.2, "share of records held out for test")
     seed: int = _f(0, "seed of the train/validation/test split")
-    max_records: int = _f(0, "use at most this many records (0 = all); for quick trials")
+    max_records: int = _f(0, "use exactly this many records of packaged or simulated data (0 = all); for quick "
+                          "trials (a node's own file refuses it: use data.subsample)")
+    subsample: float = _f(1.0, "keep each record with this probability, decided by a keyed hash of its own text "
+                          "(adding or removing a record never moves another); for quick trials on your own data")
     group_column: str = _f("", "column naming each record's group for the fairness audit of the server's held-out "
                            "data (per-group accuracy and F1, parity and equalized-odds gaps); empty = no audit")
 
@@ -171,6 +174,8 @@ class DataConfig:
             )
         if self.max_records < 0:
             out.append(f"data.max-records: expected >= 0, got {self.max_records}")
+        if not 0.0 < self.subsample <= 1.0:
+            out.append(f"data.subsample: expected 0 < fraction <= 1, got {self.subsample}")
         return out
 
     @property

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import hmac
 import io
 import json
 import logging
@@ -16,7 +17,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from fedtune.common.errors import DataError
 from fedtune.common.training.assets import BBC_LABELS, bbc_class_dirs
@@ -67,6 +67,15 @@ class Splits:
     labels: list[str]
     fingerprint: str  # content fingerprint of every record of the source as read (for the ledger's audit trail)
     n_source: int  # records in the whole source as read (delta is checked against it)
+    train_share: float = 1.0  # the share of the source's records a record lands in train with (hash rules below)
+
+    @property
+    def planned_train(self) -> int:
+        """The training-set size a node plans with: ``n_source x train_share``, a function of the source's size
+        alone. The sampling rate, step count, batch weight and every refusal use it, never the exact count of
+        records that landed in train, so replacing one record by another (which may move it between splits)
+        changes none of them."""
+        return max(1, round(self.n_source * self.train_share))
 
 
 def _decode(raw: bytes, path: Path) -> str:
@@ -267,32 +276,78 @@ def read_bbc_headlines() -> Records:
 
 
 def dedupe(records: Records) -> Records:
-    """Drop exact duplicate texts (keep the first), so no text lands in train and test."""
-    seen: set[str] = set()
+    """Drop exact duplicate records (same text, label, group and response; keep the first).
+
+    Whole records, not texts: adding or removing one record then changes the result by at most that record
+    (a copy of a record already there changes nothing). Two records with one text and different labels both
+    stay, and land in the same split (:func:`split` decides by the text), so no text is in train and test.
+    """
+    seen: set[tuple] = set()
     keep = []
     for i, t in enumerate(records.texts):
-        if t not in seen:
-            seen.add(t)
+        key = (t, records.labels[i] if records.labels else "", records.groups[i] if records.groups else "",
+               records.responses[i] if records.responses else "")
+        if key not in seen:
+            seen.add(key)
             keep.append(i)
     if len(keep) < len(records):
-        log.info("dropped %d duplicate texts from %s", len(records) - len(keep), records.source)
+        log.info("dropped %d duplicate records from %s", len(records) - len(keep), records.source)
     return records.subset(keep)
 
 
+def record_unit(text: str, *, purpose: str, seed: int) -> float:
+    """A number in [0, 1) from a keyed hash (HMAC-SHA256) of one record's text, for ``purpose`` and ``seed``.
+
+    Which split a record lands in, and whether a sample keeps it, is decided by this number alone: a
+    function of the record itself, so adding or removing one record never moves another (the add/remove
+    adjacency the privacy accounting assumes).
+    """
+    digest = hmac.new(f"fedtune/{purpose}/{seed}".encode(), text.encode("utf-8"), hashlib.sha256).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0 ** 64
+
+
 def split(records: Records, *, val_fraction: float, test_fraction: float, seed: int) -> tuple[Records, Records, Records]:
-    """Seeded random train/validation/test split (same seed -> same split everywhere)."""
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(records))
-    n_test = int(round(len(records) * test_fraction))
-    n_val = int(round(len(records) * val_fraction))
-    test, val, train = order[:n_test], order[n_test:n_test + n_val], order[n_test + n_val:]
-    return records.subset(sorted(train)), records.subset(sorted(val)), records.subset(sorted(test))
+    """Train / validation / test by a keyed hash of each record's text (same seed -> same split everywhere).
+
+    A record goes to test when its :func:`record_unit` is below ``test_fraction``, to validation when it is
+    below ``test_fraction + val_fraction``, else to train. The sizes are therefore close to, not exactly, the
+    fractions; in exchange one record's presence changes only its own membership (a seeded permutation of
+    the whole source moved about a tenth of all records between splits when one record was added).
+    """
+    parts: tuple[list[int], list[int], list[int]] = ([], [], [])
+    for i, t in enumerate(records.texts):
+        u = record_unit(t, purpose="split", seed=seed)
+        parts[0 if u < test_fraction else 1 if u < test_fraction + val_fraction else 2].append(i)
+    test, val, train = parts
+    return records.subset(train), records.subset(val), records.subset(test)
+
+
+def sample(records: Records, *, fraction: float, seed: int) -> Records:
+    """The records whose keyed hash is below ``fraction`` (``data.subsample``): each kept with that probability,
+    decided by the record alone."""
+    return records.subset([i for i, t in enumerate(records.texts)
+                           if record_unit(t, purpose="subsample", seed=seed) < fraction])
+
+
+def first_by_hash(records: Records, *, k: int, seed: int) -> Records:
+    """Exactly ``k`` records, those with the smallest keyed hash (``data.max-records``, public data only).
+
+    Adding a record may push another out: fine for packaged public data and a simulation's world, never for
+    a node's own source (:func:`load_splits` refuses it there)."""
+    order = sorted(range(len(records)), key=lambda i: record_unit(records.texts[i], purpose="max-records", seed=seed))
+    return records.subset(sorted(order[:k]))
 
 
 def load_splits(*, path: str, text_column: str, label_column: str, labels: Sequence[str], task: str,
-                val_fraction: float, test_fraction: float, seed: int, max_records: int = 0,
-                group_column: str = "", response_column: str = "", messages_column: str = "") -> Splits:
-    """Load a node's data (a file, or BBC News when ``path`` is empty) and split it."""
+                val_fraction: float, test_fraction: float, seed: int, max_records: int = 0, subsample: float = 1.0,
+                group_column: str = "", response_column: str = "", messages_column: str = "",
+                own_source: bool = False) -> Splits:
+    """Load a node's data (a file, or BBC News when ``path`` is empty) and split it.
+
+    ``own_source``: the records are a node's private source (a deployed node, ``fedtune local``), whose DP
+    guarantee needs every step here to move at most the record added or removed: then ``max_records``
+    (which keeps exactly k records) is refused for a file; ``subsample`` keeps each record by its own hash.
+    """
     is_cls = task == "seq-cls"
     if not is_cls and (response_column or messages_column):
         if not path:
@@ -323,11 +378,24 @@ def load_splits(*, path: str, text_column: str, label_column: str, labels: Seque
             records = Records(records.texts, [], records.source)
     fingerprint, n_source = records.fingerprint(), len(records)
     records = dedupe(records)
+    share = 1.0
+    if subsample < 1.0:
+        records = sample(records, fraction=subsample, seed=seed)
+        share *= subsample
     if max_records and len(records) > max_records:
-        keep = np.random.default_rng(seed + 1).permutation(len(records))[:max_records]
-        records = records.subset(sorted(keep))
+        packaged = not path or path == BBC_HEADLINES
+        if own_source and not packaged:
+            raise DataError(
+                f"data.max-records={max_records} on this node's own records ({path}): keeping exactly that many "
+                "lets one record's presence push another out, which breaks the add/remove adjacency the privacy "
+                "accounting assumes",
+                f"use data.subsample={max_records / len(records):.3g} instead (each record kept by a keyed hash of "
+                "its own text), or data.max-records=0")
+        share *= max_records / len(records)
+        records = first_by_hash(records, k=max_records, seed=seed)
     train, val, test = split(records, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
-    return Splits(train, val, test, label_set, fingerprint, n_source)
+    share *= 1.0 - val_fraction - test_fraction
+    return Splits(train, val, test, label_set, fingerprint, n_source, share)
 
 
 def tokenize(records: Records, tokenizer, *, label_set: Sequence[str], max_length: int) -> TensorDataset:
@@ -405,10 +473,13 @@ def tokenize_instructions(records: Records, tokenizer, *, max_length: int) -> Te
 
 
 def check_trainable_size(n_train: int, batch_size: int, source: str) -> None:
-    """Refuse a training set smaller than one batch (DP-SGD on it would be all noise)."""
+    """Refuse a training set smaller than one batch (DP-SGD on it would be all noise).
+
+    ``n_train`` is the planned size (:attr:`Splits.planned_train`, from the source's size), never the exact
+    count: the refusal must not depend on which records landed in train."""
     if n_train < batch_size:
         raise DataError(
-            f"{source}: only {n_train} training records after the validation/test split, fewer than one "
+            f"{source}: about {n_train} training records after the validation/test split, fewer than one "
             f"batch ({batch_size})",
             "provide more records, lower train.batch-size, or lower data.val-fraction/data.test-fraction",
         )

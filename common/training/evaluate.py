@@ -81,7 +81,6 @@ LM_LOSS_CLIP = 10.0  # nats: a sequence's loss is clipped to this before it is c
 
 
 @torch.no_grad()
-@torch.no_grad()
 def private_counts(model: torch.nn.Module, dataset: TensorDataset, *, task: str, batch_size: int) -> np.ndarray:
     """The vector a node releases (with noise) to answer a federated evaluation.
 
@@ -98,7 +97,11 @@ def private_counts(model: torch.nn.Module, dataset: TensorDataset, *, task: str,
             right = int((pred == batch[2]).sum())
             out += (right, len(batch[2]) - right)
         else:
-            losses = batch_loss(model, batch, task=task, reduction="none").clamp(max=LM_LOSS_CLIP)
+            losses = batch_loss(model, [t.to(dev) for t in batch], task=task, reduction="none").float()
+            # every record adds at most LM_LOSS_CLIP, whatever the model: a NaN or infinite loss counts as the clip
+            # (clamp alone lets NaN through, and one NaN would turn the whole answer into a membership signal)
+            losses = torch.nan_to_num(losses, nan=LM_LOSS_CLIP, posinf=LM_LOSS_CLIP, neginf=0.0)
+            losses = losses.clamp(0.0, LM_LOSS_CLIP)
             out += (len(losses), float(losses.sum()) / LM_LOSS_CLIP)
     return out
 

@@ -58,7 +58,7 @@ def node_splits(cfg: JobConfig, node_index: int, num_nodes: int) -> data.Splits:
                                 seed=cfg.sim.seed + node_index)
     empty = part.subset([])
     return data.Splits(train=train, val=empty, test=test, labels=g.labels, fingerprint=part.fingerprint(),
-                       n_source=len(part))
+                       n_source=len(part), train_share=1.0 - cfg.sim.local_test_fraction)
 
 
 def partition_sizes(cfg: JobConfig, num_nodes: int) -> list[int]:

@@ -16,16 +16,17 @@ from pathlib import Path
 
 from fedtune.common.errors import FedtuneError
 from fedtune.common.privacy.accounting import DEFAULT_DELTA, DP_OFF_WARNING
+from fedtune.common.privacy.ledger import DEFAULT_SOURCE
 from fedtune.common.training import adapter
 from fedtune.common.training.config import JobConfig
 from fedtune.common.training.node import NodePolicy, evaluate_split, job_plan, planned_epsilon, prepare, train_round
 from fedtune.common.training.train import ProgressFn
 
-PACKAGED_SOURCE = "bbc-news (packaged)"
 
 
 def train_locally(cfg: JobConfig, *, max_epsilon: float, state_dir: str | Path, out: str | Path | None = None,
-                  source: str | None = None, init_adapter: str | Path | None = None,
+                  source: str | None = None, shared_content_ok: bool = False,
+                  init_adapter: str | Path | None = None,
                   say: Callable[[str], None] = print, warn: Callable[[str], None] = print,
                   progress: Callable[[str], ProgressFn] | None = None) -> dict:
     """Train ``cfg.train.rounds`` rounds on this node's data and save adapter, config and metrics in ``out``.
@@ -44,9 +45,9 @@ def train_locally(cfg: JobConfig, *, max_epsilon: float, state_dir: str | Path, 
     if not cfg.privacy.enabled:
         warn(f"WARNING: {DP_OFF_WARNING}")
     t0 = time.perf_counter()
-    source = source or (str(Path(cfg.data.path).expanduser().resolve()) if cfg.data.path else PACKAGED_SOURCE)
+    source = source or DEFAULT_SOURCE  # one budget per state directory unless the organization names sources
     policy = NodePolicy(source=source, max_epsilon=max_epsilon, delta=cfg.privacy.delta or DEFAULT_DELTA,
-                        accountant=cfg.privacy.accountant, evaluate=False)
+                        accountant=cfg.privacy.accountant, evaluate=False, shared_content_ok=shared_content_ok)
     say(f"fedtune local: loading data ({cfg.data.path or 'BBC News (packaged)'}) and model "
         f"({cfg.model.path or 'all-MiniLM-L6-v2 (packaged)'}) ...")
     node = prepare(cfg, policy, state_dir=state_dir)

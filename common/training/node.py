@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from fedtune.common.errors import BudgetExceededError, EvaluationRefused, FedtuneError
+from fedtune.common.errors import BudgetExceededError, EvaluationRefused, FedtuneError, UnsafeMessage
 from fedtune.common.privacy import accounting as privacy
 from fedtune.common.privacy.ledger import PrivacyLedger
 from fedtune.common.training import adapter, aggregate, builder, data
@@ -44,12 +44,15 @@ class NodePolicy:
     """What the organization decides for its node. A job may ask for less privacy loss, never more.
 
     Attributes:
-        source: the data source this node's budget belongs to (a ledger per source; a new name
-            starts a new budget, which only the organization can do).
+        source: the data source this node's budget belongs to (a ledger per source; by default one per
+            node; a new name starts a new budget, which only the organization can do).
         max_epsilon: the ceiling on everything released about the source, over all jobs.
         delta: the node's delta (at most 1/N for the source's N records).
         accountant: ``pld`` (near-exact, default) or ``rdp``.
         evaluate: whether the node answers federated evaluations (noised, accounted) at all.
+        max_received_abs: the largest absolute value a received adapter may hold (a larger one is refused
+            before any record is touched).
+        max_received_norm: the largest L2 norm of all received adapter values together.
     """
 
     source: str
@@ -57,6 +60,48 @@ class NodePolicy:
     delta: float = privacy.DEFAULT_DELTA
     accountant: str = "pld"
     evaluate: bool = True
+    max_received_abs: float = 1e4
+    max_received_norm: float = 1e6
+    shared_content_ok: bool = False  # records released under another source of this node may be spent here too
+
+
+def check_received(arrays: Mapping[str, np.ndarray], policy: NodePolicy) -> None:
+    """Refuse a received adapter outside the node's bounds: non-finite, or too large.
+
+    Every value the server sends is checked against the organization's own bounds before the model sees a
+    record, so the refusal depends on the message alone. The bounds keep the model's activations far from
+    float overflow; the training loop's per-record guard (a non-finite loss or gradient contributes zero)
+    holds whatever passes them.
+
+    Raises:
+        UnsafeMessage: a NaN or infinite value, a value above ``max_received_abs`` or a norm above
+            ``max_received_norm``.
+    """
+    largest, squares = 0.0, 0.0
+    for k, v in arrays.items():
+        a = np.asarray(v)
+        if a.dtype.kind not in "fiu":
+            raise UnsafeMessage(f"the server's adapter tensor {k[:120]!r} is not numeric ({a.dtype})", "refusing")
+        a = a.astype(np.float64, copy=False)
+        if a.size and not np.isfinite(a).all():
+            raise UnsafeMessage(f"the server's adapter tensor {k[:120]!r} holds NaN or infinite values", "refusing")
+        if a.size:
+            largest = max(largest, float(np.abs(a).max()))
+            squares += float(np.square(a).sum())
+    norm = math.sqrt(squares)
+    if largest > policy.max_received_abs or not math.isfinite(norm) or norm > policy.max_received_norm:
+        raise UnsafeMessage(
+            f"the server's adapter is out of this node's bounds: largest |value| {largest:.3g} (bound "
+            f"max-received-abs={policy.max_received_abs:g}), norm {norm:.3g} (bound max-received-norm="
+            f"{policy.max_received_norm:g})",
+            "a fedtune server sends weights far inside these bounds; refusing the message before reading any "
+            "record. If your federation's models really need larger values, raise the bounds in the node config")
+
+
+def receive(node: Node, arrays: Mapping[str, np.ndarray]) -> None:
+    """Load the server's adapter into the node's model after checking it against the node's bounds."""
+    check_received(arrays, node.policy)
+    adapter.unpack(node.lora.model, arrays, ffa=node.lora.ffa, head_only=node.lora.head_only)
 
 
 @dataclass(frozen=True)
@@ -149,9 +194,9 @@ def prepare(cfg: JobConfig, policy: NodePolicy, *, state_dir: str | Path, data_p
         DataError, ModelError, PrivacyError, LedgerError: with what to fix.
     """
     set_threads(cfg.train.threads)
-    splits = splits or builder.load_records(cfg, data_path)
+    splits = splits or builder.load_records(cfg, data_path, own_source=for_training)
     if for_training:
-        data.check_trainable_size(len(splits.train), cfg.train.batch_size, splits.train.source)
+        data.check_trainable_size(splits.planned_train, cfg.train.batch_size, splits.train.source)
     if model is None:
         model = builder.build_model(cfg, splits.labels)
     tok = model.tokenizer
@@ -164,9 +209,9 @@ def prepare(cfg: JobConfig, policy: NodePolicy, *, state_dir: str | Path, data_p
         if cache_dir:
             _store_tokens(cache_dir, key, sets)
     ledger = PrivacyLedger(state_dir, source=policy.source, max_epsilon=policy.max_epsilon, delta=policy.delta,
-                           accountant=policy.accountant)
+                           accountant=policy.accountant, shared_content_ok=policy.shared_content_ok)
     t = cfg.train
-    plan = privacy.plan_steps(n_train=max(1, len(splits.train)), batch_size=t.batch_size,
+    plan = privacy.plan_steps(n_train=splits.planned_train, batch_size=t.batch_size,
                               local_epochs=t.local_epochs, local_steps=t.local_steps, rounds=t.rounds)
     return Node(job=JobSettings.of(cfg), policy=policy, lora=model, splits=splits, train_set=sets[0], val_set=sets[1],
                 test_set=sets[2], plan=plan, ledger=ledger)
@@ -253,10 +298,12 @@ def train_round(node: Node, *, job: str, round: int, initial: Mapping[str, np.nd
     past the job's planned rounds); the ledger entry is settled and durable before this returns weights.
     """
     j, model = node.job, node.lora.model
+    if initial is not None:  # the message first: a refusal here depends on nothing but the message
+        check_received(initial, node.policy)
     weights = _check_class_weights(class_weights, node.splits.labels, j.task)
     jp = job_plan(node, job, federated=federated)
     if initial is not None:
-        adapter.unpack(model, initial, ffa=node.lora.ffa, head_only=node.lora.head_only)
+        receive(node, initial)
     steps, q = node.plan.steps_per_round, node.plan.sample_rate
     noise = jp.noise_multiplier if j.dp else 0.0
     entry = node.ledger.reserve(job=job, round=round, kind="train", noise_multiplier=noise, sample_rate=q, steps=steps,
@@ -264,13 +311,14 @@ def train_round(node: Node, *, job: str, round: int, initial: Mapping[str, np.nd
                                 job_limit=jp.rounds)
     try:
         torch.manual_seed(j.seed * 1000003 + round)
-        loader = DataLoader(node.train_set, batch_size=j.batch_size, shuffle=True,
-                            generator=torch.Generator().manual_seed(j.seed + round))
         optimizer = make_optimizer(model, name=j.optimizer, lr=j.lr, weight_decay=j.weight_decay)
         model.train()  # Opacus refuses a model in eval mode
         if j.dp:
-            dp_model, dp_opt, dp_loader, engine = privacy.make_private(
-                model=model, optimizer=optimizer, loader=loader, noise_multiplier=noise,
+            # Poisson sampling at the planned rate q (from the source's size, as reserved), and the mean over the
+            # planned batch: neither depends on which records landed in train
+            dp_model, dp_opt, dp_loader, _ = privacy.make_private(
+                model=model, optimizer=optimizer, dataset=node.train_set, sample_rate=q,
+                expected_batch_size=max(1, int(node.splits.planned_train * q + 0.5)), noise_multiplier=noise,
                 max_grad_norm=j.max_grad_norm, grad_sample_mode=j.grad_sample_mode)
             try:
                 stats = train_steps(dp_model, dp_loader, dp_opt, steps=steps, task=j.task, progress=progress,
@@ -278,10 +326,9 @@ def train_round(node: Node, *, job: str, round: int, initial: Mapping[str, np.nd
                                     max_physical_batch=j.max_physical_batch)
             finally:
                 privacy.release(dp_model)
-            history = engine.accountant.history
-            if history and abs(history[0][1] - q) > 1e-12:  # Opacus sampled at another rate: a bug, not a user error
-                raise RuntimeError(f"Opacus sampled at rate {history[0][1]}, the ledger reserved {q}")
         else:
+            loader = DataLoader(node.train_set, batch_size=j.batch_size, shuffle=True,
+                                generator=torch.Generator().manual_seed(j.seed + round))
             stats = train_steps(model, loader, optimizer, steps=steps, task=j.task, progress=progress,
                                 class_weights=weights, no_dropout=node.lora.head_only)
     except BaseException:
@@ -289,7 +336,7 @@ def train_round(node: Node, *, job: str, round: int, initial: Mapping[str, np.nd
         raise
     entry = node.ledger.settle(entry, steps=stats.steps)
     arrays = adapter.pack(model, ffa=node.lora.ffa, head_only=node.lora.head_only)
-    return RoundResult(arrays=arrays, stats=stats, weight=batch_weight(len(node.train_set), j.batch_size),
+    return RoundResult(arrays=arrays, stats=stats, weight=batch_weight(node.splits.planned_train, j.batch_size),
                        epsilon_spent=entry.epsilon_after, noise_multiplier=noise, sample_rate=q,
                        delta=node.policy.delta, steps=entry.steps)
 
@@ -313,10 +360,18 @@ def train_and_report(node: Node, received: Mapping[str, np.ndarray], *, job: str
     The update is the trained minus the received tensors; the weight follows :func:`batch_weight`."""
     t0 = time.perf_counter()
     r = train_round(node, job=job, round=round, initial=received, class_weights=class_weights)
-    return NodeRoundResult(update=aggregate.update(r.arrays, received), weight=r.weight, train_loss=r.stats.mean_loss,
-                           epsilon=r.epsilon_spent, max_epsilon=node.policy.max_epsilon, delta=r.delta,
-                           noise_multiplier=r.noise_multiplier, sample_rate=r.sample_rate, steps=r.steps,
-                           seconds=time.perf_counter() - t0)
+    # the training loss is a function of the records with no noise on it: it stays in the node's own log
+    log.info("job %s round %d: mean training loss %.4f over %d sampled records, %d steps, %.1fs", job, round,
+             r.stats.mean_loss, r.stats.examples, r.stats.steps, time.perf_counter() - t0)
+    update = aggregate.update(r.arrays, received)
+    for k, v in update.items():  # cannot happen after the per-record guard; never send a non-finite value anyway
+        if not np.isfinite(v).all():
+            log.error("job %s round %d: non-finite values in the update tensor %s were zeroed (a bug: report it)",
+                      job, round, k)
+            update[k] = np.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0)
+    return NodeRoundResult(update=update, weight=r.weight, epsilon=r.epsilon_spent,
+                           max_epsilon=node.policy.max_epsilon, delta=r.delta, noise_multiplier=r.noise_multiplier,
+                           sample_rate=r.sample_rate, steps=r.steps)
 
 
 def answer_evaluation(node: Node, *, job: str, round: int, groups: Sequence[str] = ()) -> EvalAnswer:

@@ -24,9 +24,10 @@ ProgressFn = Callable[[int, int, float], None]  # (step, total, running loss)
 @dataclass(frozen=True)
 class TrainStats:
     steps: int
-    mean_loss: float
+    mean_loss: float  # over the records' finite losses (the node's own log: never sent)
     seconds: float
     examples: int  # records seen (sampled) over all steps
+    dropped: int = 0  # per-record contributions set to zero because their loss or gradient was not finite
 
 
 def batch_loss(model: torch.nn.Module, batch: list[torch.Tensor], *, task: str,
@@ -62,6 +63,29 @@ def make_optimizer(model: torch.nn.Module, *, name: str, lr: float, weight_decay
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
+def drop_nonfinite(optimizer: torch.optim.Optimizer, finite_loss: torch.Tensor) -> int:
+    """Zero every record's per-sample gradient whose loss or gradient is not finite, before Opacus clips.
+
+    Clipping bounds a record's contribution only when its gradient is finite: a NaN or infinite per-sample
+    gradient would turn its clipping factor, and then the whole summed gradient, into NaN (a membership
+    signal a crafted model can switch on for one record). A record that contributes zero is within the
+    clipping bound, so the DP guarantee is unchanged. Returns how many records were dropped (for the
+    node's own log; never reported per record).
+    """
+    samples = [p.grad_sample for p in optimizer.params  # type: ignore[attr-defined]
+               if getattr(p, "grad_sample", None) is not None]
+    if any(not isinstance(g, torch.Tensor) for g in samples):  # accumulated over batches: not how fedtune trains
+        raise RuntimeError("per-sample gradients accumulated over several batches; fedtune steps once per batch")
+    bad = ~finite_loss.to(torch.bool)
+    for gs in samples:
+        bad = bad.to(gs.device) | ~torch.isfinite(gs.reshape(gs.shape[0], -1)).all(dim=1)
+    n = int(bad.sum())
+    if n:
+        for gs in samples:
+            gs[bad.to(gs.device)] = 0.0
+    return n
+
+
 def _noise_only_step(optimizer: torch.optim.Optimizer) -> None:
     """An empty Poisson batch still takes a (noise-only) DP step, as the accounting assumes."""
     for p in optimizer.params:  # type: ignore[attr-defined]  (a DPOptimizer)
@@ -94,7 +118,7 @@ def train_steps(model: torch.nn.Module, loader: DataLoader, optimizer: torch.opt
         for m in model.modules():
             if not any(p.requires_grad for p in m.parameters()):
                 m.eval()
-    total_loss, counted, examples, done = 0.0, 0, 0, 0
+    total_loss, counted, examples, done, dropped = 0.0, 0, 0, 0, 0
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
@@ -110,11 +134,19 @@ def train_steps(model: torch.nn.Module, loader: DataLoader, optimizer: torch.opt
                     continue
                 optimizer.zero_grad(set_to_none=True)
                 batch = [t.to(device) for t in batch]
-                loss = batch_loss(model, batch, task=task, class_weights=class_weights)
+                per_sample = batch_loss(model, batch, task=task, class_weights=class_weights, reduction="none")
+                finite = torch.isfinite(per_sample.detach())
+                # a non-finite loss contributes nothing (its gradient is zeroed below, or the step skipped)
+                loss = torch.where(finite, per_sample, torch.zeros_like(per_sample)).mean()
                 loss.backward()
+                if is_dp:
+                    dropped += drop_nonfinite(optimizer, finite)
+                elif not finite.all() or not _grads_finite(optimizer):
+                    dropped += n  # without per-sample gradients a bad record spoils the batch: skip the step
+                    optimizer.zero_grad(set_to_none=True)
                 optimizer.step()
-                total_loss += float(loss.detach()) * n
-                counted += n
+                total_loss += float(per_sample.detach()[finite].sum())
+                counted += int(finite.sum())
                 examples += n
                 if is_dp and optimizer._is_last_step_skipped:  # type: ignore[attr-defined]  (mid logical batch)
                     continue
@@ -122,5 +154,13 @@ def train_steps(model: torch.nn.Module, loader: DataLoader, optimizer: torch.opt
                 if progress:
                     progress(done, steps, total_loss / max(counted, 1))
     model.eval()
+    if dropped:
+        log.warning("%d sampled record(s) had a non-finite loss or gradient and contributed nothing this round "
+                    "(the model received from the server drives them out of range)", dropped)
     return TrainStats(steps=done, mean_loss=total_loss / max(counted, 1), seconds=time.perf_counter() - start,
-                      examples=examples)
+                      examples=examples, dropped=dropped)
+
+
+def _grads_finite(optimizer: torch.optim.Optimizer) -> bool:
+    return all(p.grad is None or bool(torch.isfinite(p.grad).all())
+               for g in optimizer.param_groups for p in g["params"])

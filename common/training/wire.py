@@ -20,9 +20,11 @@ from fedtune.common.training.evaluate import LM_LOSS_CLIP
 from fedtune.common.training.fairness import MAX_GROUP_NAME, MAX_GROUPS
 
 # field name -> wire key (Flower record keys use dashes; the run directory uses the field names)
-_RESULT_KEYS = {"weight": "weight", "train_loss": "train-loss", "epsilon": "epsilon", "max_epsilon": "max-epsilon",
+# No training loss and no training time: the first is a function of the node's records with no noise on it, the
+# second depends on them too; both stay in the node's log (the server times its own rounds).
+_RESULT_KEYS = {"weight": "weight", "epsilon": "epsilon", "max_epsilon": "max-epsilon",
                 "delta": "delta", "noise_multiplier": "noise-multiplier", "sample_rate": "sample-rate",
-                "steps": "steps", "seconds": "seconds"}
+                "steps": "steps"}
 
 
 def _number(v) -> float | None:
@@ -80,14 +82,12 @@ class NodeRoundResult:
 
     update: dict[str, np.ndarray]
     weight: int | None
-    train_loss: float | None = None
     epsilon: float | None = None  # the node's total spend on its data source after this round
     max_epsilon: float | None = None  # the node's ceiling
     delta: float | None = None
     noise_multiplier: float | None = None
     sample_rate: float | None = None
     steps: int | None = None
-    seconds: float | None = None
 
     def figures(self) -> dict:
         """The figures under the run directory's names (no update)."""
@@ -167,6 +167,7 @@ class NodeInfo:
 
 def stored_figures(m: Mapping) -> dict:
     """A node's figures as stored in a run directory; fedtune 0.1 stored them under the wire keys."""
-    legacy = {w: k for k, w in _RESULT_KEYS.items() if w != k} | {"noise-std": "noise_std", "loss-sum": "loss_sum"}
+    legacy = {w: k for k, w in _RESULT_KEYS.items() if w != k} | {"noise-std": "noise_std", "loss-sum": "loss_sum",
+                                                                 "train-loss": "train_loss"}
     return {legacy.get(k, k): v for k, v in m.items()}
 
