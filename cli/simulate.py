@@ -56,7 +56,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     cfg = _sim_config(args, None)
     fixed = set(parse_overrides(args.settings))
     study = args.study_dir or f"runs/tune-{time.strftime('%Y%m%d-%H%M%S')}"
-    tune(cfg, trials=args.trials, directory=study, fixed=fixed, fixed_trials=args.fixed_trials, timeout=args.timeout)
+    tune(cfg, trials=args.trials, directory=study, fixed=fixed, timeout=args.timeout)
     return 0
 
 
@@ -64,10 +64,8 @@ def add_parsers(sub) -> None:
     tp = sub.add_parser("tune", help="search the training recipe on your data (each trial a simulation); writes "
                         "the best as a scenario, with the search's privacy cost")
     tp.add_argument("scenario", help="scenario TOML file or name in simulations/scenarios")
-    tp.add_argument("--trials", type=int, default=12, help="mean number of trials (drawn from Poisson(N) so "
-                    "that the search's privacy cost is bounded; default 12)")
-    tp.add_argument("--fixed-trials", action="store_true", help="run exactly --trials trials (their privacy "
-                    "costs then compose: a larger total)")
+    tp.add_argument("--trials", type=int, default=12, help="number of trials (default 12); with DP every trial's "
+                    "releases compose in each simulated node's ledger, under sim.node-max-epsilon")
     tp.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
     tp.add_argument("--study-dir", help="directory of the study (default runs/tune-<time>; give an existing "
                     "one to resume)")

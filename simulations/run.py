@@ -131,8 +131,13 @@ def _node_bytes(cfg: JobConfig) -> int:
     return (1 << 30) + 4 * weights
 
 
-def simulate(cfg: JobConfig, *, out: Callable[[str], None] = print, report: bool = True) -> dict:
-    """Run ``cfg`` as a Flower simulation; returns {"summary", "run_dir", "seconds"}."""
+def simulate(cfg: JobConfig, *, out: Callable[[str], None] = print, report: bool = True,
+             node_state: str | Path | None = None) -> dict:
+    """Run ``cfg`` as a Flower simulation; returns {"summary", "run_dir", "seconds"}.
+
+    ``node_state``: where the simulated nodes keep their state (ledgers); default the run directory's
+    ``nodes/``. ``fedtune tune`` gives every trial the same one, so each node's ledger holds the whole search.
+    """
     from fedtune.client.app import make_client_app
     from fedtune.server.app import make_server_app
     from flwr.simulation import run_simulation
@@ -181,7 +186,7 @@ def simulate(cfg: JobConfig, *, out: Callable[[str], None] = print, report: bool
     with _private_runtime(run_dir, ray_address=address), _without_run_simulation_deprecation():
         logging.getLogger("flwr").setLevel(logging.WARNING)
         run_simulation(server_app=make_server_app(settings, result=result, out=out, simulated=True),
-                       client_app=make_client_app(settings, sim_state_root=run_dir / "nodes"),
+                       client_app=make_client_app(settings, sim_state_root=Path(node_state or run_dir / "nodes")),
                        num_supernodes=cfg.fed.num_nodes,
                        backend_config={"client_resources": {"num_cpus": cfg.sim.cpus_per_node, "num_gpus": gpus},
                                        "init_args": init_args})

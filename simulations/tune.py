@@ -6,26 +6,27 @@ test split stays untouched for the final figures). Hopeless trials are pruned on
 validation curve (Optuna's median pruner; the run stops through its STOP file). The study lives in
 an SQLite file in the study directory, so an interrupted search resumes.
 
-Privacy. Choosing the best of several DP runs on private data releases more than one run. With DP
-on, the number of trials is drawn from Poisson(``--trials``) with fresh OS entropy, and the search
-is accounted with Papernot & Steinke's Renyi-DP bound (``accounting.search_epsilon``) per node;
-``--fixed-trials`` runs exactly N trials and accounts their composition instead. Every trial of a
-DP search releases the same per-node events: the settings that change them (batch size, local
-epochs, rounds, noise) are held at the scenario's values, and only settings that do not touch
-privacy are searched (optimizer, learning rate, LoRA rank, FFA, clipping norm, class weighting).
-Without DP (or on proxy data the user calls public) batch size, local epochs and rounds are searched
-too. The figures land in ``tuning.json``, the report, and the chosen run's ``summary.json`` (so its
-model card states the total, tuning included).
+Privacy. Choosing the best of several DP runs on private data releases more than one run, and this
+search is adaptive: TPE picks each recipe from earlier trials' scores, the median pruner stops trials on
+other trials' scores, and every trial's run directory is kept. A private-selection theorem (Papernot &
+Steinke's bound for a random number of independent repetitions, only the best released) does not hold
+for that, so the search is accounted by **composing every release of every trial**, which holds under
+any adaptivity: every trial's simulated nodes keep their state in one directory of the study
+(``nodes/``), so each simulated source's ledger holds the whole search (failed and pruned trials
+included), its ceiling (``sim.node-max-epsilon``) bounds it, and the stated figure is that ledger's
+total. Only settings that do not change a trial's privacy events are searched with DP on (optimizer,
+learning rate, LoRA rank, FFA, clipping norm, class weighting, pooling); without DP (or on proxy data
+the user calls public) batch size, local epochs and rounds too. The figures land in ``tuning.json``,
+the report, and the chosen run's ``summary.json`` (so its model card states the total, tuning
+included).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from fedtune.common.errors import FedtuneError
@@ -41,12 +42,7 @@ PRIVATE_SPACE = ("train.optimizer", "train.lr", "lora.head-only", "lora.r", "lor
 SHAPE_SPACE = ("train.batch-size", "train.local-epochs", "train.rounds")  # change a trial's privacy events
 
 
-@dataclass(frozen=True)
-class Study:
-    directory: Path
-    trials: int  # the trials this search runs (drawn, or fixed)
-    mean: int  # --trials
-    random_trials: bool
+NODES = "nodes"  # the study's simulated nodes' state (their ledgers hold every trial's releases)
 
 
 def suggest(trial, cfg: JobConfig, fixed: set[str]) -> dict:
@@ -91,7 +87,7 @@ def _rest(trial, cfg: JobConfig, want) -> dict:
     return out
 
 
-def _open_study(directory: Path, mean: int, fixed_trials: bool, seed: int):
+def _open_study(directory: Path, trials: int, seed: int):
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -99,42 +95,42 @@ def _open_study(directory: Path, mean: int, fixed_trials: bool, seed: int):
     study = optuna.create_study(study_name="fedtune", storage=storage, direction="maximize", load_if_exists=True,
                                 sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=3),
                                 pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1))
-    if "trials" not in study.user_attrs:  # drawn once, kept with the study (a resumed search keeps its draw)
-        import numpy as np
-
-        drawn = mean if fixed_trials else int(np.random.default_rng(secrets.randbits(128)).poisson(mean))
-        study.set_user_attr("trials", drawn)
-        study.set_user_attr("mean", mean)
-        study.set_user_attr("random_trials", not fixed_trials)
+    if "trials" not in study.user_attrs:
         study.enqueue_trial({}, user_attrs={"default": True})  # trial 0: the scenario's own recipe
+    study.set_user_attr("trials", trials)  # a resumed search may ask for more (every trial composes anyway)
     return study
 
 
 def tune(cfg: JobConfig, *, trials: int, directory: str | Path, fixed: set[str] = frozenset(),
-         fixed_trials: bool = False, timeout: float | None = None, out: Callable[[str], None] = print) -> dict:
+         timeout: float | None = None, out: Callable[[str], None] = print) -> dict:
     """Run (or resume) the search; write ``tuned.toml``, ``tuning.json`` and ``tuning.md``; return the result."""
     import optuna
     from fedtune.simulations.run import simulate
 
     if trials < 1:
-        raise FedtuneError(f"--trials {trials}: expected >= 1", "give the mean number of trials, e.g. --trials 12")
+        raise FedtuneError(f"--trials {trials}: expected >= 1", "give the number of trials, e.g. --trials 12")
     if cfg.model.task != "seq-cls":
         raise FedtuneError("fedtune tune scores trials by validation macro-F1, a classification figure",
                            "tune a seq-cls job (model.task=seq-cls)")
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    study = _open_study(d, trials, fixed_trials, cfg.train.seed)
+    study = _open_study(d, trials, cfg.train.seed)
     planned = int(study.user_attrs["trials"])
-    random_trials = bool(study.user_attrs["random_trials"])
-    how = f"drawn from Poisson({trials}), as the privacy analysis needs" if random_trials else "fixed"
     searched = [k for k in PRIVATE_SPACE + (() if cfg.privacy.enabled else SHAPE_SPACE) if k not in fixed]
-    out(f"fedtune tune: {planned} trials ({how}); study in {d} (resumable); searching {', '.join(searched)}")
+    out(f"fedtune tune: {planned} trials; study in {d} (resumable); searching {', '.join(searched)}"
+        + (f"; every trial's releases compose in each simulated node's ledger ({d / NODES}), under its ceiling "
+           f"sim.node-max-epsilon={cfg.sim.node_max_epsilon:g}" if cfg.privacy.enabled else ""))
     t0 = time.monotonic()
     cut_short = False
     while len([t for t in study.trials if t.state.is_finished()]) < planned:
         if timeout is not None and time.monotonic() - t0 > timeout:
             cut_short = True
             out(f"time budget of {timeout:.0f}s spent: stopping after {len(study.trials)} trials")
+            break
+        full = _no_room(cfg, d)
+        if full:
+            cut_short = True
+            out(f"stopping after {len(study.trials)} trials: {full}")
             break
         trial = study.ask()
         k = trial.number
@@ -157,7 +153,7 @@ def tune(cfg: JobConfig, *, trials: int, directory: str | Path, fixed: set[str] 
                         (run_dir / "STOP").touch()
 
         try:
-            res = simulate(trial_cfg, out=watch, report=False)
+            res = simulate(trial_cfg, out=watch, report=False, node_state=d / NODES)
         except FedtuneError as e:
             out(f"  trial {k + 1} failed: {e.problem}")
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
@@ -172,50 +168,54 @@ def tune(cfg: JobConfig, *, trials: int, directory: str | Path, fixed: set[str] 
         else:
             out(f"  validation macro-F1 {val:.4f} in {res['seconds']:.0f}s")
             study.tell(trial, val if val is not None else 0.0)
-        _check_ceiling(cfg, study, trials)
     return finish(cfg, study, d, cut_short=cut_short, out=out)
 
 
-def search_privacy(cfg: JobConfig, study, mean: int) -> dict[str, dict]:
-    """Per simulated node: epsilon of one trial and of the whole search (same accountant for both)."""
-    random_trials, planned = bool(study.user_attrs["random_trials"]), int(study.user_attrs["trials"])
+def _ledgers(d: Path) -> dict[str, list]:
+    """Per simulated node of the study, its counted ledger entries (every trial's releases)."""
+    out: dict[str, list] = {}
+    for node_dir in sorted((d / NODES).glob("node-*")):
+        out[node_dir.name] = [e for lg in open_all(node_dir) for e in lg.counted]
+    return out
+
+
+def search_privacy(cfg: JobConfig, d: Path) -> dict[str, dict]:
+    """Per simulated node: the composition of everything the search released about it (its ledger's total),
+    the largest single trial's own epsilon, and the trials that released anything (failed and pruned ones too)."""
     if not cfg.privacy.enabled:
         return {}
-    delta = cfg.privacy.delta or accounting.DEFAULT_DELTA
-    kind = "rdp" if random_trials else "pld"
+    delta, kind = cfg.privacy.delta or accounting.DEFAULT_DELTA, cfg.privacy.accountant
     nodes = {}
-    for name, hist in _node_histories([Path(t.user_attrs["run_dir"]) for t in study.trials
-                                       if "run_dir" in t.user_attrs]).items():
-        nodes[name] = {"one_trial_epsilon": accounting.epsilon(hist, delta=delta, kind=kind),
-                       "search_epsilon": accounting.search_epsilon(hist, delta=delta, trials=mean if random_trials
-                                                                   else planned, random_trials=random_trials),
-                       "delta": delta}
+    for name, entries in _ledgers(d).items():
+        jobs = sorted({e.job for e in entries})
+        nodes[name] = {"search_epsilon": accounting.epsilon([e.event for e in entries], delta=delta, kind=kind),
+                       "one_trial_epsilon": max((accounting.epsilon([e.event for e in entries if e.job == j],
+                                                                    delta=delta, kind=kind) for j in jobs), default=0.0),
+                       "trials": jobs, "releases": len(entries), "delta": delta, "accountant": kind}
     return nodes
 
 
-def _check_ceiling(cfg: JobConfig, study, mean: int) -> None:
-    """The search as a whole must fit each simulated node's ceiling (sim.node-max-epsilon)."""
-    nodes = search_privacy(cfg, study, mean)
-    over = {n: v["search_epsilon"] for n, v in nodes.items() if v["search_epsilon"] > cfg.sim.node_max_epsilon + 1e-9}
-    if over:
-        name, eps = max(over.items(), key=lambda kv: kv[1])
-        raise FedtuneError(
-            f"the search would release epsilon {eps:.2f} about {name}'s records (every trial {nodes[name]['one_trial_epsilon']:.2f}"
-            f"), past its ceiling sim.node-max-epsilon={cfg.sim.node_max_epsilon:g}",
-            "lower privacy.target-epsilon for the trials, ask for fewer --trials, tune on proxy data you may spend "
-            "freely, or raise sim.node-max-epsilon knowingly; the study so far is kept and resumes")
-
-
-def _node_histories(run_dirs: list[Path]) -> dict[str, list]:
-    """Per simulated node, the largest history any trial released (a pruned trial's is a prefix of it)."""
-    best: dict[str, list] = {}
-    for rd in run_dirs:
-        for node_dir in sorted((rd / "nodes").glob("node-*")):
-            for lg in open_all(node_dir):
-                hist = [e.event for e in lg.counted]
-                if sum(n for _, _, n in hist) > sum(n for _, _, n in best.get(node_dir.name, [])):
-                    best[node_dir.name] = hist
-    return best
+def _no_room(cfg: JobConfig, d: Path) -> str:
+    """Why another trial would not fit a simulated node's ceiling ("" when it would): the composition of what the
+    node released so far and of the largest trial so far. (The nodes' ledgers refuse it anyway; stopping here
+    spares a trial that could not train.)"""
+    if not cfg.privacy.enabled:
+        return ""
+    delta, kind = cfg.privacy.delta or accounting.DEFAULT_DELTA, cfg.privacy.accountant
+    for name, entries in _ledgers(d).items():
+        trials = {}
+        for e in entries:
+            trials.setdefault(e.job, []).append(e.event)
+        if not trials:
+            continue
+        largest = max(trials.values(), key=lambda h: accounting.epsilon(h, delta=delta, kind=kind))
+        after = accounting.epsilon([e.event for e in entries] + largest, delta=delta, kind=kind)
+        if after > cfg.sim.node_max_epsilon + 1e-9:
+            return (f"another trial would take {name} to epsilon {after:.2f}, past its ceiling "
+                    f"sim.node-max-epsilon={cfg.sim.node_max_epsilon:g} (every trial's releases compose); lower "
+                    "privacy.target-epsilon for the trials, tune on proxy data you may spend freely, or raise "
+                    "sim.node-max-epsilon knowingly")
+    return ""
 
 
 def finish(cfg: JobConfig, study, d: Path, *, cut_short: bool, out: Callable[[str], None] = print) -> dict:
@@ -234,23 +234,21 @@ def finish(cfg: JobConfig, study, d: Path, *, cut_short: bool, out: Callable[[st
     scenario.write_text("# fedtune tune: the best recipe of " + f"{len(study.trials)} trials (validation macro-F1 "
                         f"{best.value:.4f})\n" + "".join(f"{_toml_key(k)} = {_toml(v)}\n" for k, v in flat.items()),
                         encoding="utf-8")
-    random_trials, planned = bool(study.user_attrs["random_trials"]), int(study.user_attrs["trials"])
-    mean = int(study.user_attrs["mean"])
-    nodes = search_privacy(cfg, study, mean)
+    planned = int(study.user_attrs["trials"])
+    nodes = search_privacy(cfg, d)
     result = {
-        "trials_planned": planned, "trials_mean": mean, "random_trials": random_trials, "cut_short": cut_short,
+        "trials_planned": planned, "trials_run": len(study.trials), "cut_short": cut_short,
         "trials": [{"number": t.number, "state": t.state.name.lower(), "value": t.value,
                     "recipe": t.user_attrs.get("recipe", {}), "default": bool(t.user_attrs.get("default")),
                     "seconds": t.user_attrs.get("seconds")} for t in study.trials],
         "best": {"number": best.number, "value": best.value, "recipe": best.user_attrs["recipe"],
                  "run_dir": best.user_attrs["run_dir"]},
         "default": {"number": default.number, "value": default.value} if default and default.value is not None else None,
-        "privacy": {"dp": cfg.privacy.enabled, "accountant": "rdp (Papernot & Steinke, RepeatAndSelectDpEvent)"
-                    if random_trials else "composition of the trials (pld)", "nodes": nodes,
+        "privacy": {"dp": cfg.privacy.enabled,
+                    "accountant": f"composition of every release of every trial ({cfg.privacy.accountant}), "
+                    "read from each simulated node's ledger", "nodes": nodes,
                     "search_epsilon_max": max((n["search_epsilon"] for n in nodes.values()), default=None),
-                    "covered": not cut_short,
-                    "note": "" if not cut_short else "the time budget stopped the search before its drawn number of "
-                    "trials; the figure assumes every drawn trial ran, which the theorem needs"},
+                    "ledgers": str(d / NODES)},
         "importance": _importance(study),
         "scenario": str(scenario),
     }
@@ -258,7 +256,7 @@ def finish(cfg: JobConfig, study, d: Path, *, cut_short: bool, out: Callable[[st
     summary_path = Path(best.user_attrs["run_dir"]) / "summary.json"
     if summary_path.is_file():  # the chosen run states the search's cost (its model card reads it)
         summary = json.loads(summary_path.read_text())
-        summary["tuning"] = {k: result[k] for k in ("trials_planned", "trials_mean", "random_trials", "privacy")}
+        summary["tuning"] = {k: result[k] for k in ("trials_planned", "trials_run", "privacy")}
         write_json_atomic(summary_path, summary, indent=2, sort_keys=True, default=str)
     report = write_tuning_report(d, result)
     out(f"best: trial {best.number + 1}, validation macro-F1 {best.value:.4f}"
@@ -284,20 +282,21 @@ def _importance(study) -> dict:
 
 
 def write_tuning_report(d: Path, result: dict) -> Path:
-    lines = ["# fedtune tune", "", f"{len(result['trials'])} trials "
-             f"({'drawn from Poisson(' + str(result['trials_mean']) + ')' if result['random_trials'] else 'fixed'}); "
-             "scored on the server's validation split (macro-F1).", ""]
+    lines = ["# fedtune tune", "", f"{len(result['trials'])} trials of {result['trials_planned']} planned"
+             + (" (stopped early)" if result["cut_short"] else "") + "; scored on the server's validation split "
+             "(macro-F1).", ""]
     b, dft = result["best"], result["default"]
     lines += [f"Best: trial {b['number'] + 1}, validation macro-F1 **{b['value']:.4f}**"
               + (f"; the scenario's own recipe: {dft['value']:.4f}" if dft else "") + ".", ""]
     p = result["privacy"]
     if p["dp"]:
-        lines += ["## Privacy of the search", "", f"Accountant: {p['accountant']}.", "",
-                  "| node | one trial | whole search | delta |", "|---|---|---|---|"]
-        lines += [f"| {n} | {v['one_trial_epsilon']:.3f} | {v['search_epsilon']:.3f} | {v['delta']:.2g} |"
-                  for n, v in sorted(p["nodes"].items())]
-        if p["note"]:
-            lines += ["", f"**Note:** {p['note']}."]
+        lines += ["## Privacy of the search", "", f"Accountant: {p['accountant']} ({p['ledgers']}). The search is "
+                  "adaptive (each recipe chosen from earlier scores, trials pruned on others' scores, every trial "
+                  "kept), so every trial's releases count in full, failed and pruned trials included.", "",
+                  "| node | largest single trial | whole search | trials that released | delta |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {n} | {v['one_trial_epsilon']:.3f} | {v['search_epsilon']:.3f} | {len(v['trials'])} | "
+                  f"{v['delta']:.2g} |" for n, v in sorted(p["nodes"].items())]
         lines.append("")
     lines += ["## Trials", "", "| trial | state | validation macro-F1 | seconds | recipe |", "|---|---|---|---|---|"]
     for t in result["trials"]:

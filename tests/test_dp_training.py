@@ -283,3 +283,42 @@ def test_mean_pooling_feeds_the_head_the_sentence_embedding_and_trains_under_opa
 
     with pytest.raises(ModelError, match="model.pooling=cls"):  # a decoder classifies from its last token
         use_mean_pooling(GPT2ForSequenceClassification(GPT2Config(n_layer=1, n_embd=32, n_head=2, num_labels=2)))
+
+
+def test_an_empty_poisson_batch_after_a_full_one_takes_a_noise_only_step(minilm_easy):
+    """Found by the property-based adversary: an empty Poisson batch right after a non-empty one crashed with
+    Opacus' 'Gradients haven't been cleared' (the previous step's summed gradient was still there). With zero
+    noise, the empty step now moves nothing, and the two steps equal the one full step."""
+    lm = copy.deepcopy(minilm_easy)
+    for name, p in lm.model.named_parameters():
+        if "lora_" in name:
+            p.requires_grad_(False)
+    ds = data.tokenize(data.Records(["the striker scored", "the bank raised rates"], EASY_LABELS, "t"),
+                       lm.tokenizer, label_set=EASY_LABELS, max_length=16)
+    full = list(ds.tensors)
+    empty = [t[:0] for t in ds.tensors]
+    start = adapter.pack(lm.model, ffa=False, head_only=True)
+    opt = make_optimizer(lm.model, name="sgd", lr=0.5, weight_decay=0.0)
+    lm.model.train()
+    model, dp_opt, _, _ = privacy.make_private(model=lm.model, optimizer=opt, dataset=ds, sample_rate=1.0,
+                                               expected_batch_size=2, noise_multiplier=0.0, max_grad_norm=1e9,
+                                               grad_sample_mode="hooks")
+    stats = train_steps(model, [full, empty], dp_opt, steps=2, task="seq-cls", no_dropout=True)
+    privacy.release(model)
+    after_two = adapter.pack(lm.model, ffa=False, head_only=True)
+    assert stats.steps == 2 and stats.examples == 2
+    one = copy.deepcopy(minilm_easy)
+    for name, p in one.model.named_parameters():
+        if "lora_" in name:
+            p.requires_grad_(False)
+    opt = make_optimizer(one.model, name="sgd", lr=0.5, weight_decay=0.0)
+    one.model.train()
+    model, dp_opt, _, _ = privacy.make_private(model=one.model, optimizer=opt, dataset=ds, sample_rate=1.0,
+                                               expected_batch_size=2, noise_multiplier=0.0, max_grad_norm=1e9,
+                                               grad_sample_mode="hooks")
+    train_steps(model, [full], dp_opt, steps=1, task="seq-cls", no_dropout=True)
+    privacy.release(model)
+    after_one = adapter.pack(one.model, ffa=False, head_only=True)
+    for k in start:
+        assert np.abs(after_one[k] - start[k]).max() > 0
+        np.testing.assert_allclose(after_two[k], after_one[k], rtol=1e-5, atol=1e-7)

@@ -200,6 +200,25 @@ def test_nodes_audit_through_their_client_apps_and_the_server_pools_the_answers(
     assert got["other_records"] == 0.0
 
 
+def test_a_node_whose_test_split_is_empty_answers_the_audit_with_noised_zeros(tmp_path, fresh_easy):
+    """Found when splits became per-record: a small node's test split can be empty, and the audit path crashed
+    (argmax of an empty sequence) where the plain counts answered. Whether a split is empty depends on the
+    records, so the crash was a refusal that depended on them; now both answer."""
+    from fedtune.common.training import node
+
+    csv_path = _grouped_csv(tmp_path / "g.csv", n=60)
+    cfg = small_config(**{"data.path": str(csv_path), "data.labels": ",".join(EASY_LABELS),
+                          "data.group-column": "region", "data.max-records": 0, "privacy.enabled": False})
+    full = builder.load_records(cfg)
+    splits = data.Splits(full.train, full.val, full.test.subset([]), full.labels, full.fingerprint, full.n_source,
+                         full.train_share)
+    n = node.prepare(cfg, node.NodePolicy(source="g", max_epsilon=math.inf), state_dir=tmp_path / "s",
+                     model=fresh_easy, splits=splits)
+    for groups in (("north", "south"), ()):
+        a = node.answer_evaluation(n, job="j", round=1, groups=groups)
+        assert a.counts == (0.0, 0.0) and all(c == 0 for c in a.cells)
+
+
 @pytest.mark.slow
 def test_a_simulation_audits_the_nodes_and_reports_it(tmp_path):
     """Through Flower's simulation engine with secure aggregation (DP off, so the answers are exact): every

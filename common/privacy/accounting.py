@@ -229,37 +229,3 @@ def warn_dp_off(job: str) -> None:
     if job not in _warned:
         _warned.add(job)
         log.warning(DP_OFF_WARNING)
-
-
-def search_epsilon(history: Iterable[Sequence], *, delta: float, trials: int, random_trials: bool) -> float:
-    """Epsilon of releasing the best model of a hyperparameter search whose every trial released at most
-    ``history`` (composed) about a data source.
-
-    ``random_trials``: the number of trials was drawn from Poisson(``trials``), and Papernot & Steinke
-    (ICLR 2022, "Hyperparameter tuning with Renyi differential privacy") bound the search in RDP
-    (``dp_accounting``'s ``RepeatAndSelectDpEvent``, shape infinity). Otherwise exactly ``trials``
-    trials ran, and their releases compose."""
-    events = _clean(history)
-    if not events or trials < 1:
-        return 0.0
-    if any(s <= 0 for s, _, _ in events):
-        return math.inf
-    if not random_trials:
-        return epsilon(events * trials, delta=delta, kind="pld")
-    import dp_accounting
-    from dp_accounting import dp_event
-    from dp_accounting.rdp.rdp_privacy_accountant import RdpAccountant
-
-    parts = [dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(s) if q >= 1.0 else
-                                               dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(s)),
-                                               n) for s, q, n in events]
-    acc = RdpAccountant()
-    absl = logging.getLogger("absl")
-    level = absl.level
-    absl.setLevel(logging.ERROR)  # it reports the RDP orders it skips as warnings; the bound stays valid
-    try:
-        acc.compose(dp_event.RepeatAndSelectDpEvent(dp_accounting.ComposedDpEvent(parts), mean=float(trials),
-                                                    shape=math.inf))
-        return float(acc.get_epsilon(delta))
-    finally:
-        absl.setLevel(level)

@@ -189,12 +189,14 @@ def _privacy_section(record: dict) -> list[str]:
             lines += ["", "Nodes are numbered, not named (export with `--name-nodes` to name them)."]
         tu = p.get("tuning") or {}
         if (tu.get("privacy") or {}).get("search_epsilon_max") is not None:
-            how = (f"a number of trials drawn from Poisson({tu['trials_mean']}), accounted with Papernot & Steinke's "
-                   "Renyi-DP bound" if tu.get("random_trials") else f"{tu['trials_planned']} trials, composed")
+            if "trials_run" in tu:
+                how = f"{tu['trials_run']} trials, every release of every trial composed"
+            else:  # a study of an earlier fedtune (Poisson trials, Papernot & Steinke's bound)
+                how = f"{tu.get('trials_planned')} trials"
             lines += ["", f"**This recipe was chosen by a hyperparameter search** (`fedtune tune`: {how}). "
                           f"Including the search, each node's epsilon is at most "
-                          f"**{tu['privacy']['search_epsilon_max']:.3f}** (the table above counts this run alone)."
-                      + ("" if tu["privacy"].get("covered", True) else f" Note: {tu['privacy']['note']}.")]
+                          f"**{tu['privacy']['search_epsilon_max']:.3f}** (the table above shows each node's total "
+                          "when this run ended)."]
     else:
         lines += ["**No differential privacy.** This model was trained without DP-SGD: it carries no formal "
                   "guarantee and may memorize and reveal records of the nodes' data. Do not release it beyond the "

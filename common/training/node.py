@@ -405,7 +405,8 @@ def answer_evaluation(node: Node, *, job: str, round: int, groups: Sequence[str]
                                 job_limit=jp.evaluations if node.job.dp else None)
     try:
         if audit:
-            pred = predict(node.lora.model, node.test_set, batch_size=node.job.eval_batch_size).argmax(-1)
+            probs = predict(node.lora.model, node.test_set, batch_size=node.job.eval_batch_size)
+            pred = probs.argmax(-1) if len(probs) else np.zeros(0, dtype=np.int64)  # a test split may be empty
             exact = node_cells(node.test_set.tensors[2].numpy(), pred, own_groups, groups, len(node.splits.labels))
         else:
             exact = private_counts(node.lora.model, node.test_set, task=task, batch_size=node.job.eval_batch_size)

@@ -88,6 +88,7 @@ def drop_nonfinite(optimizer: torch.optim.Optimizer, finite_loss: torch.Tensor) 
 
 def _noise_only_step(optimizer: torch.optim.Optimizer) -> None:
     """An empty Poisson batch still takes a (noise-only) DP step, as the accounting assumes."""
+    optimizer.zero_grad(set_to_none=True)  # the last step's summed gradient must not be noised and applied again
     for p in optimizer.params:  # type: ignore[attr-defined]  (a DPOptimizer)
         p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
     optimizer.step()
