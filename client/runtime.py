@@ -7,6 +7,7 @@ exchanged adapter tensors first), and each node's tokenized data is prepared onc
 
 from __future__ import annotations
 
+import gc
 import json
 from collections import OrderedDict
 
@@ -29,7 +30,12 @@ def _model_key(cfg: JobConfig, labels: list[str]) -> str:
 def shared_model(cfg: JobConfig, labels: list[str]) -> LoraModel:
     key = _model_key(cfg, labels)
     if key not in _MODELS:
-        _MODELS.clear()  # one job at a time per worker: drop other jobs' models
+        # one job at a time per process: drop the other jobs' model and the prepared nodes that hold it
+        # (a server alternating jobs would otherwise keep up to MAX_NODES models alive: found by the
+        # property-based adversary, which ran a node out of memory)
+        _MODELS.clear()
+        _NODES.clear()
+        gc.collect()
         _MODELS[key] = builder.build_model(cfg, labels)
     return _MODELS[key]
 

@@ -26,11 +26,16 @@ class ScriptedServer:
         self.sent: list[Message] = []
 
     def send(self, message_type: str, *, config: dict[str, Any] | None = None, record: str = "config",
-             arrays: dict[str, np.ndarray] | None = None) -> Message:
-        """Deliver one message to the node; returns its reply exactly as it would leave the node."""
+             arrays: dict[str, np.ndarray] | None = None, extra: dict[str, dict[str, Any]] | None = None) -> Message:
+        """Deliver one message to the node; returns its reply exactly as it would leave the node.
+
+        ``extra``: more config records by name (records a fedtune server would not send, or would send
+        elsewhere)."""
         content = RecordDict()
         if config is not None:
             content[record] = ConfigRecord(config)
+        for name, rec in (extra or {}).items():
+            content[name] = ConfigRecord(rec)
         if arrays is not None:
             content["arrays"] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
         meta = Metadata(run_id=1, message_id=uuid.uuid4().hex, src_node_id=0, dst_node_id=self.node_id,
