@@ -322,3 +322,29 @@ def test_an_empty_poisson_batch_after_a_full_one_takes_a_noise_only_step(minilm_
     for k in start:
         assert np.abs(after_one[k] - start[k]).max() > 0
         np.testing.assert_allclose(after_two[k], after_one[k], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("dp", [True, False])
+def test_a_node_whose_training_split_is_empty_takes_its_planned_steps(tmp_path, minilm_easy, dp):
+    """Found by the property-based adversary: with a small source or a subsample the training split can be empty
+    (which depends on the records), and Opacus' sampler refused zero records (a crash); without DP the loop never
+    ended. A DP node now takes its planned noise-only steps and replies like any other; a non-DP one stops."""
+    import math
+
+    csv = write_easy_csv(tmp_path / "d.csv", n=40)
+    cfg = small_config(**{"data.path": str(csv), "data.labels": ",".join(EASY_LABELS), "data.max-records": 0,
+                          "train.batch-size": 4, "train.local-steps": 3, "privacy.enabled": dp})
+    full = data.load_splits(path=str(csv), text_column="text", label_column="label", labels=EASY_LABELS,
+                            task="seq-cls", val_fraction=0.1, test_fraction=0.2, seed=0)
+    empty = data.Splits(full.train.subset([]), full.val, full.test, full.labels, full.fingerprint, full.n_source,
+                        full.train_share)
+    n = node.prepare(cfg, node.NodePolicy(source="s", max_epsilon=20.0 if dp else math.inf), state_dir=tmp_path / "s",
+                     model=copy.deepcopy(minilm_easy), splits=empty)
+    start = adapter.pack(n.lora.model, ffa=False)
+    r = node.train_round(n, job="j", round=1, federated=False)
+    assert r.stats.examples == 0 and r.weight == math.ceil(n.splits.planned_train / 4) * 4
+    if dp:  # the planned steps, each pure noise: the model moves, and the ledger holds the release
+        assert r.steps == 3 and r.epsilon_spent > 0
+        assert any(np.abs(r.arrays[k] - start[k]).max() > 0 for k in start)
+    else:
+        assert r.stats.steps == 0 and all(np.array_equal(r.arrays[k], start[k]) for k in start)

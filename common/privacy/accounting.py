@@ -32,6 +32,11 @@ History = list[Event]
 ACCOUNTANTS = ("pld", "rdp")
 DEFAULT_DELTA = 1e-5
 PLD_DISCRETIZATION = 1e-3  # dp-accounting's pessimistic PLD: an upper bound at any discretization
+# The PLD accountant's memory grows with the privacy loss it tracks: a history whose RDP epsilon (an upper bound,
+# computed in closed form) is past this is reported at that bound; PLD would only tighten a figure far past any
+# ceiling, at the cost of gigabytes (a server could otherwise run a node out of memory with a job of many
+# near-noiseless releases: found by the property-based adversary).
+PLD_RANGE = 100.0
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,12 @@ def epsilon(history: Iterable[Sequence], *, delta: float, kind: str) -> float:
     if any(s <= 0 for s, _, _ in events):
         return math.inf
     if kind == "pld":
+        # (Σ n q²/z² is about the size of the loss the PLD tracks; below it, and with no near-noiseless release,
+        # the PLD is small and the RDP bound is not worth computing)
+        if any(s < 0.2 for s, _, _ in events) or sum(n * q * q / (s * s) for s, q, n in events) > 20:
+            bound = _rdp_epsilon(events, delta)
+            if bound > PLD_RANGE:
+                return bound
         return _pld_epsilon(tuple(events), delta)
     if kind == "rdp":
         return _rdp_epsilon(events, delta)
@@ -79,8 +90,14 @@ def _pld_epsilon(events: tuple[Event, ...], delta: float) -> float:
 
     acc = PLDAccountant(value_discretization_interval=PLD_DISCRETIZATION)
     merged: dict[tuple[float, float], int] = {}
+    gauss_precision = 0.0  # Gaussian mechanisms (rate 1) compose exactly into one: 1/z^2 adds up
     for s, q, n in events:  # equal mechanisms compose as one self-composition (much faster)
-        merged[(s, q)] = merged.get((s, q), 0) + n
+        if q >= 1.0:
+            gauss_precision += n / (s * s)
+        else:
+            merged[(s, q)] = merged.get((s, q), 0) + n
+    if gauss_precision:  # (self-composing a Gaussian's PLD 10^6 times needed 8 GB; its closed form needs nothing)
+        acc.compose(dp_accounting.GaussianDpEvent(1.0 / math.sqrt(gauss_precision)))
     for (s, q), n in merged.items():
         gauss = dp_accounting.GaussianDpEvent(s)
         event = gauss if q >= 1.0 else dp_accounting.PoissonSampledDpEvent(q, gauss)
@@ -182,7 +199,10 @@ def make_private(*, model: torch.nn.Module, optimizer: torch.optim.Optimizer, no
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
         warnings.filterwarnings("ignore", message="Optimal order is the")
         engine = PrivacyEngine(accountant="rdp")  # its accountant is never read: accounting is ours
-    loader = DPDataLoader(dataset, sample_rate=sample_rate, generator=fresh_generator())
+    # an empty training set (a small source, a subsample) still takes its planned noise-only steps: whether it is
+    # empty depends on the records, so it must not change what the node does or says
+    loader = DPDataLoader(dataset, sample_rate=sample_rate, generator=fresh_generator()) if len(dataset) else \
+        EmptyPoissonLoader(dataset, sample_rate)
     with warnings.catch_warnings():  # the loader is already Poisson: Opacus is told not to wrap it again
         warnings.simplefilter("ignore")
         out = engine.make_private(
@@ -200,6 +220,23 @@ def make_private(*, model: torch.nn.Module, optimizer: torch.optim.Optimizer, no
                            f"{sample_rate}")
     dp_optimizer.expected_batch_size = max(1, int(expected_batch_size))
     return dp_model, dp_optimizer, dp_loader, engine
+
+
+class EmptyPoissonLoader:
+    """Poisson sampling from an empty dataset: every batch is empty (Opacus' sampler refuses zero records)."""
+
+    def __init__(self, dataset, sample_rate: float) -> None:
+        self.dataset = dataset
+        self.sample_rate = sample_rate
+        self.batch_sampler = self  # what make_private's caller checks: the rate it samples at
+        self._empty = [t[:0] for t in dataset.tensors]
+
+    def __len__(self) -> int:
+        return max(1, int(1 / self.sample_rate))
+
+    def __iter__(self):
+        for _ in range(len(self)):
+            yield list(self._empty)
 
 
 def release(dp_model: torch.nn.Module) -> None:

@@ -25,6 +25,8 @@ GRAD_SAMPLE_MODES = ("hooks", "ghost", "functorch", "ew")
 PRECISIONS = ("auto", "fp32", "bf16")
 POOLINGS = ("cls", "mean")
 OPTIMIZERS = ("adamw", "sgd")
+MAX_ROUNDS = 10_000
+MAX_PLANNED_STEPS = 200_000  # DP-SGD steps one job may plan on a node (accounting more takes minutes and GBs)
 
 
 def _f(default: Any, help: str) -> Any:
@@ -206,12 +208,12 @@ class TrainConfig:
 
     def problems(self) -> list[str]:
         out = []
-        if self.rounds < 1:
-            out.append(f"train.rounds: expected >= 1, got {self.rounds}")
-        if self.local_epochs <= 0:
-            out.append(f"train.local-epochs: expected > 0, got {self.local_epochs}")
-        if self.local_steps < 0:
-            out.append(f"train.local-steps: expected >= 0, got {self.local_steps}")
+        if not 1 <= self.rounds <= MAX_ROUNDS:
+            out.append(f"train.rounds: expected 1..{MAX_ROUNDS:,}, got {self.rounds}")
+        if not 0 < self.local_epochs <= 1000:
+            out.append(f"train.local-epochs: expected > 0 and <= 1000, got {self.local_epochs}")
+        if not 0 <= self.local_steps <= MAX_PLANNED_STEPS:
+            out.append(f"train.local-steps: expected 0..{MAX_PLANNED_STEPS:,}, got {self.local_steps}")
         if self.batch_size < 1:
             out.append(f"train.batch-size: expected >= 1, got {self.batch_size}")
         if self.max_physical_batch_size < 0:

@@ -22,12 +22,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from fedtune.common.errors import BudgetExceededError, EvaluationRefused, FedtuneError, UnsafeMessage
+from fedtune.common.errors import BudgetExceededError, EvaluationRefused, FedtuneError, PrivacyError, UnsafeMessage
 from fedtune.common.privacy import accounting as privacy
 from fedtune.common.privacy.ledger import PrivacyLedger
 from fedtune.common.training import adapter, aggregate, builder, data
 from fedtune.common.training.aggregate import batch_weight
-from fedtune.common.training.config import JobConfig
+from fedtune.common.training.config import MAX_PLANNED_STEPS, JobConfig
 from fedtune.common.training.evaluate import evaluate, predict, private_counts
 from fedtune.common.training.fairness import cells_counts, node_cells
 from fedtune.common.training.imbalance import MAX_WEIGHT, MIN_WEIGHT
@@ -244,6 +244,12 @@ def job_plan(node: Node, job: str, *, federated: bool = True) -> JobPlan:
             "rounds": p.rounds, "ceiling": pol.max_epsilon, "delta": pol.delta, "accountant": pol.accountant}
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
+    if p.total_steps > MAX_PLANNED_STEPS:  # before any accounting: a plan this size costs minutes and gigabytes
+        raise PrivacyError(
+            f"the job plans {p.total_steps:,} DP-SGD steps on this node ({p.rounds} rounds of {p.steps_per_round:,}); "
+            f"this node accounts at most {MAX_PLANNED_STEPS:,} per job",
+            "run a job with fewer rounds, fewer local steps or epochs, or larger batches")
+
     def compute(history: privacy.History) -> dict:
         kw = {"delta": pol.delta, "kind": pol.accountant}
         target = min(j.target_epsilon, pol.max_epsilon)
@@ -327,7 +333,7 @@ def train_round(node: Node, *, job: str, round: int, initial: Mapping[str, np.nd
             finally:
                 privacy.release(dp_model)
         else:
-            loader = DataLoader(node.train_set, batch_size=j.batch_size, shuffle=True,
+            loader = DataLoader(node.train_set, batch_size=j.batch_size, shuffle=len(node.train_set) > 0,
                                 generator=torch.Generator().manual_seed(j.seed + round))
             stats = train_steps(model, loader, optimizer, steps=steps, task=j.task, progress=progress,
                                 class_weights=weights, no_dropout=node.lora.head_only)

@@ -108,9 +108,11 @@ def train_steps(model: torch.nn.Module, loader: DataLoader, optimizer: torch.opt
     """
     is_dp = hasattr(optimizer, "noise_multiplier")
     if is_dp and max_physical_batch > 0:
+        from opacus.data_loader import DPDataLoader
         from opacus.utils.batch_memory_manager import wrap_data_loader
 
-        loader = wrap_data_loader(data_loader=loader, max_batch_size=max_physical_batch, optimizer=optimizer)
+        if isinstance(loader, DPDataLoader):  # (an empty training set has nothing to split)
+            loader = wrap_data_loader(data_loader=loader, max_batch_size=max_physical_batch, optimizer=optimizer)
     device = next(model.parameters()).device
     if class_weights is not None:
         class_weights = class_weights.to(device)
@@ -124,7 +126,9 @@ def train_steps(model: torch.nn.Module, loader: DataLoader, optimizer: torch.opt
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         while done < steps:
+            seen = 0
             for batch in loader:
+                seen += 1
                 if done >= steps:
                     break
                 n = int(batch[0].shape[0])
@@ -154,6 +158,8 @@ def train_steps(model: torch.nn.Module, loader: DataLoader, optimizer: torch.opt
                 done += 1
                 if progress:
                     progress(done, steps, total_loss / max(counted, 1))
+            if not seen:  # no batch at all: a plain loader over no records (with DP, batches are Poisson, never none)
+                break
     model.eval()
     if dropped:
         log.warning("%d sampled record(s) had a non-finite loss or gradient and contributed nothing this round "

@@ -10,7 +10,10 @@ receive the same messages; their sources differ in one record (the same number o
 2. every released value comes from an accounted mechanism: an ``ok`` reply to a train or evaluate message
    has a settled ledger entry for that job, round and kind;
 3. no ledger passes its ceiling;
-4. a refusal depends on the message only: both nodes give the same status and the same reason.
+4. a refusal depends on the message only: both nodes give the same status and the same reason;
+5. an accepted message gets the same figures from both nodes: everything a reply carries besides the noised
+   update and the noised evaluation counts is a function of the message, the node's rules and its
+   source's size (the two sources have the same size).
 
 CI runs a fixed number of examples; set FEDTUNE_HYPOTHESIS_EXAMPLES for more.
 """
@@ -178,6 +181,9 @@ def _tampered(correct: dict[str, np.ndarray], tamper: tuple) -> dict[str, np.nda
     return out
 
 
+NOISED = {"correct", "wrong", "records", "loss-sum", "audit-cells"}  # evaluation counts: Gaussian noise on them
+
+
 def _numbers(reply) -> list[float]:
     vals = []
     for rec in reply.content.array_records.values():
@@ -245,9 +251,10 @@ def test_whatever_the_server_sends_nothing_unaccounted_or_non_finite_leaves_and_
                     assert numbers, "an ok reply carries its release"
                 for lg in open_all(work / name / "state"):
                     assert lg.spent() <= CEILING + 1e-9
-                seen[name] = (status, info.get("reason", "").replace(str(work / name), "<node>"))
-            assert seen["A"] == seen["B"], f"the refusal depends on the records: {seen} for {m}"
-            if os.environ.get("ADV_DEBUG"):
-                print("ADV", m["type"], seen["A"][0], seen["A"][1][:100].replace("\n", " "))
+                metrics = {k: v for rec in reply.content.metric_records.values() for k, v in rec.items()
+                           if k not in NOISED}
+                seen[name] = (status, info.get("reason", "").replace(str(work / name), "<node>"), metrics)
+            assert seen["A"][:2] == seen["B"][:2], f"the refusal depends on the records: {seen} for {m}"
+            assert seen["A"][2] == seen["B"][2], f"a figure depends on the records: {seen} for {m}"
     finally:
         shutil.rmtree(work, ignore_errors=True)
