@@ -63,7 +63,13 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     scheme = "https" if args.tls_cert else "http"
     print(f"fedtune dashboard on {scheme}://{args.host}:{args.port}/ over {root.resolve()} (read-only"
           f"{', token required' if token else ''}; Ctrl-C stops)", flush=True)
-    uvicorn.run(create_app(root, token=token), host=args.host, port=args.port, log_level="warning",
+    wildcard = args.host in ("0.0.0.0", "::", "")
+    allowed = ([] if wildcard else [args.host]) + list(args.allowed_host or [])
+    if wildcard and not args.allowed_host:
+        print(f"note: on {args.host} the dashboard answers only requests for a loopback name; add --allowed-host NAME "
+              "for each name users type (this machine's DNS name or address)", file=sys.stderr, flush=True)
+    uvicorn.run(create_app(root, token=token, allowed_hosts=allowed), host=args.host, port=args.port,
+                log_level="warning",
                 ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key)
     return 0
 
@@ -101,6 +107,9 @@ def add_parsers(sub) -> None:
     dp.add_argument("--tls-key", help="the certificate's private key")
     dp.add_argument("--token-file", help="require this token (file content) on every request (needed off this host)")
     dp.add_argument("--insecure", action="store_true", help="allow a non-loopback address without TLS and a token")
+    dp.add_argument("--allowed-host", action="append", metavar="NAME", help="also answer requests whose Host header "
+                    "names NAME (a proxy's or the machine's DNS name; repeatable). Loopback names and --host always "
+                    "are; any other Host gets 400 (DNS rebinding)")
     dp.set_defaults(func=cmd_dashboard)
 
     cp = sub.add_parser("config", help="list every job setting with its type, default and meaning")

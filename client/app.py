@@ -114,6 +114,11 @@ def make_client_app(settings: dict | None = None, *, sim_state_root: str | Path 
         def work(cfg: JobConfig, ns: NodeSettings) -> Message:
             task = _task(msg)
             sec = msg.content.config_records.get("secagg")
+            if sec is None and ns.require_secagg:  # before anything is read or spent
+                raise SecAggError(
+                    "this node requires secure aggregation (node config require-secure-aggregation=on) and the "
+                    "server's train message carries none: its update and weight would leave in the clear",
+                    "run the job with fed.secure-aggregation=true; refusing before reading a record")
             keys = params = None
             if sec is not None:  # refuse an unsafe or reused round before spending any privacy budget on it
                 keys, params = secure_node.check_train(context, ns, task.job, sec)

@@ -39,7 +39,7 @@ KEYS = {"name": str, "data-path": str, "source": str, "state-dir": str, "max-eps
         "response-column": str, "messages-column": str, "group-column": str,
         "identity-key": str, "roster": str, "secagg-min-cohort": int, "secagg-min-threshold": int,
         "secagg-max-weight": int, "approved-apps": str, "max-received-abs": float, "max-received-norm": float,
-        "allow-shared-content": str}
+        "allow-shared-content": str, "require-secure-aggregation": str}
 ON_OFF = {"on": True, "true": True, "yes": True, "off": False, "false": False, "no": False}
 
 
@@ -59,6 +59,7 @@ class NodeSettings:
     secagg_rules: NodeRules = field(default_factory=NodeRules)
     identity_key_path: str | None = None  # this node's OpenSSH private key (its SuperNode authentication key)
     roster_path: str | None = None  # the federation's registered public keys, by node name
+    require_secagg: bool = False  # refuse a train message without secure aggregation (deployed nodes: default on)
 
     @property
     def max_epsilon(self) -> float:
@@ -96,7 +97,8 @@ def simulated_settings(cfg: JobConfig, pid: int, count: int, state_root: Path) -
     """A simulated organization: node ``pid`` of ``count``, its rules from the job's settings."""
     policy = NodePolicy(source=f"simulated-node-{pid}", max_epsilon=cfg.sim.node_max_epsilon,
                         delta=cfg.privacy.delta or privacy.DEFAULT_DELTA, accountant=cfg.privacy.accountant)
-    return NodeSettings(name=f"node-{pid}", state_dir=state_root / f"node-{pid}", policy=policy, partition=(pid, count))
+    return NodeSettings(name=f"node-{pid}", state_dir=state_root / f"node-{pid}", policy=policy, partition=(pid, count),
+                        require_secagg=cfg.fed.secure_aggregation)  # a simulated node follows the job
 
 
 def node_settings(node_config: Mapping[str, Any], node_id: int) -> NodeSettings:
@@ -131,9 +133,14 @@ def node_settings(node_config: Mapping[str, Any], node_id: int) -> NodeSettings:
     if not data_path:  # never a path from the job: the server does not choose which file a node reads
         problems.append("node config 'data-path': required (the file of this organization's records)")
     source = values.get("source") or DEFAULT_SOURCE  # one budget per node unless the organization names sources
+    require = ON_OFF.get(str(values.get("require-secure-aggregation", "on")).strip().lower())
+    if require is None:
+        problems.append(f"node config 'require-secure-aggregation': expected on or off, got "
+                        f"{values['require-secure-aggregation']!r}")
     shared = ON_OFF.get(str(values.get("allow-shared-content", "off")).strip().lower())
     if shared is None:
-        problems.append(f"node config 'allow-shared-content': expected on or off, got {values['allow-shared-content']!r}")
+        problems.append(f"node config 'allow-shared-content': expected on or off, got "
+                        f"{values['allow-shared-content']!r}")
     rules = NodeRules(min_cohort=values.get("secagg-min-cohort", 3), min_threshold=values.get("secagg-min-threshold", 2),
                       max_weight=values.get("secagg-max-weight", NodeRules.max_weight))
     if rules.min_cohort < 3:
@@ -169,4 +176,5 @@ def node_settings(node_config: Mapping[str, Any], node_id: int) -> NodeSettings:
                         group_column=values.get("group-column", ""), secagg_rules=rules,
                         identity_key_path=str(Path(values["identity-key"]).expanduser()) if "identity-key" in values
                         else None,
-                        roster_path=str(Path(values["roster"]).expanduser()) if "roster" in values else None)
+                        roster_path=str(Path(values["roster"]).expanduser()) if "roster" in values else None,
+                        require_secagg=bool(require))

@@ -14,6 +14,7 @@ import html
 import io
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from fastapi import FastAPI, HTTPException, Request
@@ -194,17 +195,42 @@ setInterval(refresh, %d);
 TOKEN_COOKIE = "fedtune_dashboard"
 
 
-def create_app(root: str | Path, *, poll_ms: int = 2000, token: str | None = None) -> FastAPI:
+def host_name(header: str) -> str:
+    """The name a Host header asks for, without its port ("[::1]:8050" -> "::1")."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:header.find("]")] if "]" in header else ""
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+def _require_host(app: FastAPI, allowed: set[str]) -> None:
+    @app.middleware("http")
+    async def check_host(request: Request, call_next):
+        name = host_name(request.headers.get("host", ""))
+        if name not in allowed:
+            return PlainTextResponse(f"Host {name[:100]!r} is not served here (allowed: {', '.join(sorted(allowed))}); "
+                                     "behind a proxy, start the dashboard with --allowed-host NAME", status_code=400)
+        return await call_next(request)
+
+
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
+
+
+def create_app(root: str | Path, *, poll_ms: int = 2000, token: str | None = None,
+               allowed_hosts: Sequence[str] = ()) -> FastAPI:
     """The dashboard over ``root``; with ``token`` every request must carry it (401 otherwise).
 
     The token is accepted as ``Authorization: Bearer <token>`` (scripts, Prometheus) or once as
     ``?token=<token>`` (a browser), which sets an HttpOnly, Secure cookie and redirects to the
-    same page without it.
+    same page without it. A request whose ``Host`` header names neither a loopback name nor one of
+    ``allowed_hosts`` (the listening address, ``--allowed-host`` names for a proxy) gets 400: a page on
+    another site that rebinds its own DNS name to 127.0.0.1 would otherwise read the dashboard.
     """
     root = Path(root).resolve()
     app = FastAPI(title="fedtune dashboard", docs_url=None, redoc_url=None, openapi_url=None)
     if token:
         _require_token(app, token)
+    _require_host(app, {h.lower().strip("[]") for h in (*LOOPBACK_NAMES, *allowed_hosts)})
 
     def view_of(name: str) -> dict:
         runs = _runs(root)

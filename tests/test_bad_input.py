@@ -152,3 +152,52 @@ def test_a_reader_that_leaves_early_ends_the_command_quietly():
     p.stdout.close()  # the reader is gone before the command writes
     err = p.stderr.read().decode()
     assert p.wait(timeout=60) == 0 and "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+# -- input that used to be read wrongly without a word ------------------------------------------------
+def _read(path, **kw):
+    from fedtune.common.training import data
+
+    return data.read_records(path, text_column="text", label_column="label", labels=EASY_LABELS, **kw)
+
+
+@pytest.mark.parametrize("sep", ["\u2028", "\u0085", "\u2029", "\x0b", "\x1c"])
+def test_jsonl_texts_holding_unicode_line_separators_are_read_whole(tmp_path, sep):
+    """JSON Lines are separated by \\n only; str.splitlines() also split at these, inside a text (invalid JSON)."""
+    text = f"the market fell{sep}then rose"
+    p = write_jsonl(tmp_path / "d.jsonl", [{"text": text, "label": "finance"}, {"text": "a goal", "label": "sport"}])
+    assert _read(p).texts == [text, "a goal"]
+
+
+def test_a_csv_row_with_more_fields_than_the_header_is_refused_not_cut(run_local, tmp_path):
+    p = tmp_path / "d.csv"
+    p.write_text("text,label\nthe striker scored,sport\nthe market fell, then rose,finance\n", encoding="utf-8")
+    _assert_clean_failure(*run_local(p, LABELS), f"{p} line 3: 3 fields, but the header has 2", "quote fields")
+
+
+def test_a_duplicated_csv_header_is_refused(run_local, tmp_path):
+    p = tmp_path / "d.csv"
+    p.write_text("text,label,text\nthe striker scored,sport,old copy\n", encoding="utf-8")
+    _assert_clean_failure(*run_local(p, LABELS), "names column 'text' more than once", "own name")
+
+
+@pytest.mark.parametrize("value,kind", [(3.5, "a number"), (["x"], "a list"), (float("nan"), "a number"),
+                                        ({"a": 1}, "an object"), (True, "a bool")])
+def test_json_values_that_are_not_texts_are_refused(run_local, tmp_path, value, kind):
+    import json
+
+    p = tmp_path / "d.jsonl"
+    p.write_text(json.dumps({"text": "a goal", "label": "sport"}) + "\n" + json.dumps({"text": value,
+                 "label": "finance"}) + "\n", encoding="utf-8")
+    _assert_clean_failure(*run_local(p, LABELS), f"{p}: record 2: 'text' is {kind}", "JSON string")
+
+
+def test_whole_number_labels_are_texts_but_fractional_ones_are_refused(tmp_path):
+    from fedtune.common.errors import DataError
+    from fedtune.common.training import data
+
+    p = write_jsonl(tmp_path / "d.jsonl", [{"text": "a", "label": 1}, {"text": "b", "label": 0}])
+    assert data.read_records(p, text_column="text", label_column="label", labels=["0", "1"]).labels == ["1", "0"]
+    q = write_jsonl(tmp_path / "e.jsonl", [{"text": "a", "label": 1.5}])
+    with pytest.raises(DataError, match="'label' is a number"):
+        data.read_records(q, text_column="text", label_column="label", labels=["1.5"])

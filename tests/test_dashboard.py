@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 def _client(tmp_path):
     make_run(tmp_path / "runs" / "run-a", finished=True)
     live = make_run(tmp_path / "runs" / "run-b", finished=False)
-    return TestClient(create_app(tmp_path / "runs")), live
+    return TestClient(create_app(tmp_path / "runs"), base_url="http://127.0.0.1"), live
 
 
 def test_pages_and_live_fragment(tmp_path):
@@ -67,13 +67,13 @@ def test_path_traversal_and_markup_are_harmless(tmp_path):
 def test_a_token_guards_every_page_and_metrics(tmp_path):
     make_run(tmp_path / "runs" / "run-a", finished=True)
     token = "s3cret-token-0123456789"
-    client = TestClient(create_app(tmp_path / "runs", token=token), base_url="https://testserver")
+    client = TestClient(create_app(tmp_path / "runs", token=token), base_url="https://127.0.0.1")
     for path in ("/", "/runs/run-a", "/metrics", "/api/runs"):
         r = client.get(path)
         assert r.status_code == 401 and "authentication required" in r.text and "run-a" not in r.text
         assert client.get(path, headers={"Authorization": "Bearer wrong-token-0123456789"}).status_code == 401
         assert client.get(path, headers={"Authorization": f"Bearer {token}"}).status_code == 200
-    browser = TestClient(create_app(tmp_path / "runs", token=token), base_url="https://testserver")
+    browser = TestClient(create_app(tmp_path / "runs", token=token), base_url="https://127.0.0.1")
     first = browser.get(f"/runs/run-a?token={token}", follow_redirects=False)
     assert first.status_code == 303 and first.headers["location"] == "/runs/run-a"
     assert "httponly" in first.headers["set-cookie"].lower() and "secure" in first.headers["set-cookie"].lower()
@@ -152,7 +152,7 @@ def test_the_run_page_shows_majority_baseline_warning_and_fairness_audit(tmp_pat
                                    ("east", "<i>west</i>"), 2)], ("east", "<i>west</i>"), ["ham", "spam"])
     rd.write_summary({"final": {"test": test}, "majority_baseline": baseline, "warnings": [warning],
                       "federated_eval": {"accuracy": 0.67, "fairness": nodes}})
-    client = TestClient(create_app(tmp_path / "runs"))
+    client = TestClient(create_app(tmp_path / "runs"), base_url="http://localhost:8050")
     # Execute
     page = client.get("/runs/run-a").text
     fragment = client.get("/runs/run-a/fragment").json()["quality-block"]
@@ -164,3 +164,19 @@ def test_the_run_page_shows_majority_baseline_warning_and_fairness_audit(tmp_pat
         assert "demographic-parity difference" in html_
         # the nodes' audit (pooled noised answers), in its own table, marked as estimates
         assert "<table id=fairness-nodes>" in html_ and "&lt;i&gt;west&lt;/i&gt;" in html_ and "estimates" in html_
+
+
+def test_a_foreign_host_header_is_refused_dns_rebinding(tmp_path):
+    """In its default mode (loopback, no token) the dashboard answered any Host: a page on attacker.example that
+    rebinds its name to 127.0.0.1 could read every run's config and node names from the operator's browser."""
+    make_run(tmp_path / "runs" / "run-a", finished=True)
+    app = create_app(tmp_path / "runs")
+    for base in ("http://attacker.example", "http://attacker.example:8050", "http://127.0.0.1.attacker.example"):
+        r = TestClient(app, base_url=base).get("/")
+        assert r.status_code == 400 and "run-a" not in r.text and "--allowed-host" in r.text
+        assert TestClient(app, base_url=base).get("/metrics").status_code == 400
+    for host in ("127.0.0.1:8050", "localhost", "[::1]:8050", "LOCALHOST:8050"):
+        assert TestClient(app).get("/", headers={"host": host}).status_code == 200
+    proxied = create_app(tmp_path / "runs", allowed_hosts=["fl-dash.example.org"])
+    assert TestClient(proxied, base_url="https://fl-dash.example.org").get("/").status_code == 200
+    assert TestClient(proxied, base_url="https://attacker.example").get("/").status_code == 400

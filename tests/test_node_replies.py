@@ -19,7 +19,8 @@ def _node(tmp_path, csv, *, rounds=3, **run):
     run_config = small_settings(**{"data.labels": ",".join(EASY_LABELS), "data.max-records": 0,
                                    "train.rounds": rounds, **run})
     node_config = {"name": "clinic", "data-path": str(csv), "source": "clinic-notes", "state-dir": str(tmp_path / "s"),
-                   "max-epsilon": 10.0}
+                   "max-epsilon": 10.0,
+                   "require-secure-aggregation": "off"}  # (these tests read plain replies; secure ones: test_secure_server)
     return ScriptedServer(make_client_app(), node_config=node_config, run_config=run_config)
 
 

@@ -30,6 +30,8 @@ def _nodes(tmp_path, tag: str, ids=IDS):
         csv = write_easy_csv(tmp_path / f"data-{nid}.csv", n=40, seed=i)
         conf = {"name": f"org-{nid}", "data-path": str(csv), "state-dir": str(tmp_path / tag / str(nid)),
                 "max-epsilon": float("inf")}
+        if tag == "plain":  # the reference round is plain FedAvg, which these organizations allow
+            conf["require-secure-aggregation"] = "off"
         nodes[nid] = ScriptedServer(make_client_app(), node_config=conf, run_config=run, node_id=nid)
     return nodes
 

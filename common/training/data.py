@@ -111,12 +111,26 @@ def _read_rows(path: Path) -> tuple[list[dict], list[str]]:
         csv.field_size_limit(1 << 30)
         try:
             reader = csv.DictReader(io.StringIO(text, newline=""))
-            rows = list(reader)
+            header = list(reader.fieldnames or [])
+            twice = sorted({c for c in header if header.count(c) > 1})
+            if twice:
+                raise DataError(f"{path}: the header names column {twice[0]!r} more than once ({', '.join(header)})",
+                                "give every column its own name (a duplicated column would silently be read from "
+                                "its last occurrence)")
+            rows = []
+            for row in reader:
+                if None in row:  # more fields than the header: the extra ones would be dropped without a word
+                    raise DataError(
+                        f"{path} line {reader.line_num}: {len(header) + len(row[None])} fields, but the header has "
+                        f"{len(header)}", "quote fields that contain commas (\"the market fell, then rose\"), or "
+                        "add the missing column to the header")
+                rows.append(row)
         except csv.Error as e:
             raise DataError(f"{path} is not valid CSV: {e}", "check quoting; fields with commas need quotes") from None
-        return rows, list(reader.fieldnames or [])
+        return rows, header
     rows, columns = [], {}
-    for n, line in enumerate(text.splitlines(), start=1):
+    # JSON Lines are separated by \n only: str.splitlines() would also split inside a text at U+2028, U+0085, ...
+    for n, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -166,12 +180,12 @@ def read_records(path: str | Path, *, text_column: str, label_column: str | None
         if t is None or not str(t).strip():
             raise DataError(f"{path}: record {n} has an empty {text_column!r}",
                             "remove or fill empty records")
-        texts.append(str(t))
+        texts.append(_string(t, path, n, text_column))
         if label_column:
             lab = row.get(label_column)
             if lab is None or str(lab).strip() == "":
                 raise DataError(f"{path}: record {n} has no {label_column!r}", "give every record a label")
-            file_labels.append(str(lab).strip())
+            file_labels.append(_string(lab, path, n, label_column, integers=True).strip())
     if label_column:
         found = sorted(set(file_labels))
         if not labels:
@@ -185,9 +199,24 @@ def read_records(path: str | Path, *, text_column: str, label_column: str | None
                 f"[{', '.join(labels)}]" + (f"; other unknown labels: {', '.join(unknown[1:6])}" if unknown[1:] else ""),
                 "fix the records' labels, or add the label to data.labels on every node",
             )
-    groups = [str(r.get(group_column) if r.get(group_column) is not None else "").strip() or "(none)"
-              for r in rows] if group_column else []
+    groups = [(_string(r[group_column], path, n, group_column, integers=True) if r.get(group_column) is not None
+               else "").strip() or "(none)"
+              for n, r in enumerate(rows, start=2 if path.suffix.lower() == ".csv" else 1)] if group_column else []
     return Records(texts, file_labels, str(path), groups)
+
+
+def _string(value, path: Path, n: int, column: str, *, integers: bool = False) -> str:
+    """A text (or, with ``integers``, a label or group that may be a whole number) from a record, never a number,
+    list or NaN turned into text (JSON and Parquet carry types: "3.5", "['x']" and "nan" are not texts)."""
+    if isinstance(value, str):
+        return value
+    if integers and isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    kind = ("a number" if isinstance(value, (int, float)) and not isinstance(value, bool) else
+            "a list" if isinstance(value, (list, tuple)) else "an object" if isinstance(value, dict) else
+            f"a {type(value).__name__}")
+    raise DataError(f"{path}: record {n}: {column!r} is {kind} ({str(value)[:40]}), not a text",
+                    f"write {column!r} as a JSON string (in quotes)" + (" or a whole number" if integers else ""))
 
 
 def read_instructions(path: str | Path, *, prompt_column: str, response_column: str = "",
@@ -231,8 +260,8 @@ def read_instructions(path: str | Path, *, prompt_column: str, response_column: 
         for col, v in ((prompt_column, p), (response_column, r)):
             if v is None or not str(v).strip():
                 raise DataError(f"{path}: record {n} has an empty {col!r}", "remove or fill empty records")
-        prompts.append(str(p))
-        responses.append(str(r))
+        prompts.append(_string(p, path, n, prompt_column))
+        responses.append(_string(r, path, n, response_column))
     return Records(prompts, [], str(path), [], responses, chat=bool(messages_column))
 
 

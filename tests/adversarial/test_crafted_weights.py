@@ -72,7 +72,7 @@ def _crafted_head() -> dict[str, np.ndarray]:
 
 def _node(tmp_path, csv, name: str, **node_config) -> ScriptedServer:
     nc = {"name": name, "data-path": str(csv), "source": "notes", "state-dir": str(tmp_path / f"state-{name}"),
-          "max-epsilon": 20.0, **node_config}
+          "max-epsilon": 20.0, "require-secure-aggregation": "off", **node_config}
     return ScriptedServer(make_client_app(), node_config=nc, run_config=JOB)
 
 

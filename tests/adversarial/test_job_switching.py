@@ -25,7 +25,8 @@ def test_a_node_alternating_jobs_keeps_one_model_alive(tmp_path):
                                 "fed.secure-aggregation": False, "privacy.enabled": True})
         model = runtime.shared_model(load_config(run), EASY_LABELS)
         node = ScriptedServer(make_client_app(), run_config=run, node_config={
-            "data-path": str(csv), "state-dir": str(tmp_path / "state"), "max-epsilon": 50})
+            "data-path": str(csv), "state-dir": str(tmp_path / "state"), "max-epsilon": 50,
+            "require-secure-aggregation": "off"})
         reply = node.send("train", config={"job": f"j{i}", "server-round": 1},
                           arrays=adapter.pack(model.model, ffa=False))
         assert reply.content["info"]["status"] == "ok", reply.content["info"]["reason"]

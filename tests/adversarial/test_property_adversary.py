@@ -231,7 +231,7 @@ def test_whatever_the_server_sends_nothing_unaccounted_or_non_finite_leaves_and_
             shutil.copy(sources / name / "notes.csv", d / "notes.csv")
             nodes[name] = ScriptedServer(make_client_app(), run_config=run_config, node_config={
                 "name": "clinic", "data-path": str(d / "notes.csv"), "source": "notes", "state-dir": str(d / "state"),
-                "max-epsilon": CEILING})
+                "max-epsilon": CEILING, "require-secure-aggregation": "off"})
         for m in messages:
             arrays = _tampered(correct, m["tamper"])
             seen = {}

@@ -66,11 +66,12 @@ def test_a_deployed_node_refuses_a_copy_registered_as_a_new_source(tmp_path, min
     state = str(tmp_path / "state")
     arrays = adapter.pack(minilm_easy.model, ffa=False)
     first = ScriptedServer(make_client_app(), run_config=run,
-                           node_config={"data-path": str(a), "state-dir": state, "max-epsilon": 8})
+                           node_config={"data-path": str(a), "state-dir": state, "max-epsilon": 8,
+                                        "require-secure-aggregation": "off"})
     assert first.send("train", config={"job": "j1", "server-round": 1}, arrays=arrays).content["info"]["status"] == "ok"
     second = ScriptedServer(make_client_app(), run_config=run,
                             node_config={"data-path": str(copy), "source": "fresh", "state-dir": state,
-                                         "max-epsilon": 8})
+                                         "max-epsilon": 8, "require-secure-aggregation": "off"})
     reply = second.send("train", config={"job": "j2", "server-round": 1}, arrays=arrays)
     assert reply.content["info"]["status"] == "error" and "already released under data source 'default'" in \
         reply.content["info"]["reason"]
