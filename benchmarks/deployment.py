@@ -76,7 +76,8 @@ def rounds_side_by_side(tmp: Path) -> tuple[list[float], list[float], float, flo
         for i, o in enumerate(orgs):
             fed.register(o)
             fed.start_supernode(o, {"name": o, "data-path": str(write_easy_csv(tmp / f"{o}.csv", n=60, seed=i)),
-                                    "state-dir": str(tmp / "state" / o), "max-epsilon": 8})
+                                    "state-dir": str(tmp / "state" / o), "max-epsilon": 8,
+                                    "approved-peers": str(fed.approve(o, orgs))})
         held = write_easy_csv(tmp / "held.csv", n=80, seed=9)
         fed.run({**job, "fed.run-dir": str(tmp / "dep-run"), "data.path": str(held)}, timeout=900)
     finally:

@@ -101,8 +101,13 @@ def cmd_node(args: argparse.Namespace) -> int:
 
 def cmd_keys(args: argparse.Namespace) -> int:
     """Make a federation's CA + SuperLink certificate, and/or SuperNode key pairs."""
+    from fedtune.common.errors import FedtuneError
     from fedtune.common.operations import keys
 
+    if args.action == "fingerprint":
+        return _fingerprints(args.paths)
+    if not args.out:
+        raise FedtuneError(f"fedtune keys {args.action} needs --out", "give the directory for the files: --out fed-keys")
     out = Path(args.out)
     made = []
     if args.action == "init":
@@ -117,6 +122,30 @@ def cmd_keys(args: argparse.Namespace) -> int:
               f"--ssl-keyfile {out / 'server.key'}")
         print(f"SuperNodes get {out / 'ca.crt'} (as --root-certificates) and their own nodes/<name>.key; "
               f"the operator registers nodes/<name>.pub with `flwr supernode register`")
+    return 0
+
+
+def _fingerprints(paths: list[str]) -> int:
+    """Each public key's name and OpenSSH fingerprint, as an organization compares them with a peer out of band."""
+    from cryptography.hazmat.primitives import serialization
+    from fedtune.common.errors import FedtuneError
+    from fedtune.common.secagg.protocol import fingerprint, load_roster
+
+    if not paths:
+        raise FedtuneError("fedtune keys fingerprint needs at least one path",
+                           "give .pub files or an approved-peers directory or file")
+    for path in paths:
+        p = Path(path)
+        if p.is_file() and p.suffix == ".pub":
+            try:
+                keys = {p.stem: serialization.load_ssh_public_key(p.read_bytes().strip())}
+            except (ValueError, UnicodeDecodeError) as e:
+                raise FedtuneError(f"{p} is not an OpenSSH public key ({e})", "give a .pub file fedtune keys wrote") \
+                    from None
+        else:
+            keys = load_roster(str(p))
+        for name, key in keys.items():
+            print(f"{name}  {fingerprint(key)}")
     return 0
 
 
@@ -163,9 +192,11 @@ def add_parsers(sub) -> None:
     np_.set_defaults(func=cmd_node)
 
     kp = sub.add_parser("keys", help="make TLS certificates and SuperNode authentication keys")
-    kp.add_argument("action", choices=["init", "node"], help="init: CA + SuperLink certificate (+ --node keys); "
-                    "node: only SuperNode key pairs")
-    kp.add_argument("--out", required=True, help="directory for the files (private keys are written 0600)")
+    kp.add_argument("action", choices=["init", "node", "fingerprint"], help="init: CA + SuperLink certificate "
+                    "(+ --node keys); node: only SuperNode key pairs; fingerprint: print the fingerprint of each "
+                    "public key (a .pub file, or a directory or file of approved peers) to compare out of band")
+    kp.add_argument("paths", nargs="*", help="fingerprint: .pub files, approved-peers directories or files")
+    kp.add_argument("--out", help="init, node: directory for the files (private keys are written 0600)")
     kp.add_argument("--host", action="append", help="SuperLink address for its certificate (repeatable; "
                     "default 127.0.0.1 and localhost)")
     kp.add_argument("--node", action="append", help="make a SuperNode key pair with this name (repeatable)")

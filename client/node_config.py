@@ -37,7 +37,8 @@ log = logging.getLogger(__name__)
 KEYS = {"name": str, "data-path": str, "source": str, "state-dir": str, "max-epsilon": float, "delta": float,
         "accountant": str, "evaluate": str, "task": str, "text-column": str, "label-column": str,
         "response-column": str, "messages-column": str, "group-column": str,
-        "identity-key": str, "roster": str, "secagg-min-cohort": int, "secagg-min-threshold": int,
+        "identity-key": str, "roster": str, "approved-peers": str, "secagg-min-organizations": int,
+        "secagg-min-cohort": int, "secagg-min-threshold": int,
         "secagg-max-weight": int, "approved-apps": str, "max-received-abs": float, "max-received-norm": float,
         "allow-shared-content": str, "require-secure-aggregation": str}
 ON_OFF = {"on": True, "true": True, "yes": True, "off": False, "false": False, "no": False}
@@ -58,7 +59,8 @@ class NodeSettings:
     partition: tuple[int, int] | None = None  # (index, count) for a simulated node
     secagg_rules: NodeRules = field(default_factory=NodeRules)
     identity_key_path: str | None = None  # this node's OpenSSH private key (its SuperNode authentication key)
-    roster_path: str | None = None  # the federation's registered public keys, by node name
+    roster_path: str | None = None  # the peers this organization approved: their public keys, by node name
+    any_peer: bool = False  # approved-peers="*": aggregate with whoever the server proposes (trials only)
     require_secagg: bool = False  # refuse a train message without secure aggregation (deployed nodes: default on)
 
     @property
@@ -70,7 +72,7 @@ class NodeSettings:
         return load_identity_key(self.identity_key_path) if self.identity_key_path else None
 
     def roster(self) -> dict | None:
-        """The registered public keys every peer's secure-aggregation keys are checked against (None: none)."""
+        """The approved peers' public keys every peer's secure-aggregation keys are checked against (None: none)."""
         return load_roster(self.roster_path) if self.roster_path else None
 
     def apply(self, cfg: JobConfig) -> JobConfig:
@@ -142,7 +144,18 @@ def node_settings(node_config: Mapping[str, Any], node_id: int) -> NodeSettings:
         problems.append(f"node config 'allow-shared-content': expected on or off, got "
                         f"{values['allow-shared-content']!r}")
     rules = NodeRules(min_cohort=values.get("secagg-min-cohort", 3), min_threshold=values.get("secagg-min-threshold", 2),
-                      max_weight=values.get("secagg-max-weight", NodeRules.max_weight))
+                      max_weight=values.get("secagg-max-weight", NodeRules.max_weight),
+                      min_organizations=values.get("secagg-min-organizations", NodeRules.min_organizations))
+    if rules.min_organizations < 1:
+        problems.append(f"node config 'secagg-min-organizations': expected >= 1, got {rules.min_organizations}")
+    if "roster" in values:  # its name from before: the operator's list. It is the organization's own now
+        if "approved-peers" in values:
+            problems.append("node config 'roster' and 'approved-peers' name the same thing: keep 'approved-peers'")
+        else:
+            values["approved-peers"] = values.pop("roster")
+    any_peer = values.get("approved-peers", "").strip() == "*"
+    if any_peer:
+        values.pop("approved-peers")
     if rules.min_cohort < 3:
         problems.append(f"node config 'secagg-min-cohort': expected >= 3 (with 2 nodes each learns the other's update "
                         f"from the sum), got {rules.min_cohort}")
@@ -150,12 +163,12 @@ def node_settings(node_config: Mapping[str, Any], node_id: int) -> NodeSettings:
         problems.append(f"node config 'secagg-min-threshold': expected >= 2, got {rules.min_threshold}")
     if rules.max_weight < 1:
         problems.append(f"node config 'secagg-max-weight': expected >= 1, got {rules.max_weight}")
-    for key in ("identity-key", "roster"):
+    for key in ("identity-key", "approved-peers"):
         if key in values and not Path(values[key]).expanduser().exists():
             problems.append(f"node config {key!r}: {values[key]} does not exist")
-    if ("identity-key" in values) != ("roster" in values):
-        problems.append("node config 'identity-key' and 'roster' go together: the node signs its keys with the "
-                        "one and checks its peers' against the other")
+    if "approved-peers" in values and "identity-key" not in values:
+        problems.append("node config 'approved-peers' needs 'identity-key': the node signs its keys with the one (so "
+                        "its peers can check them) and checks its peers' against the other")
     bounds = {k: values.get(k, getattr(NodePolicy, k.replace("-", "_"))) for k in ("max-received-abs",
                                                                                   "max-received-norm")}
     for k, v in bounds.items():
@@ -176,5 +189,6 @@ def node_settings(node_config: Mapping[str, Any], node_id: int) -> NodeSettings:
                         group_column=values.get("group-column", ""), secagg_rules=rules,
                         identity_key_path=str(Path(values["identity-key"]).expanduser()) if "identity-key" in values
                         else None,
-                        roster_path=str(Path(values["roster"]).expanduser()) if "roster" in values else None,
+                        roster_path=str(Path(values["approved-peers"]).expanduser()) if "approved-peers" in values
+                        else None, any_peer=any_peer,
                         require_secagg=bool(require))

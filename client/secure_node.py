@@ -70,16 +70,27 @@ def _params(rec, job: str | None = None) -> sa.Params:
     return p
 
 
-def _warn_unauthenticated(ns) -> None:
-    if ns.partition is None and ns.name not in _warned:
+def _check_peers_decided(ns) -> None:
+    """A deployed node aggregates only with peers its organization approved (or, knowingly, with anyone)."""
+    if ns.partition is not None or ns.roster_path:
+        return
+    if not ns.any_peer:
+        raise sa.SecAggError(
+            "this node has no approved peers (node config approved-peers): the server alone would decide whom it "
+            "aggregates with, and an operator adding identities of its own could read its update from the sum",
+            "list the organizations you accept in approved-peers (a directory of <name>.pub files, or a file of "
+            "'<name> <public key>' lines, checked out of band with `fedtune keys fingerprint`), with identity-key; "
+            "approved-peers=\"*\" accepts anyone (trials only)")
+    if ns.name not in _warned:
         _warned.add(ns.name)
-        log.warning("node %s: no federation roster (node config roster): secure-aggregation keys of other nodes are "
-                    "not authenticated, so a malicious server could substitute them; see docs/secure-aggregation.md",
-                    ns.name)
+        log.warning("node %s: approved-peers=\"*\": secure-aggregation keys of other nodes are not authenticated and "
+                    "the server decides the cohort, so a malicious server could substitute keys or add identities of "
+                    "its own; see docs/secure-aggregation.md", ns.name)
 
 
 def advertise(context: Context, ns, rec) -> dict:
     """Check the proposed key epoch (cohort, graph degree, threshold); make and advertise fresh keys."""
+    _check_peers_decided(ns)
     p = _params(rec)
     keys, advert = sa.NodeKeys.generate(p, node=context.node_id, name=ns.name, rules=ns.secagg_rules,
                                         identity=ns.identity_key())
@@ -92,10 +103,10 @@ def advertise(context: Context, ns, rec) -> dict:
 
 def join(context: Context, ns, rec) -> dict:
     keys = load_keys(context)
+    _check_peers_decided(ns)
     roster = ns.roster()
-    if roster is None:
-        _warn_unauthenticated(ns)
-    sealed = keys.join(_params(rec, keys.params.job), codec.adverts_from_wire(rec), roster=roster)
+    sealed = keys.join(_params(rec, keys.params.job), codec.adverts_from_wire(rec), roster=roster,
+                       min_organizations=ns.secagg_rules.min_organizations)
     save_keys(context, keys)
     return codec.shares_to_wire(sealed)
 

@@ -90,7 +90,7 @@ def prepare(*, superlink: str, ca: str, key: str, config: dict, port: int, retri
     if ":" not in superlink:
         problems.append(f"--superlink {superlink!r}: expected HOST:PORT")
     config = dict(config)
-    if "roster" in config and "identity-key" not in config:
+    if ("approved-peers" in config or "roster" in config) and "identity-key" not in config:
         config["identity-key"] = str(key_p)  # the SuperNode key also signs its secure-aggregation keys
     if problems:
         raise ConfigError(problems)

@@ -107,6 +107,16 @@ class LocalFederation:
         if r.returncode != 0:
             raise RuntimeError(f"registering {name} failed: {r.stdout} {r.stderr}")
 
+    def approve(self, org: str, peers: list[str]) -> Path:
+        """``org``'s approved-peers directory: its peers' public keys (in a real federation each organization
+        collects them itself and checks their fingerprints out of band; here they are copied)."""
+        d = self.base / "approved" / org
+        d.mkdir(parents=True, exist_ok=True)
+        for peer in peers:
+            if peer != org:
+                (d / f"{peer}.pub").write_bytes((self.keys / "nodes" / f"{peer}.pub").read_bytes())
+        return d
+
     def start_supernode(self, name: str, node_config: dict) -> subprocess.Popen:
         """``fedtune node`` for organization ``name`` with ``node_config`` (written as its TOML file)."""
         conf = self.base / f"{name}.toml"

@@ -1,6 +1,6 @@
 """A real deployment on 127.0.0.1, started with `fedtune superlink` and `fedtune node`: a TLS SuperLink whose
 Control API is on loopback only behind the Fleet gateway, organizations' SuperNodes as separate processes
-with their own data, ledgers, identity keys and roster, DP + secure aggregation, via `flwr run`. Attacked
+with their own data, ledgers, identity keys and approved peers, DP + secure aggregation, via `flwr run`. Attacked
 the way a second party and a wrong app bundle would attack it; and the SuperLink killed mid-run."""
 
 from __future__ import annotations
@@ -85,20 +85,18 @@ def _bundle(tmp_path, *, name, publisher, version, pkg, client="client"):
 
 
 def _start(fed, tmp_path, orgs, *, max_epsilon=8, bad=()):
-    """Keys, the operator's SuperLink and registrations, and each organization's node (with the roster)."""
+    """Keys, the operator's SuperLink and registrations, and each organization's node (with the peers it approved)."""
     fed.make_keys(orgs + ["org-unregistered"])
     fed.start_superlink()
     for o in orgs:
         fed.register(o)
-    roster = tmp_path / "roster"  # what the operator distributes: the registered public keys, by name
-    roster.mkdir()
-    for o in orgs:
-        (roster / f"{o}.pub").write_bytes((fed.keys / "nodes" / f"{o}.pub").read_bytes())
     data = {}
     for i, o in enumerate(orgs):
         data[o] = write_easy_csv(tmp_path / f"{o}.csv", n=60, seed=i)
+        # each organization's own list of the peers it accepts (the others' keys), never the operator's
         fed.start_supernode(o, {"name": o, "data-path": str(data[o]), "state-dir": str(tmp_path / "state" / o),
-                                "max-epsilon": max_epsilon, "roster": str(roster)})
+                                "max-epsilon": max_epsilon, "approved-peers": str(fed.approve(o, orgs)),
+                                "secagg-min-organizations": 3})
     return data
 
 
@@ -206,7 +204,7 @@ def test_only_the_operator_controls_and_only_the_installed_app_runs(tmp_path):
             (ledger,) = open_all(tmp_path / "state" / o)
             assert [e.round for e in ledger.counted if e.job == "run"] == [1, 2, 3]
             assert 0 < ledger.spent() <= 8 and ledger.spent() == pytest.approx(by_name[o]["epsilon"])
-        assert "no federation roster" not in fed.log("org-0")  # keys were checked against the roster
+        assert "approved-peers=" not in fed.log("org-0")  # peers' keys were checked against its own approved list
         base = AutoModelForSequenceClassification.from_pretrained(str(default_model_dir()), num_labels=2)
         PeftModel.from_pretrained(base, str(run_dir / "adapter"))
     finally:

@@ -136,4 +136,4 @@ def test_fedtune_node_checks_its_setup_before_starting(tmp_path, capsys):
     conf.write_text('name = "a"\ndata-path = "/d.csv"\nmax-epsilon = -1\nroster = "/nowhere"\n')
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert "'max-epsilon': expected > 0" in err and "'roster': /nowhere does not exist" in err
+    assert "'max-epsilon': expected > 0" in err and "'approved-peers': /nowhere does not exist" in err  # (roster: its earlier name)

@@ -45,3 +45,20 @@ def test_existing_keys_are_never_overwritten_without_force(tmp_path, capsys):
 def test_server_cert_needs_the_ca(tmp_path):
     with pytest.raises(pki.KeyFileError, match="fedtune keys init"):
         pki.make_server_cert(tmp_path, hosts=["127.0.0.1"])
+
+
+def test_keys_fingerprint_prints_what_ssh_keygen_prints(tmp_path, capsys):
+    """What two organizations read to each other to check a key they exchanged (OpenSSH's SHA256 fingerprint)."""
+    import base64
+    import hashlib
+
+    from fedtune.cli import main
+
+    assert main(["keys", "node", "--out", str(tmp_path), "--node", "clinic-b", "--node", "lab-c"]) == 0
+    capsys.readouterr()
+    assert main(["keys", "fingerprint", str(tmp_path / "nodes")]) == 0
+    printed = dict(line.split() for line in capsys.readouterr().out.splitlines())
+    for name in ("clinic-b", "lab-c"):
+        blob = base64.b64decode((tmp_path / "nodes" / f"{name}.pub").read_text().split()[1])
+        assert printed[name] == "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+    assert main(["keys", "fingerprint"]) == 2

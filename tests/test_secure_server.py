@@ -32,6 +32,8 @@ def _nodes(tmp_path, tag: str, ids=IDS):
                 "max-epsilon": float("inf")}
         if tag == "plain":  # the reference round is plain FedAvg, which these organizations allow
             conf["require-secure-aggregation"] = "off"
+        else:  # these tests attack the protocol; peers approved by each organization: tests/adversarial
+            conf["approved-peers"] = "*"
         nodes[nid] = ScriptedServer(make_client_app(), node_config=conf, run_config=run, node_id=nid)
     return nodes
 

@@ -137,9 +137,25 @@ def load_identity_key(path: str):
     return key
 
 
+def organization(name: str) -> str:
+    """The organization a node name belongs to: the part before ``/`` (``hospital-b/site-2``), or the name."""
+    return name.split("/", 1)[0]
+
+
+def fingerprint(public_key) -> str:
+    """The OpenSSH fingerprint of a public key (``SHA256:...``, as ``ssh-keygen -lf`` prints it), to compare keys
+    read aloud or sent out of band."""
+    import base64
+
+    line = public_key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).split()
+    digest = hashlib.sha256(base64.b64decode(line[1])).digest()
+    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+
+
 def load_roster(path: str) -> dict[str, object]:
-    """The federation's registered public keys, by node name: a directory of ``<name>.pub`` files
-    (as ``fedtune keys`` writes them) or one file of ``<name> <openssh public key>`` lines."""
+    """An organization's approved peers' public keys, by node name: a directory of ``<name>.pub`` files
+    (as ``fedtune keys`` writes them) or one file of ``<name> <openssh public key>`` lines. A node name
+    ``org/site`` in a file groups nodes of one organization (a file name cannot hold ``/``: use ``org--site.pub``)."""
     from pathlib import Path
 
     p = Path(path)
@@ -147,7 +163,7 @@ def load_roster(path: str) -> dict[str, object]:
     try:
         if p.is_dir():
             for f in sorted(p.glob("*.pub")):
-                entries[f.stem] = f.read_bytes().strip()
+                entries[f.stem.replace("--", "/", 1)] = f.read_bytes().strip()
         else:
             for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
                 if line.strip() and not line.lstrip().startswith("#"):
@@ -333,6 +349,7 @@ class NodeRules:
     min_threshold: int = 2
     max_weight: int = 10**6
     clip: tuple[float, float] = (1e-3, 1e3)
+    min_organizations: int = 3  # distinct approved organizations (this one included) a cohort must hold
 
     def check_epoch(self, p: Params, me: int) -> None:
         """Raise ParamsError unless the key epoch's cohort, graph and threshold are safe for node ``me``."""
@@ -494,13 +511,14 @@ class NodeKeys:
         a, b = sorted((self.node, peer))
         return agree(self.s_sk, self.peers[peer].s_pk, f"pair|{self.params.job}|{self.params.epoch}|{a}|{b}".encode())
 
-    def join(self, params: Params, adverts: Mapping[int, Advert], *, roster: Mapping[str, object] | None
-             ) -> dict[int, bytes]:
+    def join(self, params: Params, adverts: Mapping[int, Advert], *, roster: Mapping[str, object] | None,
+             min_organizations: int = 1) -> dict[int, bytes]:
         """Accept the epoch's public keys; return this node's mask-key shares, sealed for each neighbour.
 
         Checks: the same epoch parameters as advertised for, one advertisement per cohort member, this
-        node's own keys unchanged, no repeated key, and (with a roster) every advertisement signed by
-        the identity key registered under its name.
+        node's own keys unchanged, no repeated key, and (with a roster: the peers this node's organization
+        approved) every advertisement signed by the identity key approved under its name, from at least
+        ``min_organizations`` distinct organizations (this node's included).
         """
         if dataclasses.replace(params, seed=0).epoch_part() != dataclasses.replace(self.params, seed=0).epoch_part():
             raise SecAggError("the key epoch's parameters changed between advertising and joining",
@@ -518,12 +536,21 @@ class NodeKeys:
             if len(set(names)) != len(names):
                 raise SecAggError("two nodes of the cohort claim the same name", "refusing this key epoch")
             for v, a in adverts.items():
+                if v == self.node:  # its own keys were checked above; it need not approve itself
+                    continue
                 pub = roster.get(a.name)
                 if pub is None or a.node != v or not _verify_identity(pub, a.identity_sig,
                                                                       a.signed_bytes(params.job, params.epoch)):
-                    raise SecAggError(f"the keys of node {a.name!r} are not signed by the key registered for it in "
-                                      "the federation roster (unregistered node or substituted keys)",
-                                      "refusing this key epoch; check the roster and the node's identity key")
+                    raise SecAggError(f"the keys of node {a.name!r} are not signed by a key this organization approved "
+                                      "for it (node config approved-peers): a peer it did not approve, or "
+                                      "substituted keys", "refusing this key epoch; the organization decides who "
+                                      "it aggregates with: add the peer's public key (checked out of band) to "
+                                      "approved-peers only if it should be in")
+            orgs = {organization(a.name) for a in adverts.values()}
+            if len(orgs) < min_organizations:
+                raise SecAggError(f"the cohort holds {len(orgs)} distinct organization(s) ({', '.join(sorted(orgs))}), "
+                                  f"fewer than this node's minimum of {min_organizations}",
+                                  "refusing this key epoch (node config secagg-min-organizations)")
         if params.seed != graph_seed(params.job, params.epoch, adverts):
             raise SecAggError("the neighbour graph's seed is not the one the advertised keys determine",
                               "refusing: the server may not choose the graph")
