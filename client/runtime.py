@@ -24,7 +24,10 @@ MAX_NODES = 64
 
 
 def _model_key(cfg: JobConfig, labels: list[str]) -> str:
-    return json.dumps([cfg.model.path, cfg.model.task, labels, cfg.lora.__dict__], sort_keys=True, default=str)
+    """Everything ``builder.build_model`` reads (a job differing only in pooling or precision once got the
+    previous job's model)."""
+    return json.dumps([cfg.model.path, cfg.model.task, cfg.model.pooling, labels, cfg.lora.__dict__,
+                       cfg.train.device, cfg.train.precision], sort_keys=True, default=str)
 
 
 def shared_model(cfg: JobConfig, labels: list[str]) -> LoraModel:

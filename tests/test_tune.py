@@ -53,7 +53,7 @@ def test_an_adaptive_search_states_the_composition_of_every_trial_its_nodes_ledg
         assert p["search_epsilon"] == pytest.approx(_independent_epsilon([e.event for e in entries], p["delta"]),
                                                     rel=1e-4)
         assert p["search_epsilon"] == pytest.approx(ledger.spent(), rel=1e-9) and ledger.spent() <= 40
-        assert p["search_epsilon"] > 2 * p["one_trial_epsilon"]  # seven trials cost far more than one
+        assert p["search_epsilon"] > 1.5 * p["one_trial_epsilon"]  # seven trials cost more than one
         names.add(node_dir.name)
     assert names == set(result["privacy"]["nodes"]) and len(names) == 3
     assert result["privacy"]["search_epsilon_max"] == max(p["search_epsilon"] for p in result["privacy"]["nodes"].values())

@@ -36,3 +36,13 @@ def test_a_node_alternating_jobs_keeps_one_model_alive(tmp_path):
     alive = [m() is not None for m in models]
     assert alive == [False, False, False, True]  # only the current job's model
     assert len(runtime._MODELS) == 1 and all(n.lora.model is models[-1]() for n in runtime._NODES.values())
+
+
+def test_jobs_differing_only_in_what_the_model_is_built_from_get_their_own_model():
+    """A job with model.pooling=mean after one with cls (same LoRA settings) reused the cls model: the node
+    trained and answered with a model the job did not ask for (found when test order changed)."""
+    base = small_settings(**{"data.labels": ",".join(EASY_LABELS)})
+    cls = runtime.shared_model(load_config({**base, "model.pooling": "cls"}), EASY_LABELS)
+    mean = runtime.shared_model(load_config({**base, "model.pooling": "mean"}), EASY_LABELS)
+    assert mean is not cls and mean.model.config.to_dict().get("fedtune_pooling") == "mean"
+    assert "fedtune_pooling" not in cls.model.config.to_dict()
