@@ -22,6 +22,7 @@ from fedtune.common.training.config import JobConfig
 from fedtune.common.training.evaluate import evaluate, pool_answers
 from fedtune.common.training.fairness import audit_groups, pool_cells
 from fedtune.common.training.imbalance import class_weights, learned_nothing, majority_baseline, what_to_try
+from fedtune.common.training.node import with_features
 from fedtune.common.training.wire import EvalAnswer, NodeRoundResult, RoundTask
 from fedtune.server.aggregation import Aggregator
 from fedtune.server.messages import (
@@ -44,7 +45,8 @@ class ServerModel:
         self.cfg = cfg
         self.splits = builder.load_records(cfg)
         self.lora = builder.build_model(cfg, self.splits.labels)
-        self.val, self.test = builder.tokenized(cfg, self.lora, self.splits, "val", "test")
+        tokens = builder.tokenized(cfg, self.lora, self.splits, "val", "test")
+        (self.val, self.test), self.net = with_features(cfg, self.lora, tokens)  # the head on features, or the model
         held = self.splits.val.labels + self.splits.test.labels  # the server's own records, not any node's
         cls = cfg.model.task == "seq-cls"
         self.class_weights = class_weights(held, self.splits.labels, cfg.train.class_weighting) if cls else None
@@ -61,8 +63,8 @@ class ServerModel:
     def evaluate(self, arrays: dict[str, np.ndarray]) -> dict:
         self.load(arrays)
         kw = dict(task=self.cfg.model.task, labels=self.splits.labels, batch_size=self.cfg.train.eval_batch_size)
-        out = {"val": evaluate(self.lora.model, self.val, groups=self.splits.val.groups, **kw),
-               "test": evaluate(self.lora.model, self.test, groups=self.splits.test.groups, **kw)}
+        out = {"val": evaluate(self.net, self.val, groups=self.splits.val.groups, **kw),
+               "test": evaluate(self.net, self.test, groups=self.splits.test.groups, **kw)}
         m = self.cfg.model
         if self.splits.test.responses and m.eval_generate:  # instruction tuning: answers scored against references
             from fedtune.common.training.generate import generation_metrics
@@ -174,8 +176,14 @@ class Federation:
         # python's sampler: node ids are 64-bit unsigned and numpy would turn mixed ones into floats
         asked = sorted(random.Random(f"{cfg.train.seed}-{rnd}").sample(eligible, k))
         conf = RoundTask(job=self.rd.path.name, round=rnd, class_weights=self.class_weights).to_record()
+        if first:
+            self.out(f"round {rnd}/{cfg.train.rounds}: asking {len(asked)} nodes (on its first message each node "
+                     "loads the model and prepares its records" + (", computing their features once: the encoder is "
+                     "frozen" if cfg.lora.head_only and cfg.train.cache_features else "") + ") ...")
+        t_agg = time.perf_counter()
         outcome = self.agg.run_round(grid, server_round=rnd, node_ids=asked, global_arrays=global_arrays,
                                      config=conf, names=self.names)
+        timing = {**(outcome.extra.pop("timing", None) or {"train": round(time.perf_counter() - t_agg, 3)})}
         for r in outcome.replies:
             self.names[r.node_id] = r.name
             if r.status == "refused":
@@ -186,8 +194,12 @@ class Federation:
         arrays = new if new is not None else global_arrays
         # the nodes evaluate while the server does: neither waits for the other (in a simulation they share cores)
         pending = self._post_federated_eval(grid, rnd, arrays, connected)
+        t_ev = time.perf_counter()
         ev = server.evaluate(arrays) if f.server_eval else {}
+        timing["server_eval"] = round(time.perf_counter() - t_ev, 3)
+        t_ev = time.perf_counter()
         fed_ev = self._collect_federated_eval(grid, pending)
+        timing["federated_eval_wait"] = round(time.perf_counter() - t_ev, 3)  # after the server's own evaluation
         ok = [r for r in outcome.replies if r.ok]
         results = {r.node_id: NodeRoundResult.from_record(r.metrics) for r in outcome.replies}
         eps = {self.key(r.node_id): results[r.node_id].epsilon for r in ok}
@@ -196,7 +208,7 @@ class Federation:
                 eps[key] = max(eps.get(key) or 0.0, m["epsilon"])
         record = {
             "round": rnd, "status": "ok" if new is not None else "failed", "reason": outcome.reason,
-            "started": started, "seconds": round(time.perf_counter() - t0, 3),
+            "started": started, "seconds": round(time.perf_counter() - t0, 3), "timing": timing,
             "aggregation": self.agg.name, "secure_aggregation": self.agg.secure,
             "nodes_connected": len(connected), "nodes_asked": len(asked), "nodes_replied": len(ok),
             "nodes_benched": sorted(self.names.get(n, str(n)) for n in connected if n not in asked),

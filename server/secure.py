@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 
 import numpy as np
 from fedtune.common.secagg import codec
@@ -108,9 +109,11 @@ class SecureFedAvg:
         job = str(config["job"])
         cohort = sorted(node_ids)
         exchanges, failures = 0, []
+        t0 = time.perf_counter()
         if self.rekey or self.epoch is None or list(self.epoch.params.cohort) != cohort:
             self.epoch, failures, exchanges = self._setup(grid, job, cohort, names, server_round)
             self.rekey = self.epoch is None
+        t_setup = time.perf_counter()
         if self.epoch is None:
             return RoundOutcome(None, failures, 0, 0, exchanges,
                                 f"fewer than fed.min-nodes={self.min_nodes} nodes completed the key set-up")
@@ -121,6 +124,7 @@ class SecureFedAvg:
         train_msg = {"arrays": arrays, "config": config_record(config), "secagg": config_record(codec.params_to_wire(p))}
         replies = exchange(grid, node_ids=cohort, message_type="train", timeout=self.timeout,
                            group=f"round-{server_round}", names=names, content=train_msg)
+        t_train = time.perf_counter()
         exchanges += 1
         length = sum(v.size for v in global_arrays.values()) + 1
         uploads: dict[int, sa.Upload] = {}
@@ -204,7 +208,9 @@ class SecureFedAvg:
         extra = {"epoch": p.epoch, "cohort": len(cohort), "degree": sa.effective_degree(len(cohort), p.degree),
                  "threshold": p.threshold, "levels": p.levels, "weight_sum": weight,
                  "dropped": [names.get(d, str(d)) for d in dropped],
-                 "dropped_after_upload": [names.get(u, str(u)) for u in up_ids if u not in revealed]}
+                 "dropped_after_upload": [names.get(u, str(u)) for u in up_ids if u not in revealed],
+                 "timing": {"key_setup": round(t_setup - t0, 3), "train": round(t_train - t_setup, 3),
+                            "secure_aggregation": round(time.perf_counter() - t_train, 3)}}
         return RoundOutcome(new, all_replies, sent, received, exchanges, extra=extra, later=later)
 
 

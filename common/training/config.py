@@ -203,6 +203,8 @@ class TrainConfig:
                      "else the CPU), cpu, cuda or cuda:N")
     precision: str = _f("auto", "dtype of the frozen base model's weights: auto (bf16 on a CUDA GPU that supports it, "
                         "else fp32), fp32 or bf16; LoRA, the head, gradients, clipping and noise stay fp32")
+    cache_features: bool = _f(True, "head-only recipes: compute the frozen encoder's features of each record once "
+                              "per job and train and evaluate the head on them (same DP mechanism, much faster)")
     class_weighting: str = _f("auto", "class-weighted loss from the labels of the server's held-out data: auto "
                               "(only when labels are skewed), balanced, none")
 

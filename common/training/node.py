@@ -25,7 +25,7 @@ import torch
 from fedtune.common.errors import BudgetExceededError, EvaluationRefused, FedtuneError, PrivacyError, UnsafeMessage
 from fedtune.common.privacy import accounting as privacy
 from fedtune.common.privacy.ledger import PrivacyLedger
-from fedtune.common.training import adapter, aggregate, builder, data
+from fedtune.common.training import adapter, aggregate, builder, data, features
 from fedtune.common.training.aggregate import batch_weight
 from fedtune.common.training.config import MAX_PLANNED_STEPS, JobConfig
 from fedtune.common.training.evaluate import evaluate, predict, private_counts
@@ -149,6 +149,11 @@ class Node:
     test_set: TensorDataset
     plan: privacy.StepPlan
     ledger: PrivacyLedger
+    net: torch.nn.Module | None = None  # what trains and evaluates on the sets: the model, or its head on features
+
+    def __post_init__(self) -> None:
+        if self.net is None:
+            self.net = self.lora.model
 
 
 @dataclass(frozen=True)
@@ -208,13 +213,31 @@ def prepare(cfg: JobConfig, policy: NodePolicy, *, state_dir: str | Path, data_p
                 for s in (splits.train, splits.val, splits.test)]
         if cache_dir:
             _store_tokens(cache_dir, key, sets)
+    sets, net = with_features(cfg, model, sets)
     ledger = PrivacyLedger(state_dir, source=policy.source, max_epsilon=policy.max_epsilon, delta=policy.delta,
                            accountant=policy.accountant, shared_content_ok=policy.shared_content_ok)
     t = cfg.train
     plan = privacy.plan_steps(n_train=splits.planned_train, batch_size=t.batch_size,
                               local_epochs=t.local_epochs, local_steps=t.local_steps, rounds=t.rounds)
     return Node(job=JobSettings.of(cfg), policy=policy, lora=model, splits=splits, train_set=sets[0], val_set=sets[1],
-                test_set=sets[2], plan=plan, ledger=ledger)
+                test_set=sets[2], plan=plan, ledger=ledger, net=net)
+
+
+def with_features(cfg: JobConfig, lora: LoraModel, sets: list[TensorDataset]) -> tuple[list[TensorDataset],
+                                                                                    torch.nn.Module]:
+    """For a head-only classifier (``train.cache-features``): the sets as the head's input features, computed once,
+    and the head to train and evaluate on them (:mod:`fedtune.common.training.features`); else the sets and model."""
+    if not cfg.train.cache_features or cfg.model.task != "seq-cls":
+        return sets, lora.model
+    head = features.feature_head(lora.model)
+    if head is None:
+        return sets, lora.model
+    t0 = time.perf_counter()
+    out = [features.extract(lora.model, s, base_path=lora.base_path, batch_size=cfg.train.eval_batch_size)
+           for s in sets]
+    log.info("features of %d records computed once for this job in %.1fs (the encoder is frozen)",
+             sum(len(s) for s in sets), time.perf_counter() - t0)
+    return out, head
 
 
 # -- the job's noise plan ---------------------------------------------------------------------
@@ -303,7 +326,7 @@ def train_round(node: Node, *, job: str, round: int, initial: Mapping[str, np.nd
     Reserves the round's spend first (refused, before any training, past the node's ceiling or
     past the job's planned rounds); the ledger entry is settled and durable before this returns weights.
     """
-    j, model = node.job, node.lora.model
+    j, model = node.job, node.net
     if initial is not None:  # the message first: a refusal here depends on nothing but the message
         check_received(initial, node.policy)
     weights = _check_class_weights(class_weights, node.splits.labels, j.task)
@@ -341,7 +364,7 @@ def train_round(node: Node, *, job: str, round: int, initial: Mapping[str, np.nd
         node.ledger.cancel(entry)  # nothing derived from this training has left the node
         raise
     entry = node.ledger.settle(entry, steps=stats.steps)
-    arrays = adapter.pack(model, ffa=node.lora.ffa, head_only=node.lora.head_only)
+    arrays = adapter.pack(node.lora.model, ffa=node.lora.ffa, head_only=node.lora.head_only)
     return RoundResult(arrays=arrays, stats=stats, weight=batch_weight(node.splits.planned_train, j.batch_size),
                        epsilon_spent=entry.epsilon_after, noise_multiplier=noise, sample_rate=q,
                        delta=node.policy.delta, steps=entry.steps)
@@ -411,11 +434,11 @@ def answer_evaluation(node: Node, *, job: str, round: int, groups: Sequence[str]
                                 job_limit=jp.evaluations if node.job.dp else None)
     try:
         if audit:
-            probs = predict(node.lora.model, node.test_set, batch_size=node.job.eval_batch_size)
+            probs = predict(node.net, node.test_set, batch_size=node.job.eval_batch_size)
             pred = probs.argmax(-1) if len(probs) else np.zeros(0, dtype=np.int64)  # a test split may be empty
             exact = node_cells(node.test_set.tensors[2].numpy(), pred, own_groups, groups, len(node.splits.labels))
         else:
-            exact = private_counts(node.lora.model, node.test_set, task=task, batch_size=node.job.eval_batch_size)
+            exact = private_counts(node.net, node.test_set, task=task, batch_size=node.job.eval_batch_size)
     except BaseException:
         node.ledger.cancel(entry)
         raise
@@ -432,7 +455,7 @@ def evaluate_split(node: Node, split: str = "test") -> dict:
     """Exact metrics of the node's current model on its own split, for the node's own eyes (not a release)."""
     ds = {"train": node.train_set, "val": node.val_set, "test": node.test_set}[split]
     groups = {"train": node.splits.train, "val": node.splits.val, "test": node.splits.test}[split].groups
-    return evaluate(node.lora.model, ds, task=node.job.task, labels=node.splits.labels,
+    return evaluate(node.net, ds, task=node.job.task, labels=node.splits.labels,
                     batch_size=node.job.eval_batch_size, groups=groups)
 
 

@@ -47,12 +47,14 @@ def attach_mean_pooling(model: torch.nn.Module) -> None:
     pooler = MeanPooler()
     encoder.pooler = pooler
 
-    def keep_mask(_module, args, kwargs):
+    # the hooks find the pooler through the module they are called on, never a closure: a copy of the model
+    # (copy.deepcopy) must set its own pooler's mask, not the original's (it silently pooled over padding)
+    def keep_mask(module, args, kwargs):
         mask = kwargs.get("attention_mask")
-        pooler.mask = args[1] if mask is None and len(args) > 1 else mask
+        module.pooler.mask = args[1] if mask is None and len(args) > 1 else mask
 
-    def drop_mask(_module, _args, _kwargs, _output):
-        pooler.mask = None
+    def drop_mask(module, _args, _kwargs, _output):
+        module.pooler.mask = None
 
     encoder.register_forward_pre_hook(keep_mask, with_kwargs=True)
     encoder.register_forward_hook(drop_mask, with_kwargs=True)
