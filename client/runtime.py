@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 from collections import OrderedDict
+from pathlib import Path
 
 from fedtune.client.node_config import NodeSettings
 from fedtune.common.training import builder
@@ -18,6 +20,7 @@ from fedtune.common.training.federated_data import node_splits
 from fedtune.common.training.model import LoraModel
 from fedtune.common.training.node import Node, prepare
 
+SIM_CACHE_ENV = "FEDTUNE_SIM_CACHE"  # a simulation's private temporary directory for its workers' caches
 _MODELS: dict[str, LoraModel] = {}
 _NODES: OrderedDict[str, Node] = OrderedDict()
 MAX_NODES = 64
@@ -54,8 +57,11 @@ def get_node(cfg: JobConfig, ns: NodeSettings) -> Node:
     else:  # an organization's node: its own file (its own columns already applied by NodeSettings.apply)
         splits = builder.load_records(cfg, str(ns.data_path), own_source=True)
     model = shared_model(cfg, splits.labels)
+    # a deployed node caches in its own state directory (a fresh process per message); a simulated one in the
+    # simulation's private temporary directory its Ray workers share (never the run directory)
+    sim_cache = os.environ.get(SIM_CACHE_ENV)
     node = prepare(cfg, ns.policy, state_dir=ns.state_dir, model=model, splits=splits,
-                   cache_dir=None if ns.partition is not None else ns.state_dir / "cache")
+                   cache_dir=ns.state_dir / "cache" if ns.partition is None else (Path(sim_cache) if sim_cache else None))
     _NODES[key] = node
     while len(_NODES) > MAX_NODES:
         _NODES.popitem(last=False)

@@ -58,10 +58,14 @@ def _private_runtime(run_dir: Path, *, ray_address: str = ""):
 
     With ``ray_address`` the simulation joins that Ray cluster instead of starting a private one.
     """
+    from fedtune.client.runtime import SIM_CACHE_ENV
+
     tmp = Path(tempfile.mkdtemp(prefix="fedtune-ray-"))
     env = {"RAY_ADDRESS": ray_address or "local", "RAY_TMPDIR": str(tmp), "FLWR_TELEMETRY_ENABLED": "0",
            "FLWR_HOME": str(tmp / "flwr"), "RAY_DEDUP_LOGS": "0", "TOKENIZERS_PARALLELISM": "false",
-           "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
+           "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+           # the virtual nodes' tokens and features, shared by this simulation's workers, deleted with it
+           SIM_CACHE_ENV: str(tmp / "node-cache")}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
@@ -106,10 +110,14 @@ def concurrent_nodes(cfg: JobConfig, cores: int) -> int:
     idle for about 17 s of each 46 s round). With more nodes than cores the OS shares the cores and none idles
     until the work is done. Each running node holds its own copy of the model, so auto stops at what half of
     this machine's memory holds (about 1 GB per process plus 4x the model's fp32 weights, an estimate).
+    A head-only recipe with cached features is the exception: a node's round is then a few milliseconds of
+    head training, and each worker's cost is loading the model, so auto runs one node per core.
     """
     per = max(1, cfg.sim.cpus_per_node)
     if cfg.sim.concurrent_nodes:
         return cfg.sim.concurrent_nodes
+    if cfg.lora.head_only and cfg.train.cache_features and cfg.model.task == "seq-cls":
+        return max(1, cores // per)
     fit = max(1, int(_memory_bytes() / 2 // _node_bytes(cfg)))
     return max(cores // per, 1, min(cfg.fed.num_nodes, fit))
 

@@ -86,6 +86,11 @@ def test_every_node_runs_at_once_while_memory_allows(monkeypatch):
     monkeypatch.setattr(run, "_memory_bytes", lambda: 3 * run._node_bytes(cfg))
     assert run.concurrent_nodes(cfg, cores=1) == 1 and run.concurrent_nodes(cfg, cores=2) == 2
     assert run.concurrent_nodes(cfg.replace(**{"sim.cpus-per-node": 2}), cores=8) == 4
+    # a head-only recipe on cached features: a round is milliseconds per node, a worker's cost is loading the model
+    monkeypatch.setattr(run, "_memory_bytes", lambda: 24 << 30)
+    head = cfg.replace(**{"lora.head-only": True})
+    assert run.concurrent_nodes(head, cores=2) == 2
+    assert run.concurrent_nodes(head.replace(**{"train.cache-features": False}), cores=2) == 5
     # an explicit value is what the researcher asked for
     assert run.concurrent_nodes(cfg.replace(**{"sim.concurrent-nodes": 1}), cores=2) == 1
     with pytest.raises(ConfigError, match="sim.concurrent-nodes"):

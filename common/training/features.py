@@ -89,10 +89,15 @@ def _model_digest(model: torch.nn.Module, base_path: Path) -> str:
     return h.hexdigest()
 
 
-def extract(model: torch.nn.Module, dataset: TensorDataset, *, base_path: Path, batch_size: int) -> TensorDataset:
+def extract(model: torch.nn.Module, dataset: TensorDataset, *, base_path: Path, batch_size: int,
+            cache_dir: str | Path | None = None) -> TensorDataset:
     """``(features, ones, labels)`` of a tokenized classification dataset: the head's input for each record, in
     order. Each record's features are computed once per process and model (kept in memory by a hash of its
-    tokens), so a subset of records already seen (a node's partition, a baseline) costs nothing more."""
+    tokens), so a subset of records already seen (a node's partition, a baseline) costs nothing more.
+
+    ``cache_dir``: also keep them there, for the node's next process (a deployed node's own state directory:
+    Flower runs each message in a fresh process; a simulation's private temporary directory, shared by its
+    Ray workers and deleted with it). Never a run directory: features are derived from private records."""
     wrapper = head_wrapper(model)
     if wrapper is None:
         raise ValueError("features apply to a head-only classifier")
@@ -105,6 +110,22 @@ def extract(model: torch.nn.Module, dataset: TensorDataset, *, base_path: Path, 
     keys = [hashlib.sha256(ids[i].numpy().tobytes() + mask[i].numpy().tobytes()).digest() for i in range(len(ids))]
     missing = sorted({k: i for i, k in enumerate(keys) if k not in cache}.values())
     head = wrapper.modules_to_save[wrapper.active_adapters[0]]
+    stored = None
+    if cache_dir is not None and keys:
+        stored = Path(cache_dir) / ("features-" + hashlib.sha256(digest.encode() + b"".join(keys)).hexdigest()[:32]
+                                    + ".safetensors")
+        if missing and stored.is_file():
+            from safetensors import SafetensorError
+            from safetensors.torch import load_file
+
+            try:
+                x = load_file(str(stored))["features"]
+                if len(x) == len(keys):
+                    for k, f in zip(keys, x, strict=True):
+                        cache[k] = f.clone()
+                    missing = []
+            except (SafetensorError, OSError, KeyError):
+                pass  # a damaged cache file is computed again
     if missing:
         grabbed: list[torch.Tensor] = []
 
@@ -129,4 +150,9 @@ def extract(model: torch.nn.Module, dataset: TensorDataset, *, base_path: Path, 
             for k in list(cache)[: len(cache) - MAX_RECORDS]:
                 del cache[k]
     x = torch.stack([cache[k] for k in keys]) if keys else torch.zeros((0, head.in_features))
+    if stored is not None and not stored.is_file():
+        from fedtune.common.operations.atomic import write_atomic
+        from safetensors.torch import save
+
+        write_atomic(stored, save({"features": x.contiguous()}))
     return TensorDataset(x, torch.ones((len(x), 1), dtype=torch.long), *dataset.tensors[2:])

@@ -213,7 +213,7 @@ def prepare(cfg: JobConfig, policy: NodePolicy, *, state_dir: str | Path, data_p
                 for s in (splits.train, splits.val, splits.test)]
         if cache_dir:
             _store_tokens(cache_dir, key, sets)
-    sets, net = with_features(cfg, model, sets)
+    sets, net = with_features(cfg, model, sets, cache_dir=cache_dir)
     ledger = PrivacyLedger(state_dir, source=policy.source, max_epsilon=policy.max_epsilon, delta=policy.delta,
                            accountant=policy.accountant, shared_content_ok=policy.shared_content_ok)
     t = cfg.train
@@ -223,8 +223,8 @@ def prepare(cfg: JobConfig, policy: NodePolicy, *, state_dir: str | Path, data_p
                 test_set=sets[2], plan=plan, ledger=ledger, net=net)
 
 
-def with_features(cfg: JobConfig, lora: LoraModel, sets: list[TensorDataset]) -> tuple[list[TensorDataset],
-                                                                                    torch.nn.Module]:
+def with_features(cfg: JobConfig, lora: LoraModel, sets: list[TensorDataset], *, cache_dir: str | Path | None = None
+                  ) -> tuple[list[TensorDataset], torch.nn.Module]:
     """For a head-only classifier (``train.cache-features``): the sets as the head's input features, computed once,
     and the head to train and evaluate on them (:mod:`fedtune.common.training.features`); else the sets and model."""
     if not cfg.train.cache_features or cfg.model.task != "seq-cls":
@@ -233,8 +233,8 @@ def with_features(cfg: JobConfig, lora: LoraModel, sets: list[TensorDataset]) ->
     if head is None:
         return sets, lora.model
     t0 = time.perf_counter()
-    out = [features.extract(lora.model, s, base_path=lora.base_path, batch_size=cfg.train.eval_batch_size)
-           for s in sets]
+    out = [features.extract(lora.model, s, base_path=lora.base_path, batch_size=cfg.train.eval_batch_size,
+                            cache_dir=cache_dir) for s in sets]
     log.info("features of %d records computed once for this job in %.1fs (the encoder is frozen)",
              sum(len(s) for s in sets), time.perf_counter() - t0)
     return out, head
