@@ -53,10 +53,12 @@ def read_scenario(path: str | Path) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _private_runtime(run_dir: Path, *, ray_address: str = ""):
+def _private_runtime(run_dir: Path, *, ray_address: str = "", node_cache: Path | None = None):
     """Ray and Flower confined to private temp dirs, no telemetry; restored afterwards.
 
     With ``ray_address`` the simulation joins that Ray cluster instead of starting a private one.
+    ``node_cache``: where the virtual nodes keep their tokens and features (default: in the private temp dir,
+    deleted with it; ``fedtune tune`` gives its study's node state directory, so trials reuse them).
     """
     from fedtune.client.runtime import SIM_CACHE_ENV
 
@@ -65,7 +67,7 @@ def _private_runtime(run_dir: Path, *, ray_address: str = ""):
            "FLWR_HOME": str(tmp / "flwr"), "RAY_DEDUP_LOGS": "0", "TOKENIZERS_PARALLELISM": "false",
            "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
            # the virtual nodes' tokens and features, shared by this simulation's workers, deleted with it
-           SIM_CACHE_ENV: str(tmp / "node-cache")}
+           SIM_CACHE_ENV: str(node_cache or tmp / "node-cache")}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
@@ -191,7 +193,8 @@ def simulate(cfg: JobConfig, *, out: Callable[[str], None] = print, report: bool
                 raise FedtuneError(f"sim.gpus-per-node={gpus:g} but torch sees no CUDA GPU on this machine",
                                    "set sim.gpus-per-node=0 (nodes train on the CPU), or run on a GPU machine")
             init_args["num_gpus"] = torch.cuda.device_count()
-    with _private_runtime(run_dir, ray_address=address), _without_run_simulation_deprecation():
+    cache = Path(node_state) / "cache" if node_state else None  # a study's node state (tune), never a run directory
+    with _private_runtime(run_dir, ray_address=address, node_cache=cache), _without_run_simulation_deprecation():
         logging.getLogger("flwr").setLevel(logging.WARNING)
         run_simulation(server_app=make_server_app(settings, result=result, out=out, simulated=True),
                        client_app=make_client_app(settings, sim_state_root=Path(node_state or run_dir / "nodes")),
