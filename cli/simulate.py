@@ -56,7 +56,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     cfg = _sim_config(args, None)
     fixed = set(parse_overrides(args.settings))
     study = args.study_dir or f"runs/tune-{time.strftime('%Y%m%d-%H%M%S')}"
-    tune(cfg, trials=args.trials, directory=study, fixed=fixed, timeout=args.timeout)
+    tune(cfg, trials=args.trials, directory=study, fixed=fixed, timeout=args.timeout,
+         adapt_encoder=args.adapt_encoder)
     return 0
 
 
@@ -66,6 +67,9 @@ def add_parsers(sub) -> None:
     tp.add_argument("scenario", help="scenario TOML file or name in simulations/scenarios")
     tp.add_argument("--trials", type=int, default=12, help="number of trials (default 12); with DP every trial's "
                     "releases compose in each simulated node's ledger, under sim.node-max-epsilon")
+    tp.add_argument("--adapt-encoder", action="store_true", help="a head-only job searches head-only recipes "
+                    "(seconds per trial, on features computed once); this also tries LoRA on the encoder "
+                    "(minutes per trial on a CPU)")
     tp.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
     tp.add_argument("--study-dir", help="directory of the study (default runs/tune-<time>; give an existing "
                     "one to resume)")

@@ -101,9 +101,21 @@ def _open_study(directory: Path, trials: int, seed: int):
     return study
 
 
+def fixed_keys(cfg: JobConfig, fixed: set[str], *, adapt_encoder: bool = False) -> set[str]:
+    """The settings a search keeps: those given, and the encoder's adapter for a head-only job (unless asked)."""
+    if cfg.lora.head_only and not adapt_encoder:
+        return set(fixed) | {"lora.head-only", "lora.r", "lora.ffa"}  # no encoder adapter to shape
+    return set(fixed)
+
+
 def tune(cfg: JobConfig, *, trials: int, directory: str | Path, fixed: set[str] = frozenset(),
-         timeout: float | None = None, out: Callable[[str], None] = print) -> dict:
-    """Run (or resume) the search; write ``tuned.toml``, ``tuning.json`` and ``tuning.md``; return the result."""
+         timeout: float | None = None, adapt_encoder: bool = False, out: Callable[[str], None] = print) -> dict:
+    """Run (or resume) the search; write ``tuned.toml``, ``tuning.json`` and ``tuning.md``; return the result.
+
+    A head-only job (a frozen encoder) searches head-only recipes: every trial trains on the features its
+    nodes computed once for the study, so a trial takes seconds. ``adapt_encoder`` also tries LoRA on the
+    encoder (``lora.head-only=false``), whose trials run the encoder at every step (minutes each on a CPU).
+    """
     import optuna
     from fedtune.simulations.run import simulate
 
@@ -116,10 +128,14 @@ def tune(cfg: JobConfig, *, trials: int, directory: str | Path, fixed: set[str] 
     d.mkdir(parents=True, exist_ok=True)
     study = _open_study(d, trials, cfg.train.seed)
     planned = int(study.user_attrs["trials"])
+    fixed = fixed_keys(cfg, fixed, adapt_encoder=adapt_encoder)
     searched = [k for k in PRIVATE_SPACE + (() if cfg.privacy.enabled else SHAPE_SPACE) if k not in fixed]
     out(f"fedtune tune: {planned} trials; study in {d} (resumable); searching {', '.join(searched)}"
         + (f"; every trial's releases compose in each simulated node's ledger ({d / NODES}), under its ceiling "
            f"sim.node-max-epsilon={cfg.sim.node_max_epsilon:g}" if cfg.privacy.enabled else ""))
+    if cfg.lora.head_only and not adapt_encoder and "lora.head-only" not in searched:
+        out("  head-only recipes on the frozen encoder's features (computed once per study); --adapt-encoder "
+            "also tries LoRA on the encoder (minutes per trial)")
     t0 = time.monotonic()
     cut_short = False
     while len([t for t in study.trials if t.state.is_finished()]) < planned:

@@ -76,3 +76,24 @@ def test_an_adaptive_search_states_the_composition_of_every_trial_its_nodes_ledg
                  "sim.node-max-epsilon=" + format(max(spent.values()) + 0.01, ".4f"), *FAST]) == 0
     assert "another trial would take" in capsys.readouterr().out
     assert spent == {n: lg.spent() for n in names for lg in open_all(study / "nodes" / n)}
+
+
+def test_a_head_only_job_searches_head_only_recipes_unless_asked_to_adapt_the_encoder():
+    """Head-only trials train on features computed once per study (seconds each); a LoRA trial runs the encoder
+    at every step (minutes on a CPU), so a head-only job tries LoRA only with --adapt-encoder."""
+    import optuna
+    from fedtune.common.training.config import load_config
+    from fedtune.simulations.run import read_scenario
+    from fedtune.simulations.tune import fixed_keys, suggest
+
+    cfg = load_config(read_scenario("demo"))
+    assert cfg.lora.head_only
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    kept = fixed_keys(cfg, set())
+    recipes = [suggest(study.ask(), cfg, kept) for _ in range(40)]
+    assert all("lora.head-only" not in r and "lora.r" not in r for r in recipes)
+    assert {r["model.pooling"] for r in recipes} == {"cls", "mean"}  # the head's recipe is still searched
+    wide = [suggest(study.ask(), cfg, fixed_keys(cfg, set(), adapt_encoder=True)) for _ in range(40)]
+    assert {r.get("lora.head-only") for r in wide} == {True, False}
+    lora_job = cfg.replace(**{"lora.head-only": False})
+    assert "lora.head-only" not in fixed_keys(lora_job, set())  # a LoRA job may still find the probe better
