@@ -38,8 +38,24 @@ def cmd_baselines(args: argparse.Namespace) -> int:
     from fedtune.simulations.report import baseline_table, write_report
 
     cfg = _sim_config(args, "demo" if args.command == "demo" else None)
+    epsilons = None
+    if args.epsilons is not None:  # checked before anything runs
+        from fedtune.common.errors import FedtuneError
+        from fedtune.common.operations.curve import parse_epsilons
+
+        epsilons = parse_epsilons(args.epsilons)
+        if cfg.model.task != "seq-cls" or not cfg.privacy.enabled:
+            raise FedtuneError("--epsilons draws test accuracy of DP runs against epsilon",
+                               "use it with a classification job with DP on (model.task=seq-cls, privacy.enabled=true)")
     t0 = time.perf_counter()
     run_dir, rows = run_all(cfg, with_nodp=args.command == "baselines" or getattr(args, "full", False))
+    if epsilons:
+        from fedtune.common.operations.curve import table
+        from fedtune.simulations.baselines import privacy_utility_curve
+
+        curve = privacy_utility_curve(cfg, run_dir, rows, epsilons)
+        print()
+        print("\n".join(table(curve)))
     report = write_report(run_dir)
     print()
     print("\n".join(baseline_table(rows)))
@@ -86,5 +102,9 @@ def add_parsers(sub) -> None:
         sp.add_argument("--run-dir", help="run directory (default runs/sim-<time>)")
         if name == "demo":
             sp.add_argument("--full", action="store_true", help="also run federated without DP")
+        if name != "simulate":
+            sp.add_argument("--epsilons", metavar="E1,E2,...", help="also draw the privacy-utility curve: test "
+                            "accuracy against epsilon for federated DP, centralized DP and local only, one run each "
+                            "per epsilon (e.g. 1,2,4,8), in the report and the dashboard")
         sp.add_argument("settings", nargs="*", help="overrides as key=value")
         sp.set_defaults(func=cmd_simulate if name == "simulate" else cmd_baselines)

@@ -20,6 +20,7 @@ from pathlib import Path
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
 from fedtune.common.formatting import num
+from fedtune.common.operations.curve import draw, read_curve
 from fedtune.common.operations.monitoring import run_view
 from fedtune.common.operations.rundir import RunDir, RunDirError
 
@@ -277,6 +278,8 @@ def create_app(root: str | Path, *, poll_ms: int = 2000, token: str | None = Non
         n = html.escape(name, quote=True)
         charts = "".join(f"<img alt='{k}' data-src='{n}/charts/{k}.svg' src='{n}/charts/{k}.svg'>"
                          for k in ("accuracy", "loss", "epsilon"))
+        if read_curve(_runs(root)[name]):  # written by `fedtune baselines --epsilons`
+            charts += f"<img id=privacy-utility alt='privacy-utility' src='{n}/charts/privacy-utility.svg'>"
         cfg = "".join(f"<tr><td class=l>{_e(k)}</td><td class=l>{_e(val)}</td></tr>" for k, val in v["config"].items())
         return (f"<!doctype html><title>fedtune run {_e(name)}</title><style>{STYLE}</style>"
                 f"<p><a href='../'>all runs</a></p><h1>run {_e(name)}</h1>{head(v)}"
@@ -293,6 +296,13 @@ def create_app(root: str | Path, *, poll_ms: int = 2000, token: str | None = Non
 
     @app.get("/runs/{name}/charts/{kind}.svg")
     def chart(name: str, kind: str) -> Response:
+        if kind == "privacy-utility":
+            view_of(name)  # 404 for an unknown run
+            curve = read_curve(_runs(root)[name])
+            if curve is None:
+                raise HTTPException(404, "this run has no privacy-utility curve (fedtune baselines --epsilons)")
+            return Response(draw(curve, fmt="svg", width=5.6, height=3.4), media_type="image/svg+xml",
+                            headers={"Cache-Control": "no-store"})
         if kind not in ("accuracy", "loss", "epsilon"):
             raise HTTPException(404, "no such chart")
         return Response(chart_svg(view_of(name), kind), media_type="image/svg+xml",

@@ -162,3 +162,65 @@ def run_all(cfg: JobConfig, *, with_nodp: bool, out: Callable[[str], None] = pri
             rows.append({"name": name, "error": e.problem})
         (run_dir / "baselines.json").write_text(json.dumps(rows, indent=2, default=str) + "\n")
     return run_dir, rows
+
+
+def privacy_utility_curve(cfg: JobConfig, run_dir: Path, rows: list[dict], epsilons: list[float], *,
+                          out: Callable[[str], None] = print) -> dict:
+    """Test accuracy against epsilon: for each epsilon, the federated job, centralized DP and local only at that
+    target; centralized no DP and majority class as levels. Saved as ``curve.json`` in ``run_dir``.
+
+    ``rows`` are the baselines already run at the job's own target epsilon (reused, not run again). Each other
+    epsilon's federated run gets its own run directory beside this one (``<run_dir>-eps<e>``) and its own
+    simulated nodes: every point is a separate job an organization could choose, not a spend on top of this one.
+    """
+    from fedtune.common.operations.curve import FILE
+    from fedtune.simulations.run import simulate
+
+    if cfg.model.task != "seq-cls" or not cfg.privacy.enabled:
+        raise FedtuneError("the privacy-utility curve plots test accuracy of DP runs against epsilon",
+                           "draw it for a classification job with DP on (model.task=seq-cls, privacy.enabled=true)")
+    by_name = {r.get("name"): r for r in rows}
+
+    def point(r: dict | None) -> dict:
+        if not r:
+            return {"error": "not run"}
+        if r.get("error"):
+            return {"error": r["error"]}
+        return {k: r.get(k) for k in ("accuracy", "macro_f1", "epsilon", "worst_accuracy", "seconds")}
+
+    nodp = next((r for n, r in by_name.items() if n and n.startswith("centralized, no DP")), None)
+    majority = next((r for n, r in by_name.items() if n and n.startswith("majority class")), None)
+    curve = {"delta": cfg.privacy.delta or DEFAULT_DELTA, "job_epsilon": cfg.privacy.target_epsilon,
+             "nodp": point(nodp), "majority": point(majority), "points": []}
+    for i, eps in enumerate(epsilons, 1):
+        out(f"privacy-utility curve: epsilon {eps:g} ({i} of {len(epsilons)})")
+        if math.isclose(eps, cfg.privacy.target_epsilon):
+            curve["points"].append({"epsilon": eps, "federated": point(by_name.get("federated, DP (this run)")),
+                                    "centralized": point(by_name.get("centralized, DP")),
+                                    "local_only": point(next((r for n, r in by_name.items()
+                                                              if n and n.startswith("local only")), None)),
+                                    "run_dir": str(run_dir)})
+            continue
+        job = cfg.replace(**{"privacy.target-epsilon": eps, "sim.node-max-epsilon": max(cfg.sim.node_max_epsilon, eps),
+                             "fed.run-dir": f"{run_dir}-eps{eps:g}"})
+        p: dict = {"epsilon": eps, "run_dir": job.fed.run_dir}
+        try:
+            res = simulate(job, out=lambda s: None, report=False)
+            p["federated"] = point(federated_row(res["summary"], name="federated, DP", seconds=res["seconds"]))
+        except FedtuneError as e:  # one point that cannot run does not lose the others
+            out(f"  federated at epsilon {eps:g} failed: {e}")
+            p["federated"] = {"error": e.problem}
+        for key, make in (("centralized", lambda: centralized(job, dp=True, out=lambda s: None)),
+                          ("local_only", lambda: local_only(job, out=lambda s: None))):
+            try:
+                p[key] = point(make())
+            except FedtuneError as e:
+                out(f"  {key.replace('_', ' ')} at epsilon {eps:g} failed: {e}")
+                p[key] = {"error": e.problem}
+        acc = {k: (p[k] or {}).get("accuracy") for k in ("federated", "centralized", "local_only")}
+        out("  accuracy: " + ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in acc.items() if v is not None))
+        curve["points"].append(p)
+        (run_dir / FILE).write_text(json.dumps(curve, indent=2, default=str) + "\n")
+    curve["points"].sort(key=lambda q: q["epsilon"])
+    (run_dir / FILE).write_text(json.dumps(curve, indent=2, default=str) + "\n")
+    return curve

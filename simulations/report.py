@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 
 from fedtune.common.formatting import num
+from fedtune.common.operations.curve import draw, read_curve
+from fedtune.common.operations.curve import table as curve_table
 from fedtune.common.operations.rundir import RunDir
 from fedtune.common.training.config import adapter_description
 
@@ -110,6 +112,12 @@ def write_report(run_dir: str | Path) -> Path:
     baselines = rd.path / "baselines.json"
     if baselines.exists():
         lines += ["## Baselines (same data split)", "", *baseline_table(json.loads(baselines.read_text())), ""]
+    curve = read_curve(rd.path)
+    if curve:
+        (plots / "privacy_utility.png").write_bytes(draw(curve))
+        lines += ["## Privacy-utility curve", "", "Test accuracy (server's held-out split) of the same job at each "
+                  f"target epsilon (delta {_fmt(curve.get('delta'), 7)}); each point is its own run.", "",
+                  *curve_table(curve), "", "![Privacy-utility](plots/privacy_utility.png)", ""]
     lines += ["## Rounds", "", "| round | status | nodes | val loss | test macro-F1 | test acc | worst node acc | "
               "max epsilon | MB in | seconds |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rounds:
