@@ -67,7 +67,7 @@ def _private_runtime(run_dir: Path, *, ray_address: str = "", node_cache: Path |
            "FLWR_HOME": str(tmp / "flwr"), "RAY_DEDUP_LOGS": "0", "TOKENIZERS_PARALLELISM": "false",
            "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
            # the virtual nodes' tokens and features, shared by this simulation's workers, deleted with it
-           SIM_CACHE_ENV: str(node_cache or tmp / "node-cache")}
+           SIM_CACHE_ENV: str(node_cache or os.environ.get(SIM_CACHE_ENV) or tmp / "node-cache")}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:

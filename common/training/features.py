@@ -10,7 +10,9 @@ ledger entries; ``tests/test_features.py`` shows cached and uncached training gi
 A features dataset keeps the tokens' layout, ``(features, a column of ones, labels)``, so every function that
 calls ``model(input_ids=batch[0], attention_mask=batch[1])`` (training, evaluation, noised answers, the
 fairness audit) runs on it with a :class:`FeatureHead` unchanged. Features are derived from private records:
-they live in memory only, in the node's (or server's) process, and are never written or sent.
+they are never sent, and never written to a run directory. They live in the process's memory and, for the
+node's next process, in the node's own cache directory: a deployed node's state directory (``cache/``), a
+simulation's private temporary directory (deleted with it), or a ``fedtune tune`` study's node state.
 """
 
 from __future__ import annotations
