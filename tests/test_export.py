@@ -271,3 +271,38 @@ def test_a_mean_pooled_run_exports_loads_with_its_code_and_is_never_silently_wro
     # fedtune serves it (applying its own installed pooling, not the directory's code)
     served = torch.tensor(Classifier(out).predict_proba(TEXTS))
     assert torch.max(torch.abs(served - torch.softmax(ref, -1))).item() < LOGIT_TOLERANCE
+
+
+STOCK_DEFAULTS = r"""
+import json, sys
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
+d, text = sys.argv[1], sys.argv[2]
+tok = AutoTokenizer.from_pretrained(d, local_files_only=True)
+model = AutoModelForSequenceClassification.from_pretrained(d, local_files_only=True).eval()
+enc = tok([text], truncation=True, return_tensors="pt")  # no max_length: what the export's tokenizer says
+with torch.no_grad():
+    probs = torch.softmax(model(**enc).logits, -1)[0].tolist()
+top = pipeline("text-classification", model=model, tokenizer=tok, top_k=None)([text], truncation=True)[0]
+print(json.dumps({"tokens": enc["input_ids"].shape[1], "probs": probs,
+                  "pipeline": {r["label"]: r["score"] for r in top}}))
+"""
+
+
+def test_the_export_truncates_a_long_text_where_the_model_was_trained_like_fedtune_predict(tiny_export):
+    """Stock transformers with the export's own tokenizer defaults answers a text longer than the trained length
+    as `fedtune predict` does (before: the export said model_max_length 512, the model was trained at 16 here,
+    and a long text got a different answer)."""
+    from fedtune.common.serving.inference import Classifier
+
+    max_length = read_record(tiny_export)["model"]["max_length"]
+    long_text = " ".join(TEXTS * 20)
+    proc = subprocess.run([sys.executable, "-c", STOCK_DEFAULTS, str(tiny_export), long_text],
+                          capture_output=True, text=True, cwd=tiny_export, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["tokens"] == max_length
+    clf = Classifier(tiny_export)
+    served = clf.predict_proba([long_text])[0]
+    assert max(abs(a - b) for a, b in zip(got["probs"], served, strict=True)) < 1e-5
+    assert max(abs(got["pipeline"][lab] - p) for lab, p in zip(clf.labels, served, strict=True)) < 1e-5

@@ -248,6 +248,13 @@ def export_run(run_dir: str | Path, out: str | Path, *, round: int | None = None
         progress(f"loading the base model and the adapter of {record['source']['checkpoint']} "
                  f"(round {record['source']['round']}) ...")
         merged, tokenizer = _merged_model(cfg, record, src)
+        if cfg.model.task == "seq-cls":
+            # stock callers (`tok(text, truncation=True)`, pipelines) truncate where the model was trained and
+            # is served (`fedtune predict`), not at the base model's 512: a long text answers the same both ways
+            tokenizer.model_max_length = cfg.model.max_length
+            tokenizer.init_kwargs["model_max_length"] = cfg.model.max_length
+            if "max_length" in tokenizer.init_kwargs:
+                tokenizer.init_kwargs["max_length"] = cfg.model.max_length
         progress("writing the merged model, its tokenizer, the adapter and the model card ...")
         merged.save_pretrained(str(staging), safe_serialization=True)
         tokenizer.save_pretrained(str(staging))
