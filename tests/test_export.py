@@ -117,7 +117,25 @@ def test_model_card_numbers_are_the_run_directorys(tiny_run, tiny_export):
     assert "Participating nodes: 3" in body and "secure aggregation: **on**" in body
     assert "## Known limitations" in body and "per record, not per person" in body
     # identities are not disclosed unless asked
-    assert "node-0" not in card.content and "node 1" in body
+    assert "node-0" not in card.content and "| participant 1 |" in body and "node 1" not in body
+    # the card says what this run trained (LoRA here)
+    assert "- LoRA: rank" in body and "only the classification head" not in body
+
+
+def test_the_card_of_a_head_only_mean_pooled_run_says_what_it_trained_and_how_to_load_it(tiny_run):
+    """A head-only run trains no LoRA: its card says so (before: "LoRA adapters ... trained", "FFA-LoRA ... only B
+    and the head trained") and its load line carries trust_remote_code for the mean pooling."""
+    from fedtune.common.serving.export import run_record
+    from fedtune.common.serving.modelcard import model_card
+
+    record = run_record(tiny_run)
+    record["lora"] = {**record["lora"], "head_only": True, "ffa": True}
+    record["model"] = {**record["model"], "pooling": "mean"}
+    card = model_card(record)
+    assert "a classification head on the frozen features of" in card and "LoRA adapters of" not in card
+    assert "only the classification head, on the frozen model's normalised mean-pooled features" in card
+    assert "FFA-LoRA" not in card and "- LoRA: rank" not in card
+    assert card.count("trust_remote_code=True") >= 2  # the files line and the load snippet
 
 
 def test_round_checkpoint_export_uses_that_rounds_figures(tiny_run, tmp_path):

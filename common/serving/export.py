@@ -96,8 +96,8 @@ def run_record(run_dir: str | Path, round: int | None = None, *, name_nodes: boo
     if name_nodes:  # the names nodes reported (with the node id where two share a name)
         shown = [nodes[k].get("name", k) for k in keys]
         nodes = {(s if shown.count(s) == 1 else f"{s} ({k})"): nodes[k] for s, k in zip(shown, keys, strict=True)}
-    else:  # counts, not identities
-        nodes = {f"node {i + 1}": nodes[k] for i, k in enumerate(keys)}
+    else:  # counts, not identities ("participant", never "node N": that reads as the name node-N of another node)
+        nodes = {f"participant {i + 1}": nodes[k] for i, k in enumerate(keys)}
     names = list(nodes)
     upto_rounds = [r for r in rounds if r["round"] <= upto]
     simulated = rd.kind == "simulation"

@@ -109,7 +109,10 @@ def _summary_and_model(record: dict) -> list[str]:
         f"# {src['run']} ({src['checkpoint']})",
         "",
         f"A {'text classifier' if cls else 'causal language model'} fine-tuned with federated learning by "
-        f"fedtune: LoRA adapters of `{m['base_model']}` trained on the private data of "
+        f"fedtune: "
+        + (f"a classification head on the frozen features of `{m['base_model']}`" if lo.get("head_only") else
+           f"LoRA adapters of `{m['base_model']}`")
+        + " trained on the private data of "
         f"{tr['nodes_participating']} participating nodes, which never left their premises"
         + (", with differentially private training on every node" if p.get("dp") else "") + ".",
         f"Exported {created} from run `{src['run']}`, {src['checkpoint'].replace('-', ' ')} "
@@ -121,13 +124,17 @@ def _summary_and_model(record: dict) -> list[str]:
         f"- Task: {m['task']}" + (f"; labels (id order): {', '.join(f'{i}={lab}' for i, lab in enumerate(m['labels']))}"
                                   if cls else ""),
         f"- Input: texts truncated to {m['max_length']} tokens",
-        f"- LoRA: rank {lo['r']}, alpha {lo['alpha']:g}, dropout {lo['dropout']:g}, target modules "
-        f"{', '.join(lo['target_modules']) if lo['target_modules'] else 'PEFT default for the architecture'}"
-        + ("; FFA-LoRA (A frozen at its shared seeded value, only B and the head trained)" if lo["ffa"] else "")
-        + ("; head only: LoRA left at its initial value (it adds nothing), only the classification head trained "
-           "on the frozen model's features" if lo.get("head_only") else ""),
+        ("- Trained: only the classification head, on the frozen model's "
+         + ("normalised mean-pooled" if m.get("pooling") == "mean" else "pooled") + " features (a linear probe); "
+         "the encoder is the base model's, unchanged (its LoRA is left at its initial value, which adds nothing)"
+         if lo.get("head_only") else
+         f"- LoRA: rank {lo['r']}, alpha {lo['alpha']:g}, dropout {lo['dropout']:g}, target modules "
+         f"{', '.join(lo['target_modules']) if lo['target_modules'] else 'PEFT default for the architecture'}"
+         + ("; FFA-LoRA (A frozen at its shared seeded value, only B and the head trained)" if lo["ffa"] else "")),
         "- Files: this directory is the merged model (the adapter folded into the base weights; load it with "
-        "`AutoModelFor" + ("SequenceClassification" if cls else "CausalLM") + ".from_pretrained`); `adapter/` "
+        "`AutoModelFor" + ("SequenceClassification" if cls else "CausalLM") + ".from_pretrained`"
+        + (", `trust_remote_code=True`: its pooling code is in the directory" if m.get("pooling") == "mean" else "")
+        + "); `adapter/` "
         "holds the LoRA adapter alone as a PEFT directory; `fedtune-export.json` the provenance and the sha256 of "
         "every file.",
         "",
@@ -186,7 +193,7 @@ def _privacy_section(record: dict) -> list[str]:
                          f"{_fmt(n.get('sample_rate'), '.5f')} | {_fmt(n.get('steps'), 'd')} | "
                          f"{len(n.get('rounds') or [])} | {n.get('evaluations', 0)} |")
         if not p.get("nodes_named"):
-            lines += ["", "Nodes are numbered, not named (export with `--name-nodes` to name them)."]
+            lines += ["", "Nodes are shown as numbered participants, not by name (export with `--name-nodes` to name them)."]
         tu = p.get("tuning") or {}
         if (tu.get("privacy") or {}).get("search_epsilon_max") is not None:
             if "trials_run" in tu:
