@@ -67,7 +67,7 @@ def registry_list(args: argparse.Namespace) -> int:
         print(json.dumps(vs, indent=2))
         return 0
     if not vs:
-        print(f"registry {reg.path} has no versions yet (add one with `fedtune registry add RUN_DIR`)")
+        print(f"registry {reg.path} has no versions yet (add one with `fedtune registry add RUN_DIR --registry {reg.path}`)")
         return 0
     print(f"{'':2}{'version':<8} {'created':<17} {'source':<28} {'test acc':>8} {'macro-F1':>8} "
           f"{'worst node':>10} {'epsilon':>8} {'secagg':>6}  note")

@@ -122,6 +122,8 @@ def test_corrupted_version_is_refused(reg, capsys):
     code, _, err = _cli(capsys, "registry", "promote", "v2", "--registry", str(reg.path))
     assert code == 2 and "Traceback" not in err
     assert "version v2 is corrupted" in err and "model.safetensors" in err and "fix:" in err
+    # the fix names this registry (without --registry, `registry add` would write into ./registry)
+    assert f"--registry {reg.path}`" in " ".join(err.split())
     assert reg.state()["current"] == "v1"
     code, out, err = _cli(capsys, "registry", "verify", "--registry", str(reg.path))
     assert code == 2 and "v1: every file matches" in out and "v2 is corrupted" in err

@@ -140,7 +140,7 @@ class Registry:
         except (AdapterError, ExportError) as err:
             raise RegistryError(f"version {e['id']} is corrupted and will not be used: {err.problem}",
                                 f"restore {d} from a backup, or add its run again (`fedtune registry add "
-                                f"{e['source_run_dir']} --round {e['source_round']}`); meanwhile promote another "
+                                f"{e['source_run_dir']} --round {e['source_round']} --registry {self.path}`); meanwhile promote another "
                                 "version or roll back") from None
         return d
 
