@@ -168,13 +168,15 @@ def add_parsers(sub) -> None:
     ep = sub.add_parser("evaluate", help="evaluate a saved adapter on a file or the packaged data (no training)")
     ep.add_argument("--adapter", required=True, help="adapter directory (PEFT format)")
     ep.add_argument("--data", help="CSV, JSONL or Parquet file (default: packaged BBC News)")
-    ep.add_argument("--split", default="test", choices=["train", "val", "test"])
+    ep.add_argument("--split", default="test", choices=["train", "val", "test"],
+                    help="which split of the data to evaluate on (default test; the same seeded split as training)")
     ep.add_argument("--json", action="store_true", help="print the metrics as JSON")
     ep.add_argument("settings", nargs="*", help="job settings as key=value (must match the adapter's)")
     ep.set_defaults(func=cmd_evaluate)
 
     gp = sub.add_parser("ledger", help="print this node's privacy ledger")
-    gp.add_argument("--state-dir", default=DEFAULT_STATE_DIR)
+    gp.add_argument("--state-dir", default=DEFAULT_STATE_DIR,
+                    help=f"node state directory holding the privacy ledger (default {DEFAULT_STATE_DIR})")
     gp.add_argument("--json", action="store_true", help="machine-readable output")
     gp.set_defaults(func=cmd_ledger)
 

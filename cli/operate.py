@@ -102,7 +102,7 @@ def add_parsers(sub) -> None:
     dp = sub.add_parser("dashboard", help="serve a read-only web dashboard and /metrics over run directories")
     dp.add_argument("root", nargs="?", default="runs", help="a run directory or a directory of runs (default runs)")
     dp.add_argument("--host", default="127.0.0.1", help="address to listen on (default localhost only)")
-    dp.add_argument("--port", type=int, default=8050)
+    dp.add_argument("--port", type=int, default=8050, help="port to listen on (default 8050)")
     dp.add_argument("--tls-cert", help="serve HTTPS with this certificate (needed off this host)")
     dp.add_argument("--tls-key", help="the certificate's private key")
     dp.add_argument("--token-file", help="require this token (file content) on every request (needed off this host)")

@@ -280,7 +280,7 @@ def add_parsers(sub) -> None:
             pp.add_argument("--quiet", action="store_true", help="no progress lines")
         else:
             pp.add_argument("--data", required=True, help="CSV, JSONL or Parquet file of labelled records")
-            pp.add_argument("--label-column", default="label")
+            pp.add_argument("--label-column", default="label", help="column holding the label (default label)")
             pp.add_argument("--threshold", type=float, default=0.05,
                             help="absolute drop in accuracy or macro-F1 reported as drift (default 0.05)")
             pp.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -290,7 +290,7 @@ def add_parsers(sub) -> None:
         pp.add_argument("--version", help="with --registry: this version instead of the current one")
         pp.add_argument("--text-column", default="text", help="column holding the text (table inputs)")
         pp.add_argument("--device", default="auto", help="auto (a CUDA GPU when there is one), cpu, cuda or cuda:N")
-        pp.add_argument("--batch-size", type=int, default=32)
+        pp.add_argument("--batch-size", type=int, default=32, help="texts per forward pass (default 32; memory)")
         pp.add_argument("--max-length", type=int, help="tokens per text (default: as trained)")
         pp.set_defaults(func=cmd_predict if name == "predict" else cmd_drift)
 

@@ -98,7 +98,8 @@ def add_parsers(sub) -> None:
                        ("baselines", "a federated DP run plus every baseline on the same split")):
         sp = sub.add_parser(name, help=text)
         sp.add_argument("scenario", nargs="?", help="scenario TOML file or name in simulations/scenarios"
-                        + (" (default: demo)" if name == "demo" else ""))
+                        + (" (default: demo)" if name == "demo" else
+                           " (default: none: fedtune's defaults and the settings given)"))
         sp.add_argument("--run-dir", help="run directory (default runs/sim-<time>)")
         if name == "demo":
             sp.add_argument("--full", action="store_true", help="also run federated without DP")

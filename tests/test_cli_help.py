@@ -1,0 +1,28 @@
+"""Every command-line option says what it does (and its default where it has one)."""
+
+from __future__ import annotations
+
+import argparse
+
+from fedtune.cli.main import build_parser
+
+
+def _actions(parser: argparse.ArgumentParser, path: list[str]):
+    for a in parser._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            for name, sp in a.choices.items():
+                yield from _actions(sp, [*path, name])
+        elif not isinstance(a, argparse._HelpAction):
+            yield " ".join(path), a
+
+
+def test_every_option_has_help():
+    missing = [(cmd, a.option_strings or a.dest) for cmd, a in _actions(build_parser(), ["fedtune"])
+               if a.help is None or (a.help != argparse.SUPPRESS and not a.help.strip())]
+    assert missing == []
+
+
+def test_an_optional_scenario_states_its_default():
+    for cmd, a in _actions(build_parser(), ["fedtune"]):
+        if a.dest == "scenario" and a.nargs == "?":
+            assert "default" in a.help, cmd
