@@ -155,6 +155,12 @@ def make_client_app(settings: dict | None = None, *, sim_state_root: str | Path 
         def handle(msg: Message, context: Context) -> Message:
             return _secagg_query(msg, context, step)
 
+    @app.query("info")
+    def info(msg: Message, context: Context) -> Message:
+        """The node's name (a simulated node's partition name): configuration only, nothing from its records."""
+        return _handle(msg, context, lambda cfg, ns: _reply(msg, NodeInfo(ns.name, "ok",
+                                                                          accountant=ns.policy.accountant)))
+
     for action, step in (("secagg_keys", secure_node.advertise), ("secagg_join", secure_node.join),
                          ("secagg_consistency", secure_node.consistency), ("secagg_unmask", secure_node.reveal)):
         _register(action, step)

@@ -30,6 +30,7 @@ from fedtune.server.messages import (
     array_record,
     collect,
     config_record,
+    exchange,
     post,
     wait_for_nodes,
 )
@@ -174,7 +175,7 @@ class Federation:
             eligible = connected
         k = min(len(eligible), max(f.min_nodes, math.ceil(f.fraction_train * len(eligible))))
         # python's sampler: node ids are 64-bit unsigned and numpy would turn mixed ones into floats
-        asked = sorted(random.Random(f"{cfg.train.seed}-{rnd}").sample(eligible, k))
+        asked = sorted(random.Random(f"{cfg.train.seed}-{rnd}").sample(self._in_order(grid, eligible), k))
         conf = RoundTask(job=self.rd.path.name, round=rnd, class_weights=self.class_weights).to_record()
         if first:
             self.out(f"round {rnd}/{cfg.train.rounds}: asking {len(asked)} nodes (on its first message each node "
@@ -226,12 +227,25 @@ class Federation:
         }
         return record, new, ev
 
+    def _in_order(self, grid: Grid, nodes: list[int]) -> list[int]:
+        """The nodes a seeded sample draws from, in an order the same settings reproduce: in a simulation by the
+        partition names the virtual nodes report (Flower draws fresh node ids each run; asked once per node, on
+        a message that reads nothing but the node's configuration), so two runs of one job sample the same
+        cohorts; in a deployment by node id (names are self-declared there)."""
+        if not self.simulated:
+            return sorted(nodes)
+        unknown = [n for n in nodes if n not in self.names]
+        if unknown:
+            exchange(grid, node_ids=unknown, message_type="query.info", content={},
+                     timeout=self.cfg.fed.round_timeout, group="info", names=self.names)
+        return sorted(nodes, key=lambda n: (self.names.get(n, ""), n))
+
     def _post_federated_eval(self, grid: Grid, rnd: int, arrays: dict, connected: list[int]) -> Pending | None:
         f = self.cfg.fed
         if f.fraction_evaluate <= 0 or self.cfg.privacy.eval_budget <= 0 or not connected:
             return None
         k = max(1, math.ceil(f.fraction_evaluate * len(connected)))
-        nodes = sorted(random.Random(f"{self.cfg.train.seed}-{rnd}-eval").sample(connected, k))
+        nodes = sorted(random.Random(f"{self.cfg.train.seed}-{rnd}-eval").sample(self._in_order(grid, connected), k))
         conf = RoundTask(job=self.rd.path.name, round=rnd, groups=self.audit_groups).to_record()
         return post(grid, node_ids=nodes, message_type="evaluate", timeout=f.round_timeout, group=f"eval-{rnd}",
                     content={"arrays": array_record(arrays), "config": config_record(conf)})

@@ -154,12 +154,15 @@ def test_flower_app_config_is_the_demo_job():
 
 @pytest.mark.slow
 def test_secure_aggregation_matches_plain_fedavg(tmp_path, capfd):
-    """Same job with and without secure aggregation (DP off, so training is deterministic).
+    """Same job with and without secure aggregation (DP off, so training is deterministic), 3 of 5 nodes sampled
+    per round: the two runs sample the same cohorts (by partition name; Flower draws fresh node ids each run,
+    which used to give each run its own cohorts) and end with the same model within quantization.
 
     Also: each privacy-weakening warning reaches the user once per run, not once per node and round."""
     from fedtune.common.training.adapter import read_adapter_file
 
-    base = {**TINY, "fed.num-nodes": 3, "fed.min-nodes": 3, "train.rounds": 2, "privacy.enabled": False,
+    base = {**TINY, "fed.num-nodes": 5, "fed.min-nodes": 3, "fed.fraction-train": 0.6, "train.rounds": 2,
+            "privacy.enabled": False,
             "sim.node-max-epsilon": float("inf"), "fed.fraction-evaluate": 0, "fed.secagg-max-weight": 1000,
             "train.optimizer": "sgd", "train.lr": 0.5}  # SGD: Adam would amplify rounding differences
     results = {}
@@ -177,9 +180,13 @@ def test_secure_aggregation_matches_plain_fedavg(tmp_path, capfd):
         results[(secure, 1)] = read_adapter_file(run_dir / "checkpoints" / "round-1")
         rounds = [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines()]
         assert all(r["status"] == "ok" and r["nodes_replied"] == 3 for r in rounds)
+        results[(secure, "benched")] = [r["nodes_benched"] for r in rounds]
         assert rounds[0]["aggregation"] == ("secagg+" if secure else "fedavg")
-        if secure:  # key set-up once, then one extra exchange per round
-            assert [r["exchanges"] for r in rounds] == [4, 2]
+        if secure:  # key set-up once per cohort, then one extra exchange per round
+            assert [r["exchanges"] for r in rounds] == [4] + [
+                2 if r["nodes_benched"] == prev["nodes_benched"] else 4 for prev, r in zip(rounds, rounds[1:])]
+    assert results[(True, "benched")] == results[(False, "benched")]  # the same cohorts, round by round
+    assert all(len(b) == 2 and all(n.startswith("node-") for n in b) for b in results[(True, "benched")])
     # quantization step: clip / L with L = (2^31 - 1) // (3 nodes * 1000); errors of both rounds add up
     step = 1.0 / ((2**31 - 1) // 3000)
     first = max(float(abs(results[(True, 1)][k] - results[(False, 1)][k]).max()) for k in results[False])
