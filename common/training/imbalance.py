@@ -71,6 +71,6 @@ def what_to_try(weighted: bool, head_only: bool = False, pooling: str = "mean") 
             "adapting the encoder (FFA-LoRA: lora.head-only=false train.lr=2 train.local-epochs=1 train.batch-size=32)"
     else:
         other = ("the default head-only recipe (lora.head-only=true model.pooling=mean train.lr=20 "
-                 "privacy.max-grad-norm=0.5 train.local-epochs=4 train.batch-size=64: `fedtune simulate demo data.path=...`)")
+                 "privacy.max-grad-norm=0.5 train.local-epochs=3 train.batch-size=128: `fedtune simulate demo data.path=...`)")
     return ("try " + ("" if weighted else "train.class-weighting=balanced, ") + "more train.rounds or "
             f"train.local-epochs, a higher train.lr, {other}, or search the recipe on your data with `fedtune tune`")
