@@ -40,13 +40,10 @@ def cmd_baselines(args: argparse.Namespace) -> int:
     cfg = _sim_config(args, "demo" if args.command == "demo" else None)
     epsilons = None
     if args.epsilons is not None:  # checked before anything runs
-        from fedtune.common.errors import FedtuneError
-        from fedtune.common.operations.curve import parse_epsilons
+        from fedtune.common.operations.curve import check_job, parse_epsilons
 
         epsilons = parse_epsilons(args.epsilons)
-        if cfg.model.task != "seq-cls" or not cfg.privacy.enabled:
-            raise FedtuneError("--epsilons draws test accuracy of DP runs against epsilon",
-                               "use it with a classification job with DP on (model.task=seq-cls, privacy.enabled=true)")
+        check_job(cfg.model.task, cfg.privacy.enabled)
     t0 = time.perf_counter()
     run_dir, rows = run_all(cfg, with_nodp=args.command == "baselines" or getattr(args, "full", False))
     if epsilons:

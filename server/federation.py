@@ -93,6 +93,7 @@ class Federation:
                  simulated: bool = False) -> None:
         self.cfg, self.rd, self.agg, self.out, self.simulated = cfg, run_dir, aggregator, out, simulated
         self.names: dict[int, str] = {}  # node id -> the name it reports (displayed only)
+        self.name_asked: set[int] = set()  # simulation: nodes asked their name (once, answered or not)
         self.benched: dict[int, float] = {}  # node id -> first round it may be asked again
         self.class_weights: list[float] | None = None
         self.majority: dict | None = None
@@ -234,8 +235,9 @@ class Federation:
         cohorts; in a deployment by node id (names are self-declared there)."""
         if not self.simulated:
             return sorted(nodes)
-        unknown = [n for n in nodes if n not in self.names]
-        if unknown:
+        unknown = [n for n in nodes if n not in self.names and n not in self.name_asked]
+        if unknown:  # a node that does not answer is not waited for again
+            self.name_asked.update(unknown)
             exchange(grid, node_ids=unknown, message_type="query.info", content={},
                      timeout=self.cfg.fed.round_timeout, group="info", names=self.names)
         return sorted(nodes, key=lambda n: (self.names.get(n, ""), n))

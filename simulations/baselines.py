@@ -173,12 +173,10 @@ def privacy_utility_curve(cfg: JobConfig, run_dir: Path, rows: list[dict], epsil
     epsilon's federated run gets its own run directory beside this one (``<run_dir>-eps<e>``) and its own
     simulated nodes: every point is a separate job an organization could choose, not a spend on top of this one.
     """
-    from fedtune.common.operations.curve import FILE
+    from fedtune.common.operations.curve import FILE, check_job
     from fedtune.simulations.run import simulate
 
-    if cfg.model.task != "seq-cls" or not cfg.privacy.enabled:
-        raise FedtuneError("the privacy-utility curve plots test accuracy of DP runs against epsilon",
-                           "draw it for a classification job with DP on (model.task=seq-cls, privacy.enabled=true)")
+    check_job(cfg.model.task, cfg.privacy.enabled)
     by_name = {r.get("name"): r for r in rows}
 
     def point(r: dict | None) -> dict:

@@ -62,3 +62,25 @@ def test_bad_epsilons_are_one_clear_error_before_anything_runs(text, tmp_path, c
 
 def test_epsilons_are_sorted_and_deduplicated():
     assert parse_epsilons("8, 1,2,2 ,4") == [1.0, 2.0, 4.0, 8.0]
+
+
+def test_a_damaged_curve_file_draws_what_it_can():
+    """curve.json lives in a run directory a person may edit: bad points are left out, never a traceback."""
+    from fedtune.common.operations.curve import draw, table
+
+    curve = {"points": [{"epsilon": "eight", "federated": {"accuracy": 0.9}}, {"epsilon": -1.0}, "junk",
+                        {"epsilon": 2.0, "federated": {"accuracy": 0.8}, "centralized": {"error": "not run"}}],
+             "nodp": {"accuracy": 0.95}}
+    rows = table(curve)
+    assert [r for r in rows if r.startswith("| 2 |")] == ["| 2 | 0.8000 | not run | - | - |"]
+    assert len(rows) == 2 + 1 + 1  # header, the one usable point, the no-DP level
+    assert b"<svg" in draw(curve, fmt="svg")
+
+
+def test_epsilons_on_a_job_without_dp_is_one_clear_error(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(["demo", "tiny", "--run-dir", str(run_dir), "--epsilons", "1,8", "privacy.enabled=false",
+                 "sim.node-max-epsilon=inf"]) != 0
+    err = capsys.readouterr().err
+    assert "privacy.enabled=true" in err and "Traceback" not in err
+    assert not run_dir.exists()

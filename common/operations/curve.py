@@ -36,6 +36,15 @@ def parse_epsilons(text: str) -> list[float]:
     return sorted(set(values))
 
 
+def check_job(task: str, dp: bool) -> None:
+    """The curve plots test accuracy of DP runs: a classification job with DP on, or one clear error."""
+    from fedtune.common.errors import FedtuneError
+
+    if task != "seq-cls" or not dp:
+        raise FedtuneError("the privacy-utility curve (--epsilons) plots test accuracy of DP runs against epsilon",
+                           "use it with a classification job with DP on (model.task=seq-cls, privacy.enabled=true)")
+
+
 def read_curve(run_dir: str | Path) -> dict | None:
     """The run's curve, or None when it has none (or an unreadable one: the report and dashboard go on without)."""
     path = Path(run_dir) / FILE
@@ -50,6 +59,12 @@ def _number(v) -> float | None:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
 
 
+def _points(curve: dict) -> list[dict]:
+    """The curve's points with a usable epsilon, in order (a damaged file draws what it can, never raises)."""
+    points = [p for p in curve.get("points", []) if isinstance(p, dict) and (_number(p.get("epsilon")) or 0) > 0]
+    return sorted(points, key=lambda p: p["epsilon"])
+
+
 def draw(curve: dict, *, fmt: str = "png", width: float = 6.4, height: float = 3.8) -> bytes:
     """The curve as an image (``png`` or ``svg``): one line per series, dashed levels for no DP and majority."""
     import matplotlib
@@ -58,8 +73,7 @@ def draw(curve: dict, *, fmt: str = "png", width: float = 6.4, height: float = 3
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(width, height), dpi=100)
-    points = [p for p in curve.get("points", []) if isinstance(p, dict) and _number(p.get("epsilon"))]
-    points.sort(key=lambda p: p["epsilon"])
+    points = _points(curve)
     for key, label in SERIES:
         xy = [(p["epsilon"], _number((p.get(key) or {}).get("accuracy"))) for p in points]
         xy = [(x, y) for x, y in xy if y is not None]
@@ -92,7 +106,7 @@ def table(curve: dict) -> list[str]:
 
     rows = ["| target epsilon | federated DP | centralized DP | local only, DP (mean) | federated: max epsilon spent |",
             "|---|---|---|---|---|"]
-    for p in sorted(curve.get("points", []), key=lambda p: p.get("epsilon") or 0):
+    for p in _points(curve):
         cells = [num((p.get(k) or {}).get("accuracy"), ".4f") if not (p.get(k) or {}).get("error")
                  else "not run" for k, _ in SERIES]
         rows.append(f"| {num(p.get('epsilon'), 'g')} | " + " | ".join(cells)

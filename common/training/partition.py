@@ -96,7 +96,8 @@ def _dirichlet(table, n: int, num_partitions: int, alpha: float, min_size: int, 
         if all(len(p) >= min_size for p in parts):
             return parts
     raise DataError(f"cannot partition {n} records into {num_partitions} dirichlet partitions of at least "
-                    f"{min_size} records (sim.alpha={alpha:g}; {DIRICHLET_DRAWS} seeds of 10 draws each): {last}",
+                    f"{min_size} records (sim.alpha={alpha:g}; {DIRICHLET_DRAWS} seeds of 10 draws each)"
+                    + (f": {last}" if last else ""),
                     "raise sim.alpha, use fewer nodes, use sim.partitioner=iid, or lower train.batch-size or "
                     "sim.min-partition-size")
 
