@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import json
 import statistics
 import subprocess
 import sys
@@ -58,6 +57,7 @@ def startup(tmp: Path) -> dict:
 
 
 def rounds_side_by_side(tmp: Path) -> tuple[list[float], list[float], float, float]:
+    from fedtune.common.operations.rundir import RunDir
     from fedtune.common.training.config import load_config
     from fedtune.simulations.deployment import LocalFederation
     from fedtune.simulations.run import simulate
@@ -83,14 +83,14 @@ def rounds_side_by_side(tmp: Path) -> tuple[list[float], list[float], float, flo
     finally:
         fed.stop()
     dep_total = time.perf_counter() - t0
-    dep = [json.loads(x)["seconds"] for x in (tmp / "dep-run" / "rounds.jsonl").read_text().splitlines()]
+    dep = [r.seconds for r in RunDir(tmp / "dep-run").rounds()]
     # simulation: the same job on the server's file partitioned into 3 (IID)
     t0 = time.perf_counter()
     pool = write_easy_csv(tmp / "pool.csv", n=260, seed=5)
     cfg = load_config({**job, "data.path": str(pool), "sim.partitioner": "iid", "fed.run-dir": str(tmp / "sim-run")})
     simulate(cfg, out=lambda s: None, report=False)
     sim_total = time.perf_counter() - t0
-    sim = [json.loads(x)["seconds"] for x in (tmp / "sim-run" / "rounds.jsonl").read_text().splitlines()]
+    sim = [r.seconds for r in RunDir(tmp / "sim-run").rounds()]
     return dep, sim, dep_total, sim_total
 
 

@@ -169,10 +169,12 @@ def federated(name: str, path: str, labels: str, recipe: str, out: Path, max_rec
     if proc.returncode != 0:
         print(proc.stdout[-2000:], proc.stderr[-2000:], file=sys.stderr)
         return {"error": f"exit {proc.returncode}", "seconds": seconds}
-    summary = json.loads((run_dir / "summary.json").read_text())
-    test = summary["final"]["test"]
+    from fedtune.common.operations.rundir import RunDir
+
+    summary = RunDir(run_dir).summary()
+    test = summary.final_test
     return {"accuracy": test["accuracy"], "macro_f1": test["macro_f1"], "seconds": seconds,
-            "warnings": summary.get("warnings") or []}
+            "warnings": list(summary.warnings)}
 
 
 def _cell(runs: list[dict]) -> dict:

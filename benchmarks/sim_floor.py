@@ -16,7 +16,6 @@ answers, and the ratio wall / floor. Run on an otherwise idle machine; quote rat
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -48,14 +47,15 @@ def floor_seconds(cfg) -> tuple[float, int]:
 
 
 def run(cfg, label: str) -> dict:
+    from fedtune.common.operations.rundir import RunDir, RunSummary
     from fedtune.simulations.run import simulate
 
     t0 = time.time()
     res = simulate(cfg, out=lambda s: print(f"  [{label}] {s}", flush=True), report=False)
     wall = time.time() - t0
-    rounds = [json.loads(x) for x in (Path(res["run_dir"]) / "rounds.jsonl").read_text().splitlines()]
-    final = (res["summary"].get("final") or {}).get("test") or {}
-    return {"wall": wall, "startup": rounds[0]["started"] - t0, "rounds": rounds, "accuracy": final.get("accuracy"),
+    rounds = RunDir(res["run_dir"]).rounds()
+    final = RunSummary.from_json(res["summary"]).final_test
+    return {"wall": wall, "startup": rounds[0].started - t0, "rounds": rounds, "accuracy": final.get("accuracy"),
             "macro_f1": final.get("macro_f1")}
 
 
@@ -85,7 +85,7 @@ def main() -> int:
     keys = ("key_setup", "train", "secure_aggregation", "server_eval", "federated_eval_wait")
     for i in range(max(len(r["rounds"]) for r in results.values())):
         for k in keys:
-            cells = [(r["rounds"][i].get("timing") or {}).get(k) if i < len(r["rounds"]) else None
+            cells = [r["rounds"][i].timing.get(k) if i < len(r["rounds"]) else None
                      for r in results.values()]
             if any(c for c in cells):
                 name = f"  round {i + 1} {k.replace('_', ' ')}" + (" (+load, features)" if i == 0 and k == "train"

@@ -46,6 +46,7 @@ def write_data(path: Path, n: int = 20_000) -> None:
 
 def child(nodes: int, rounds: int, data: str, run_dir: str) -> None:
     import psutil
+    from fedtune.common.operations.rundir import RunDir
     from fedtune.common.training.config import load_config
     from fedtune.simulations.run import simulate
 
@@ -74,19 +75,19 @@ def child(nodes: int, rounds: int, data: str, run_dir: str) -> None:
     res = simulate(cfg, out=lambda s: None, report=False)
     wall = time.perf_counter() - t0
     done.set()
-    rounds_ = [json.loads(x) for x in (Path(run_dir) / "rounds.jsonl").read_text().splitlines()]
+    rounds_ = RunDir(run_dir).rounds()
     # nodes no longer report their training time (it depends on their records): the overhead is the round's wall
     # time outside the train exchange (key set-up, unmasking, evaluation), from the server's own timing
-    overhead = [r["seconds"] - (r.get("timing") or {}).get("train", 0.0) for r in rounds_[1:]]
+    overhead = [r.seconds - r.timing.get("train", 0.0) for r in rounds_[1:]]
     diff, step = check_against_plain_fedavg(cfg, Path(run_dir), rounds_)
     print(json.dumps({"nodes": nodes, "wall": wall, "peak_mb": peak[0] / 2**20,
-                      "round_s": statistics.mean(r["seconds"] for r in rounds_[1:]),
-                      "overhead_s": statistics.mean(overhead), "asked": rounds_[-1]["nodes_asked"],
-                      "status": res["summary"]["status"], "ok_rounds": sum(r["status"] == "ok" for r in rounds_),
+                      "round_s": statistics.mean(r.seconds for r in rounds_[1:]),
+                      "overhead_s": statistics.mean(overhead), "asked": rounds_[-1].nodes_asked,
+                      "status": res["summary"]["status"], "ok_rounds": sum(r.ok for r in rounds_),
                       "max_diff": diff, "step": step}))
 
 
-def check_against_plain_fedavg(cfg, run_dir: Path, rounds: list[dict]) -> tuple[float, float]:
+def check_against_plain_fedavg(cfg, run_dir: Path, rounds: list) -> tuple[float, float]:
     """Largest |secure - plain FedAvg| over every round, each recomputed from the same starting adapter over the
     nodes that round sampled (deterministic local training), and one quantization step of the mean."""
     import tempfile
@@ -104,21 +105,21 @@ def check_against_plain_fedavg(cfg, run_dir: Path, rounds: list[dict]) -> tuple[
     worst, cohort = 0.0, 0
     with tempfile.TemporaryDirectory() as state:
         for r in rounds:
-            if r["status"] != "ok":
-                raise SystemExit(f"round {r['round']} failed: {r['reason']}")
-            sampled = sorted(int(k.split("-")[1]) for k, m in r["per_node"].items() if m["status"] == "ok")
+            if not r.ok:
+                raise SystemExit(f"round {r.round} failed: {r.reason}")
+            sampled = sorted(int(k.split("-")[1]) for k, m in r.per_node.items() if m.status == "ok")
             cohort = max(cohort, len(sampled))
             updates, weights = [], []
             for pid in sampled:
                 splits = node_splits(cfg, pid, cfg.fed.num_nodes)
                 node = prepare(cfg, NodePolicy(source=f"ref-{pid}", max_epsilon=float("inf")), state_dir=state,
                                model=lm, splits=splits)
-                trained = train_round(node, job=f"ref-{r['round']}", round=r["round"], initial=start,
+                trained = train_round(node, job=f"ref-{r.round}", round=r.round, initial=start,
                                       federated=False)
                 updates.append(update(trained.arrays, start))
                 weights.append(min(batch_weight(len(splits.train), cfg.train.batch_size), cfg.fed.secagg_max_weight))
             plain = fedavg(start, updates, weights)
-            secure = adapter.read_adapter_file(run_dir / "checkpoints" / f"round-{r['round']}")
+            secure = adapter.read_adapter_file(run_dir / "checkpoints" / f"round-{r.round}")
             worst = max(worst, max(float(np.abs(plain[k] - secure[k]).max()) for k in plain))
             start = {k: secure[k] for k in start}
     return worst, cfg.secagg_clip / secagg.levels(n_nodes=cohort, max_weight=cfg.fed.secagg_max_weight)

@@ -22,8 +22,31 @@ from fedtune.common.errors import FedtuneError
 AREAS = (node, simulate, operate, serve)
 
 
+EXIT_CODES = """exit status:
+  0    success
+  1    user error: a missing or bad file, setting or value (one message: the
+       problem and the fix)
+  2    usage error: an unknown command or option, a missing or malformed
+       argument (argparse's message and the command's usage)
+  3    a node's privacy budget would be exceeded
+  4    fedtune drift found drift
+  130  interrupted (Ctrl-C)"""
+
+
+def installed_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fedtune")
+    except PackageNotFoundError:  # a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fedtune", description="Federated, differentially private LoRA fine-tuning.")
+    p = argparse.ArgumentParser(prog="fedtune", description="Federated, differentially private LoRA fine-tuning.",
+                                epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"fedtune {installed_version()}",
+                   help="print the installed fedtune version and exit")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     sub = p.add_subparsers(dest="command", required=True)
     for area in AREAS:
@@ -32,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # fedtune never downloads: models and data load from local paths (air-gapped nodes). Every from_pretrained
+    # passes local_files_only=True; this also keeps libraries it starts (datasets, Ray workers) off the Hub.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # key=value words may follow options (`fedtune simulate demo --run-dir X lora.r=4`)

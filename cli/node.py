@@ -34,7 +34,7 @@ def cmd_local(args: argparse.Namespace) -> int:
     from fedtune.common.training.local import train_locally
 
     cfg = _job_config(args)
-    res = train_locally(cfg, max_epsilon=float(args.max_epsilon), state_dir=args.state_dir, out=args.out,
+    res = train_locally(cfg, max_epsilon=args.max_epsilon, state_dir=args.state_dir, out=args.out,
                         source=args.source, shared_content_ok=args.allow_shared_content,
                         init_adapter=args.init_adapter, say=lambda m: print(m, flush=True),
                         warn=say, progress=progress_printer)
@@ -149,11 +149,48 @@ def _fingerprints(paths: list[str]) -> int:
     return 0
 
 
+def epsilon_ceiling(text: str) -> float:
+    """``--max-epsilon``: a number > 0 (``inf``: no ceiling); anything else is a usage error, not a traceback."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number (e.g. 8, or inf for no ceiling)") from None
+    if not value > 0:  # also refuses nan, which no budget check could compare against
+        raise argparse.ArgumentTypeError(f"{text!r}: a privacy ceiling must be > 0 (or inf for no ceiling)")
+    return value
+
+
+KEYS_INIT = """\
+For the operator, once per federation. Writes into --out:
+  ca.key (0600; keep it offline), ca.crt  the federation's certificate
+      authority; send ca.crt to every organization (their nodes' --ca)
+  server.key (0600), server.crt  the SuperLink's TLS certificate, valid for
+      each --host (default 127.0.0.1 and localhost); `fedtune superlink --keys`
+  nodes/NAME.key (0600), nodes/NAME.pub  with --node NAME: SuperNode key pairs,
+      as `fedtune keys node` makes them
+Existing files are never overwritten without --force."""
+
+KEYS_NODE = """\
+For an organization, on its own machine. Writes into --out/nodes/:
+  NAME.key (OpenSSH private key, 0600)  this node's authentication key, for
+      `fedtune node --key`; it never leaves this machine
+  NAME.pub  the public half; send it to the operator, who registers it with
+      `flwr supernode register`
+No certificate: the CA and the SuperLink's certificate are `fedtune keys
+init`'s. Existing files are never overwritten without --force."""
+
+KEYS_FINGERPRINT = """\
+For organizations comparing keys out of band: prints NAME and the OpenSSH
+SHA256 fingerprint of each public key given (a .pub file, or a directory or
+file of approved peers). Writes nothing."""
+
+
 def add_parsers(sub) -> None:
     lp = sub.add_parser("local", help="train and evaluate one node on a file or the packaged BBC News data")
     lp.add_argument("--data", help="CSV, JSONL or Parquet file (default: packaged BBC News)")
     lp.add_argument("--state-dir", default=DEFAULT_STATE_DIR, help="node state directory holding the privacy ledger")
-    lp.add_argument("--max-epsilon", default="10", help="this node's privacy ceiling on the data source (default 10)")
+    lp.add_argument("--max-epsilon", type=epsilon_ceiling, default=10.0,
+                    help="this node's privacy ceiling on the data source: a number > 0, or inf (default 10)")
     lp.add_argument("--source", help="name of the data source whose budget this spends (default: one budget per "
                     "--state-dir, whatever file is read); a new name starts a new budget, and records already "
                     "released under another name are refused")
@@ -193,14 +230,25 @@ def add_parsers(sub) -> None:
     np_.add_argument("--max-wait-time", type=float, help="give up reconnecting after this many seconds")
     np_.set_defaults(func=cmd_node)
 
-    kp = sub.add_parser("keys", help="make TLS certificates and SuperNode authentication keys")
-    kp.add_argument("action", choices=["init", "node", "fingerprint"], help="init: CA + SuperLink certificate "
-                    "(+ --node keys); node: only SuperNode key pairs; fingerprint: print the fingerprint of each "
-                    "public key (a .pub file, or a directory or file of approved peers) to compare out of band")
-    kp.add_argument("paths", nargs="*", help="fingerprint: .pub files, approved-peers directories or files")
-    kp.add_argument("--out", help="init, node: directory for the files (private keys are written 0600)")
-    kp.add_argument("--host", action="append", help="SuperLink address for its certificate (repeatable; "
+    kp = sub.add_parser("keys", help="make TLS certificates and SuperNode authentication keys",
+                        description="init: the operator's CA + SuperLink certificate; node: an organization's "
+                        "SuperNode key pair; fingerprint: check a peer's public key out of band.")
+    actions = kp.add_subparsers(dest="action", required=True, metavar="ACTION")
+    raw = argparse.RawDescriptionHelpFormatter
+    ki = actions.add_parser("init", formatter_class=raw, help="operator: the federation's CA and the SuperLink's TLS "
+                            "certificate (+ --node key pairs), in --out", description=KEYS_INIT)
+    kn = actions.add_parser("node", formatter_class=raw, help="organization: this node's SuperNode key pair, in "
+                            "--out/nodes/", description=KEYS_NODE)
+    for a in (ki, kn):
+        a.add_argument("--out", required=True, help="directory for the files (private keys are written 0600)")
+        a.add_argument("--force", action="store_true", help="overwrite existing files")
+        a.set_defaults(func=cmd_keys, paths=[])
+    ki.add_argument("--host", action="append", help="SuperLink address for its certificate (repeatable; "
                     "default 127.0.0.1 and localhost)")
-    kp.add_argument("--node", action="append", help="make a SuperNode key pair with this name (repeatable)")
-    kp.add_argument("--force", action="store_true", help="overwrite existing files")
-    kp.set_defaults(func=cmd_keys)
+    ki.add_argument("--node", action="append", help="also make a SuperNode key pair with this name (repeatable)")
+    kn.add_argument("--node", action="append", required=True, help="the node's name: writes nodes/NAME.key and "
+                    "nodes/NAME.pub (repeatable)")
+    kf = actions.add_parser("fingerprint", formatter_class=raw, help="print each public key's fingerprint to "
+                            "compare with its owner out of band", description=KEYS_FINGERPRINT)
+    kf.add_argument("paths", nargs="*", help=".pub files, approved-peers directories or files")
+    kf.set_defaults(func=cmd_keys)

@@ -130,7 +130,7 @@ def registry_verify(args: argparse.Namespace) -> int:
 def _check_model_args(args: argparse.Namespace) -> None:
     if bool(args.model) == bool(args.registry):
         raise FedtuneError("say which model to use: --model DIR or --registry DIR (not both)",
-                           "pass --model with an exported directory, or --registry (current version, or --version V)")
+                           "pass --model with an exported directory, or --registry (current version, or --revision V)")
 
 
 def _classifier(args: argparse.Namespace):
@@ -139,7 +139,7 @@ def _classifier(args: argparse.Namespace):
     _check_model_args(args)
     kw = {"batch_size": args.batch_size, "max_length": args.max_length, "device": args.device}
     if args.registry:
-        return Classifier.from_registry(args.registry, args.version, **kw)
+        return Classifier.from_registry(args.registry, args.revision, **kw)
     return Classifier(args.model, **kw)
 
 
@@ -191,7 +191,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         prompt = sys.stdin.read()
     t0 = time.perf_counter()
     kw = {"device": args.device}
-    gen = (Generator.from_registry(args.registry, args.version, **kw) if args.registry
+    gen = (Generator.from_registry(args.registry, args.revision, **kw) if args.registry
            else Generator(args.model, **kw))
     say(f"loaded {gen.directory} in {time.perf_counter() - t0:.1f}s")
     if args.seed is not None:
@@ -227,6 +227,23 @@ def _export_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name-nodes", action="store_true", help="name the participating nodes in the model card "
                    "(default: counts only)")
     p.add_argument("--base-model", help="the base model directory on this machine, if not the run's model.path")
+
+
+class _DeprecatedVersion(argparse.Action):
+    """``--version V`` after predict, drift or generate: the old spelling of ``--revision V`` (``fedtune --version``
+    prints fedtune's own version)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        say(f"fedtune: warning: {parser.prog}: --version V is deprecated, use --revision V")
+        setattr(namespace, self.dest, values)
+
+
+def _model_options(p: argparse.ArgumentParser) -> None:
+    """Which model predict, drift and generate use: an export directory, or a registry revision."""
+    p.add_argument("--model", help="an exported model directory")
+    p.add_argument("--registry", help="a registry directory (uses its current version unless --revision)")
+    p.add_argument("--revision", metavar="V", help="with --registry: this version (e.g. v2) instead of the current one")
+    p.add_argument("--version", dest="revision", action=_DeprecatedVersion, help=argparse.SUPPRESS)
 
 
 def add_parsers(sub) -> None:
@@ -285,9 +302,7 @@ def add_parsers(sub) -> None:
                             help="absolute drop in accuracy or macro-F1 reported as drift (default 0.05)")
             pp.add_argument("--json", action="store_true", help="print the report as JSON")
             pp.add_argument("--report", help="also write the JSON report to this local file")
-        pp.add_argument("--model", help="an exported model directory")
-        pp.add_argument("--registry", help="a registry directory (uses its current version unless --version)")
-        pp.add_argument("--version", help="with --registry: this version instead of the current one")
+        _model_options(pp)
         pp.add_argument("--text-column", default="text", help="column holding the text (table inputs)")
         pp.add_argument("--device", default="auto", help="auto (a CUDA GPU when there is one), cpu, cuda or cuda:N")
         pp.add_argument("--batch-size", type=int, default=32, help="texts per forward pass (default 32; memory)")
@@ -297,9 +312,7 @@ def add_parsers(sub) -> None:
     gp = sub.add_parser("generate", help="answer a prompt with an exported causal LM (streamed to stdout)")
     gp.add_argument("prompt", nargs="?", help="the prompt (default: --file, else stdin)")
     gp.add_argument("--file", help="read the prompt from this text file")
-    gp.add_argument("--model", help="an exported model directory")
-    gp.add_argument("--registry", help="a registry directory (uses its current version unless --version)")
-    gp.add_argument("--version", help="with --registry: this version instead of the current one")
+    _model_options(gp)
     gp.add_argument("--max-new-tokens", type=int, help="most tokens to generate (default: as exported, else 64)")
     gp.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     gp.add_argument("--seed", type=int, help="seed for sampling (temperature > 0)")

@@ -21,9 +21,10 @@ def _sim_config(args: argparse.Namespace, default_scenario: str | None):
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    from fedtune.common.operations.rundir import RunSummary
     from fedtune.simulations.run import simulate
 
-    t = ((simulate(_sim_config(args, None))["summary"].get("final") or {}).get("test")) or {}
+    t = RunSummary.from_json(simulate(_sim_config(args, None))["summary"]).final_test
     if "accuracy" in t:
         print(f"final global adapter: test accuracy {t['accuracy']:.4f}, macro-F1 {t['macro_f1']:.4f}")
     elif "perplexity" in t:

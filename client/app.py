@@ -4,62 +4,36 @@ A simulated node (``partition-id`` in its node config) trains on its partition o
 job's data and keeps its ledger under the simulation's state root; an organization's
 node uses its own ``--node-config`` (see ``client/node_config.py``), whose privacy rules
 no job can override. What a reply carries is built by the typed values of
-``fedtune.common.training.wire``; this file only moves them in and out of Flower records.
+``fedtune.common.training.wire``; requests are opened and replies built by ``fedtune.envelope``
+(the one place a message type or record name is spelled).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
 
-import numpy as np
-
+from fedtune import envelope
 from fedtune.client import secure_node
 from fedtune.client.node_config import NodeSettings, node_settings, simulated_settings
-from fedtune.client.runtime import get_node
+from fedtune.client.runtime import MAX_PARSED_SETTINGS, get_node
 from fedtune.common.errors import BudgetExceededError, FedtuneError, SecAggError, UnsafeMessage
 from fedtune.common.privacy import accounting as privacy
 from fedtune.common.training.config import JobConfig, load_config
 from fedtune.common.training.node import answer_evaluation, check_received, receive, train_and_report
-from fedtune.common.training.wire import EvalAnswer, NodeInfo, NodeRoundResult, RoundTask
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from fedtune.common.training.wire import EvalAnswer, NodeInfo, NodeRoundResult
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 log = logging.getLogger(__name__)
 SIM_STATE_ENV = "FEDTUNE_SIM_STATE"  # where `flwr run` simulations keep virtual nodes' ledgers (never from a job)
 
 
-def _reply(msg: Message, info: NodeInfo, result: dict | None = None, secagg: dict | None = None) -> Message:
-    """A Flower reply from plain values: ``result`` is a ``to_record()`` dict (update/masked arrays, metrics)."""
-    content = {"info": ConfigRecord(info.to_record())}
-    for name, arrays in (("update", (result or {}).get("update")), ("masked", (result or {}).get("masked"))):
-        if arrays is not None:
-            content[name] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
-    if result and result.get("metrics") is not None:
-        content["metrics"] = MetricRecord(result["metrics"])
-    if secagg is not None:
-        content["secagg"] = ConfigRecord(secagg)
-    return Message(RecordDict(content), reply_to=msg)
-
-
-def _arrays(msg: Message) -> dict:
-    """The server's adapter tensors (a message without them is refused, not a crash)."""
-    rec = msg.content.array_records.get("arrays")
-    if rec is None:
-        raise UnsafeMessage("the server's message carries no adapter ('arrays' record)", "refusing")
-    try:
-        return {str(k): np.asarray(a.numpy()) for k, a in rec.items()}
-    except Exception as e:  # noqa: BLE001  (bytes from the network that do not decode: refused, never a crash)
-        raise UnsafeMessage(f"the server's adapter does not decode ({e.__class__.__name__})", "refusing") from None
-
-
-def _task(msg: Message) -> RoundTask:
-    rec = msg.content.config_records.get("config")
-    if rec is None:
-        raise UnsafeMessage("the server's message carries no instruction ('config' record)", "refusing")
-    return RoundTask.from_record(rec)
+def _reply(msg: Message, info: NodeInfo, result: dict | None = None, *, masked=None, secagg: dict | None = None
+           ) -> Message:
+    """A Flower reply from plain values: ``result`` is a ``to_record()`` dict (update arrays, metrics)."""
+    return Message(envelope.reply(info, result=result, masked=masked, secagg=secagg), reply_to=msg)
 
 
 def _refusal(msg: Message, settings: NodeSettings, err: FedtuneError) -> Message:
@@ -70,28 +44,37 @@ def _refusal(msg: Message, settings: NodeSettings, err: FedtuneError) -> Message
     return _reply(msg, NodeInfo(settings.name, status, str(err), settings.policy.accountant))
 
 
-def make_client_app(settings: dict | None = None, *, sim_state_root: str | Path | None = None) -> ClientApp:
-    """A ClientApp for the job in ``settings`` (None: the run config Flower passes).
+def _frozen(values) -> tuple:
+    """A hashable key of Flower's run or node config (scalar values; anything else by its repr)."""
+    return tuple(sorted((str(k), v if isinstance(v, (str, int, float, bool)) or v is None else repr(v))
+                        for k, v in dict(values).items()))
+
+
+def make_client_app(settings: JobConfig | dict | None = None, *, sim_state_root: str | Path | None = None
+                    ) -> ClientApp:
+    """A ClientApp for the job in ``settings`` (a parsed config, flat settings, or None: the run config Flower
+    passes; a simulation hands its parsed config, so no node parses it again).
 
     ``sim_state_root``: where simulated nodes keep their state (ledgers); a simulation driver
     passes its run directory's ``nodes/`` (``flwr run`` simulations: $FEDTUNE_SIM_STATE, default
     ``runs/flwr-simulation/nodes``). Never a path from a message or from the job.
     """
     app = ClientApp()
-    parsed: dict[str, tuple[JobConfig, NodeSettings]] = {}  # the config is parsed once per app instance and node
+    parsed: dict[tuple, tuple[JobConfig, NodeSettings]] = {}  # parsed once per app instance, job and node
 
     def _setup(context: Context) -> tuple[JobConfig, NodeSettings]:
-        raw = settings if settings is not None else dict(context.run_config)
+        given = isinstance(settings, JobConfig)
+        raw = {} if given else settings if settings is not None else dict(context.run_config)
         nc = context.node_config
-        key = json.dumps([raw, dict(nc), context.node_id], sort_keys=True, default=str)
+        key = (_frozen(raw), _frozen(nc), context.node_id)
         if key not in parsed:
-            cfg = load_config(raw)
+            cfg = settings if given else load_config(raw)
             if "partition-id" in nc:  # a virtual node of a simulation (a real SuperNode never has this key)
                 root = Path(sim_state_root or os.environ.get(SIM_STATE_ENV, "runs/flwr-simulation/nodes"))
                 ns = simulated_settings(cfg, int(nc["partition-id"]), int(nc["num-partitions"]), root)
             else:
                 ns = node_settings(nc, context.node_id)
-            if len(parsed) > 256:  # one Ray worker serves many virtual nodes
+            if len(parsed) > MAX_PARSED_SETTINGS:
                 parsed.clear()
             parsed[key] = (ns.apply(cfg), ns)
         return parsed[key]
@@ -112,8 +95,8 @@ def make_client_app(settings: dict | None = None, *, sim_state_root: str | Path 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         def work(cfg: JobConfig, ns: NodeSettings) -> Message:
-            task = _task(msg)
-            sec = msg.content.config_records.get("secagg")
+            task = envelope.received_task(msg.content)
+            sec = envelope.secagg_record(msg.content)
             if sec is None and ns.require_secagg:  # before anything is read or spent
                 raise SecAggError(
                     "this node requires secure aggregation (node config require-secure-aggregation=on) and the "
@@ -124,7 +107,7 @@ def make_client_app(settings: dict | None = None, *, sim_state_root: str | Path 
                 keys, params = secure_node.check_train(context, ns, task.job, sec)
                 if params.round != task.round:
                     raise SecAggError("the round number differs between the job and secure aggregation", "refusing")
-            received = _arrays(msg)
+            received = envelope.received_arrays(msg.content)
             check_received(received, ns.policy)  # before any record is read: a refusal on the message alone
             node = get_node(cfg, ns)
             if not cfg.privacy.enabled and ns.partition is None:  # simulations print it once in the driver
@@ -136,13 +119,13 @@ def make_client_app(settings: dict | None = None, *, sim_state_root: str | Path 
                 return _reply(msg, info, result.to_record())
             # under secure aggregation: nothing derived from the update, and not the weight, in the clear
             masked, wire = secure_node.mask(context, ns, keys, params, result.update, result.weight)
-            return _reply(msg, info, {**result.to_record(secure=True), "masked": {"masked": masked}}, secagg=wire)
+            return _reply(msg, info, result.to_record(secure=True), masked=masked, secagg=wire)
 
         return _handle(msg, context, work)
 
     def _secagg_query(msg: Message, context: Context, step) -> Message:
         def work(cfg: JobConfig, ns: NodeSettings) -> Message:
-            rec = msg.content.config_records.get("secagg")
+            rec = envelope.secagg_record(msg.content)
             if rec is None:
                 raise SecAggError("the request carried no secure-aggregation record", "refusing")
             return _reply(msg, NodeInfo(ns.name, "ok", accountant=ns.policy.accountant),
@@ -155,21 +138,22 @@ def make_client_app(settings: dict | None = None, *, sim_state_root: str | Path 
         def handle(msg: Message, context: Context) -> Message:
             return _secagg_query(msg, context, step)
 
-    @app.query("info")
+    @app.query(envelope.query_action(envelope.INFO))
     def info(msg: Message, context: Context) -> Message:
         """The node's name (a simulated node's partition name): configuration only, nothing from its records."""
         return _handle(msg, context, lambda cfg, ns: _reply(msg, NodeInfo(ns.name, "ok",
                                                                           accountant=ns.policy.accountant)))
 
-    for action, step in (("secagg_keys", secure_node.advertise), ("secagg_join", secure_node.join),
-                         ("secagg_consistency", secure_node.consistency), ("secagg_unmask", secure_node.reveal)):
-        _register(action, step)
+    for message_type, step in ((envelope.SECAGG_KEYS, secure_node.advertise), (envelope.SECAGG_JOIN, secure_node.join),
+                               (envelope.SECAGG_CONSISTENCY, secure_node.consistency),
+                               (envelope.SECAGG_UNMASK, secure_node.reveal)):
+        _register(envelope.query_action(message_type), step)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         def work(cfg: JobConfig, ns: NodeSettings) -> Message:
-            task = _task(msg)
-            received = _arrays(msg)
+            task = envelope.received_task(msg.content)
+            received = envelope.received_arrays(msg.content)
             check_received(received, ns.policy)
             node = get_node(cfg, ns)
             receive(node, received)

@@ -28,8 +28,9 @@ from typing import Any
 from fedtune.common.errors import ConfigError, FedtuneError
 from fedtune.common.privacy import accounting as privacy
 from fedtune.common.privacy.ledger import DEFAULT_SOURCE
+from fedtune.common.secagg.limits import MIN_COHORT, MIN_THRESHOLD
 from fedtune.common.secagg.protocol import NodeRules, load_identity_key, load_roster
-from fedtune.common.training.config import TASKS, JobConfig
+from fedtune.common.training.config import TASKS, JobConfig, parse_bool
 from fedtune.common.training.node import NodePolicy
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ KEYS = {"name": str, "data-path": str, "source": str, "state-dir": str, "max-eps
         "secagg-min-cohort": int, "secagg-min-threshold": int,
         "secagg-max-weight": int, "approved-apps": str, "max-received-abs": float, "max-received-norm": float,
         "allow-shared-content": str, "require-secure-aggregation": str}
-ON_OFF = {"on": True, "true": True, "yes": True, "off": False, "false": False, "no": False}
+EXPECTED_ON_OFF = "expected on or off (or true/false, yes/no, 1/0)"  # what parse_bool reads, as the job config does
 
 
 @dataclass(frozen=True)
@@ -125,9 +126,9 @@ def node_settings(node_config: Mapping[str, Any], node_id: int) -> NodeSettings:
     if accountant not in privacy.ACCOUNTANTS:
         problems.append(f"node config 'accountant': expected one of {', '.join(privacy.ACCOUNTANTS)}, got "
                         f"{accountant!r}")
-    evaluate = ON_OFF.get(str(values.get("evaluate", "on")).strip().lower())
+    evaluate = parse_bool(values.get("evaluate", "on"))
     if evaluate is None:
-        problems.append(f"node config 'evaluate': expected on or off, got {values['evaluate']!r}")
+        problems.append(f"node config 'evaluate': {EXPECTED_ON_OFF}, got {values['evaluate']!r}")
     task = values.get("task", "seq-cls")
     if task not in TASKS:
         problems.append(f"node config 'task': expected one of {', '.join(TASKS)}, got {task!r}")
@@ -135,15 +136,16 @@ def node_settings(node_config: Mapping[str, Any], node_id: int) -> NodeSettings:
     if not data_path:  # never a path from the job: the server does not choose which file a node reads
         problems.append("node config 'data-path': required (the file of this organization's records)")
     source = values.get("source") or DEFAULT_SOURCE  # one budget per node unless the organization names sources
-    require = ON_OFF.get(str(values.get("require-secure-aggregation", "on")).strip().lower())
+    require = parse_bool(values.get("require-secure-aggregation", "on"))
     if require is None:
-        problems.append(f"node config 'require-secure-aggregation': expected on or off, got "
+        problems.append(f"node config 'require-secure-aggregation': {EXPECTED_ON_OFF}, got "
                         f"{values['require-secure-aggregation']!r}")
-    shared = ON_OFF.get(str(values.get("allow-shared-content", "off")).strip().lower())
+    shared = parse_bool(values.get("allow-shared-content", "off"))
     if shared is None:
-        problems.append(f"node config 'allow-shared-content': expected on or off, got "
+        problems.append(f"node config 'allow-shared-content': {EXPECTED_ON_OFF}, got "
                         f"{values['allow-shared-content']!r}")
-    rules = NodeRules(min_cohort=values.get("secagg-min-cohort", 3), min_threshold=values.get("secagg-min-threshold", 2),
+    rules = NodeRules(min_cohort=values.get("secagg-min-cohort", NodeRules.min_cohort),
+                      min_threshold=values.get("secagg-min-threshold", NodeRules.min_threshold),
                       max_weight=values.get("secagg-max-weight", NodeRules.max_weight),
                       min_organizations=values.get("secagg-min-organizations", NodeRules.min_organizations))
     if rules.min_organizations < 1:
@@ -156,11 +158,11 @@ def node_settings(node_config: Mapping[str, Any], node_id: int) -> NodeSettings:
     any_peer = values.get("approved-peers", "").strip() == "*"
     if any_peer:
         values.pop("approved-peers")
-    if rules.min_cohort < 3:
-        problems.append(f"node config 'secagg-min-cohort': expected >= 3 (with 2 nodes each learns the other's update "
-                        f"from the sum), got {rules.min_cohort}")
-    if rules.min_threshold < 2:
-        problems.append(f"node config 'secagg-min-threshold': expected >= 2, got {rules.min_threshold}")
+    if rules.min_cohort < MIN_COHORT:
+        problems.append(f"node config 'secagg-min-cohort': expected >= {MIN_COHORT} (with 2 nodes each learns the "
+                        f"other's update from the sum), got {rules.min_cohort}")
+    if rules.min_threshold < MIN_THRESHOLD:
+        problems.append(f"node config 'secagg-min-threshold': expected >= {MIN_THRESHOLD}, got {rules.min_threshold}")
     if rules.max_weight < 1:
         problems.append(f"node config 'secagg-max-weight': expected >= 1, got {rules.max_weight}")
     for key in ("identity-key", "approved-peers"):

@@ -8,7 +8,6 @@ exchanged adapter tensors first), and each node's tokenized data is prepared onc
 from __future__ import annotations
 
 import gc
-import json
 import os
 from collections import OrderedDict
 from pathlib import Path
@@ -21,16 +20,17 @@ from fedtune.common.training.model import LoraModel
 from fedtune.common.training.node import Node, prepare
 
 SIM_CACHE_ENV = "FEDTUNE_SIM_CACHE"  # a simulation's private temporary directory for its workers' caches
-_MODELS: dict[str, LoraModel] = {}
-_NODES: OrderedDict[str, Node] = OrderedDict()
+_MODELS: dict[tuple, LoraModel] = {}
+_NODES: OrderedDict[tuple[JobConfig, NodeSettings], Node] = OrderedDict()  # keyed by the parsed (frozen) values
 MAX_NODES = 64
+MAX_PARSED_SETTINGS = 256  # (job, node settings) pairs a ClientApp keeps parsed: one Ray worker serves many virtual nodes
 
 
-def _model_key(cfg: JobConfig, labels: list[str]) -> str:
+def _model_key(cfg: JobConfig, labels: list[str]) -> tuple:
     """Everything ``builder.build_model`` reads (a job differing only in pooling or precision once got the
     previous job's model)."""
-    return json.dumps([cfg.model.path, cfg.model.task, cfg.model.pooling, labels, cfg.lora.__dict__,
-                       cfg.train.device, cfg.train.precision], sort_keys=True, default=str)
+    return (cfg.model.path, cfg.model.task, cfg.model.pooling, tuple(labels), cfg.lora, cfg.train.device,
+            cfg.train.precision)
 
 
 def shared_model(cfg: JobConfig, labels: list[str]) -> LoraModel:
@@ -48,19 +48,18 @@ def shared_model(cfg: JobConfig, labels: list[str]) -> LoraModel:
 
 def get_node(cfg: JobConfig, ns: NodeSettings) -> Node:
     """The prepared Node for this job and node, built on first use."""
-    key = json.dumps([cfg.to_flat(), str(ns)], sort_keys=True, default=str)
+    key = (cfg, ns)
     if key in _NODES:
         _NODES.move_to_end(key)
         return _NODES[key]
-    if ns.partition is not None:  # a simulated node: its partition of the job's data
-        splits = node_splits(cfg, *ns.partition)
-    else:  # an organization's node: its own file (its own columns already applied by NodeSettings.apply)
-        splits = builder.load_records(cfg, str(ns.data_path), own_source=True)
-    model = shared_model(cfg, splits.labels)
+    # a simulated node trains on its partition of the job's data; an organization's node reads its own file (its
+    # own columns already applied by NodeSettings.apply) in prepare, through the builder like everything else
+    splits = node_splits(cfg, *ns.partition) if ns.partition is not None else None
     # a deployed node caches in its own state directory (a fresh process per message); a simulated one in the
     # simulation's private temporary directory its Ray workers share (never the run directory)
     sim_cache = os.environ.get(SIM_CACHE_ENV)
-    node = prepare(cfg, ns.policy, state_dir=ns.state_dir, model=model, splits=splits,
+    node = prepare(cfg, ns.policy, state_dir=ns.state_dir, data_path=None if splits else str(ns.data_path),
+                   splits=splits, model=lambda labels: shared_model(cfg, labels),
                    cache_dir=ns.state_dir / "cache" if ns.partition is None else (Path(sim_cache) if sim_cache else None))
     _NODES[key] = node
     while len(_NODES) > MAX_NODES:

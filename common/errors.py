@@ -17,7 +17,7 @@ class FedtuneError(Exception):
         fix: What the user should do about it.
     """
 
-    exit_code = 2
+    exit_code = 1  # 2 is argparse's, for usage errors
 
     def __init__(self, problem: str, fix: str = "") -> None:
         self.problem = problem

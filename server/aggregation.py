@@ -16,8 +16,9 @@ import numpy as np
 from fedtune.common.errors import AdapterError
 from fedtune.common.training import aggregate
 from fedtune.common.training.adapter import check_arrays
+from fedtune import envelope
 from fedtune.common.training.wire import NodeRoundResult
-from fedtune.server.messages import NodeReply, array_record, config_record, exchange
+from fedtune.server.messages import NodeReply, exchange
 from flwr.serverapp import Grid
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class RoundOutcome:
     new_arrays: dict[str, np.ndarray] | None  # None: round failed, model unchanged
-    replies: list[NodeReply]
+    replies: list[NodeReply]  # every reply; a training reply's ``result`` is its parsed NodeRoundResult
     bytes_sent: int
     bytes_received: int
     exchanges: int  # message exchanges (round trips) used
@@ -59,10 +60,10 @@ class PlainFedAvg:
 
     def run_round(self, grid: Grid, *, server_round: int, node_ids: list[int], global_arrays: dict[str, np.ndarray],
                   config: dict, names: dict[int, str]) -> RoundOutcome:
-        arrays = array_record(global_arrays)
-        replies = exchange(grid, node_ids=node_ids, message_type="train", timeout=self.timeout,
-                           group=f"round-{server_round}", names=names,
-                           content={"arrays": arrays, "config": config_record(config)})
+        arrays = envelope.array_record(global_arrays)
+        replies = train_replies(exchange(grid, node_ids=node_ids, message_type=envelope.TRAIN, timeout=self.timeout,
+                                         group=f"round-{server_round}", names=names,
+                                         content=envelope.request(arrays=arrays, task=config)))
         sent = arrays.count_bytes() * len(node_ids)
         received = sum(r.bytes for r in replies)
         ok = [r for r in replies if r.ok and valid_update(r, global_arrays)]
@@ -70,22 +71,29 @@ class PlainFedAvg:
             return RoundOutcome(None, replies, sent, received, 1,
                                 f"only {len(ok)} of {len(node_ids)} nodes returned an update (fed.min-nodes="
                                 f"{self.min_nodes})")
-        updates = [{k: a.numpy() for k, a in r.content["update"].items()} for r in ok]
-        weights = [aggregate.node_weight(NodeRoundResult.from_record(r.metrics).weight or 0, self.weighting)
-                   for r in ok]
+        updates = [r.result.update for r in ok]
+        weights = [aggregate.node_weight(r.result.weight or 0, self.weighting) for r in ok]
         if sum(weights) <= 0:
             return RoundOutcome(None, replies, sent, received, 1, "total aggregation weight is zero")
         return RoundOutcome(aggregate.fedavg(global_arrays, updates, weights), replies, sent, received, 1)
 
 
+def train_replies(replies: list[NodeReply]) -> list[NodeReply]:
+    """Each training reply's result parsed once (figures; the update when it travelled in the clear)."""
+    for r in replies:
+        update = envelope.reply_update(r.content) if r.ok else None
+        r.result = NodeRoundResult.from_record(r.metrics, update)
+        r.has_update = update is not None
+    return replies
+
+
 def valid_update(reply: NodeReply, global_arrays: dict[str, np.ndarray]) -> bool:
     """Whether a reply carries a well-formed update; a malformed one marks the node as failed."""
-    if reply.content is None or "update" not in reply.content.array_records:
+    if reply.result is None or not reply.has_update:
         reply.status, reply.reason = "error", "reply carried no update"
         return False
     try:
-        check_arrays({k: a.numpy() for k, a in reply.content["update"].items()},
-                     {k: v.shape for k, v in global_arrays.items()})
+        check_arrays(reply.result.update, {k: v.shape for k, v in global_arrays.items()})
     except AdapterError as e:
         reply.status, reply.reason = "error", f"malformed update: {e.problem}"
         return False

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from fedtune.common.operations.rundir import RunDir
-from fedtune.common.training.config import load_config
+from fedtune.common.training.config import JobConfig, load_config
 from fedtune.server.aggregation import PlainFedAvg
 from fedtune.server.federation import Federation
 from fedtune.server.secure import SecureFedAvg
@@ -30,16 +30,18 @@ def make_aggregator(cfg, out=print):
     return PlainFedAvg(weighting=f.aggregation, min_nodes=f.min_nodes, timeout=f.round_timeout)
 
 
-def make_server_app(settings: dict | None = None, *, result: dict | None = None, out=print,
+def make_server_app(settings: JobConfig | dict | None = None, *, result: dict | None = None, out=print,
                     simulated: bool = False) -> ServerApp:
-    """A ServerApp for the job in ``settings`` (None: Flower's run config); ``result`` receives the summary.
+    """A ServerApp for the job in ``settings`` (a parsed config, flat settings, or None: Flower's run config);
+    ``result`` receives the summary.
 
     ``simulated``: the driver runs it with virtual nodes (recorded in the run directory)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        cfg = load_config(settings if settings is not None else dict(context.run_config))
+        cfg = settings if isinstance(settings, JobConfig) else load_config(
+            settings if settings is not None else dict(context.run_config))
         run_dir = RunDir(cfg.fed.run_dir or Path("runs") / time.strftime("fed-%Y%m%d-%H%M%S"))
         aggregator = make_aggregator(cfg, out)
         summary = Federation(cfg, run_dir, aggregator, out=out, simulated=simulated).run(grid)

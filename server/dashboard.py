@@ -22,7 +22,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Red
 from fedtune.common.formatting import num
 from fedtune.common.operations.curve import draw, read_curve
 from fedtune.common.operations.monitoring import run_view
-from fedtune.common.operations.rundir import RunDir, RunDirError
+from fedtune.common.operations.rundir import RunDir, RunDirError, RunSummary
 
 STYLE = """body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}table{border-collapse:collapse;margin:.5em 0}
 td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right}th{background:#f3f3f3}td.l{text-align:left}
@@ -76,7 +76,7 @@ def rounds_table(view: dict) -> str:
             f"<th>max epsilon</th><th>failures</th></tr>{rows}</table>")
 
 
-def quality(view: dict, summary: dict | None) -> str:
+def quality(view: dict, summary: RunSummary | None) -> str:
     """The model's figures next to what a constant guess scores, any learned-nothing warning, and the fairness audit."""
     parts = []
     for w in view.get("warnings") or []:
@@ -88,10 +88,9 @@ def quality(view: dict, summary: dict | None) -> str:
                                          f"{_e(last.get('test_accuracy'))} (round {last['round']})" if last else "")
                      + (f" &middot; majority-class baseline accuracy {_e(mb.get('accuracy'))}, macro-F1 "
                         f"{_e(mb.get('macro_f1'))} (always {_e(mb.get('label'))})" if mb else "") + "</p>")
-    audits = (("fairness", "server's held-out test split",
-               (((summary or {}).get("final") or {}).get("test") or {}).get("fairness")),
+    audits = (("fairness", "server's held-out test split", summary.final_test.get("fairness") if summary else None),
               ("fairness-nodes", "nodes' own test splits, noised answers, estimates",
-               ((summary or {}).get("federated_eval") or {}).get("fairness")))
+               summary.federated_eval.fairness if summary and summary.federated_eval else None))
     for ident, where, fair in audits:
         if not fair:
             continue
@@ -242,7 +241,7 @@ def create_app(root: str | Path, *, poll_ms: int = 2000, token: str | None = Non
         except (RunDirError, OSError, ValueError) as e:
             raise HTTPException(500, f"run directory unreadable: {e.__class__.__name__}") from None
 
-    def summary_of(name: str) -> dict | None:
+    def summary_of(name: str) -> RunSummary | None:
         try:
             return RunDir(_runs(root)[name]).summary()
         except (RunDirError, OSError, ValueError, KeyError):

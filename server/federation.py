@@ -14,9 +14,9 @@ import time
 from collections.abc import Callable
 
 import numpy as np
-from fedtune.common.operations.atomic import write_json_atomic
-from fedtune.common.operations.monitoring import node_privacy
-from fedtune.common.operations.rundir import RunDir
+from fedtune.common.operations.monitoring import node_privacy, run_accountant
+from fedtune.common.operations.records import Failure, FederatedEval, NodeFigures, RunPrivacy
+from fedtune.common.operations.rundir import RoundRecord, RunDir, RunSummary
 from fedtune.common.training import adapter, builder
 from fedtune.common.training.config import JobConfig
 from fedtune.common.training.evaluate import evaluate, pool_answers
@@ -25,15 +25,8 @@ from fedtune.common.training.imbalance import class_weights, learned_nothing, ma
 from fedtune.common.training.node import with_features
 from fedtune.common.training.wire import EvalAnswer, NodeRoundResult, RoundTask
 from fedtune.server.aggregation import Aggregator
-from fedtune.server.messages import (
-    Pending,
-    array_record,
-    collect,
-    config_record,
-    exchange,
-    post,
-    wait_for_nodes,
-)
+from fedtune import envelope
+from fedtune.server.messages import Pending, collect, exchange, post, wait_for_nodes
 from flwr.serverapp import Grid
 
 log = logging.getLogger(__name__)
@@ -101,6 +94,7 @@ class Federation:
         self.labels: list[str] = []
 
     def run(self, grid: Grid) -> dict:
+        """Run the job's rounds; returns the run's summary as ``summary.json`` holds it."""
         cfg, f = self.cfg, self.cfg.fed
         self.rd.create(config=cfg.to_flat(), planned_rounds=cfg.train.rounds, resume=f.resume,
                        kind="simulation" if self.simulated else "deployment")
@@ -126,7 +120,7 @@ class Federation:
             self.out(f"resuming after round {done} (from {ckpt or 'the initial adapter'})")
         ev0 = server.evaluate(global_arrays) if f.server_eval and start == 1 else None
         if ev0:  # the model before any round (LoRA starts as a no-op: the base model), kept for the report
-            write_json_atomic(self.rd.path / INITIAL_FILE, _compact(ev0))
+            self.rd.write_initial(_compact(ev0))
             if "accuracy" in ev0["val"]:
                 self.out(f"round 0: val macro-F1 {ev0['val']['macro_f1']:.4f} accuracy {ev0['val']['accuracy']:.4f}")
             else:
@@ -158,12 +152,13 @@ class Federation:
         self.rd.write_summary(summary)
         self.rd.set_status(status)
         self.out(f"done ({status}); final adapter in {self.rd.final_adapter}")
-        for w in summary["warnings"]:
+        for w in summary.warnings:
             self.out(f"WARNING: {w}")
-        return summary
+        return summary.to_json()
 
     # -- one round ------------------------------------------------------------
-    def _round(self, grid: Grid, server: ServerModel, rnd: int, global_arrays: dict) -> tuple[dict, dict | None, dict]:
+    def _round(self, grid: Grid, server: ServerModel, rnd: int,
+               global_arrays: dict) -> tuple[RoundRecord, dict | None, dict]:
         cfg, f = self.cfg, self.cfg.fed
         t0, started = time.perf_counter(), time.time()
         first = not self.names
@@ -203,29 +198,31 @@ class Federation:
         fed_ev = self._collect_federated_eval(grid, pending)
         timing["federated_eval_wait"] = round(time.perf_counter() - t_ev, 3)  # after the server's own evaluation
         ok = [r for r in outcome.replies if r.ok]
-        results = {r.node_id: NodeRoundResult.from_record(r.metrics) for r in outcome.replies}
+        # parsed once by the aggregator (a key set-up failure never trained: no figures)
+        results = {r.node_id: r.result or NodeRoundResult(update={}, weight=None) for r in outcome.replies}
+        fed = FederatedEval.from_json(fed_ev)
         eps = {self.key(r.node_id): results[r.node_id].epsilon for r in ok}
-        for key, m in ((fed_ev or {}).get("per_node") or {}).items():  # a node's spend after its last release
-            if m.get("epsilon") is not None:
-                eps[key] = max(eps.get(key) or 0.0, m["epsilon"])
-        record = {
-            "round": rnd, "status": "ok" if new is not None else "failed", "reason": outcome.reason,
-            "started": started, "seconds": round(time.perf_counter() - t0, 3), "timing": timing,
-            "aggregation": self.agg.name, "secure_aggregation": self.agg.secure,
-            "nodes_connected": len(connected), "nodes_asked": len(asked), "nodes_replied": len(ok),
-            "nodes_benched": sorted(self.names.get(n, str(n)) for n in connected if n not in asked),
-            "failures": [{"node": r.name, "key": self.key(r.node_id), "status": r.status, "reason": r.reason}
-                         for r in outcome.replies if not r.ok]
-            + [{"node": r.name, "key": self.key(r.node_id), "status": r.status, "reason": r.reason,
-                "stage": "after training"} for r in outcome.later],
-            "epsilon_per_node": eps, "epsilon_max": max((e for e in eps.values() if e is not None), default=None),
-            "bytes_sent": outcome.bytes_sent, "bytes_received": outcome.bytes_received,
-            "exchanges": outcome.exchanges, "server_eval": _compact(ev), "federated_eval": fed_ev,
-            "server_per_class": (ev or {}).get("test", {}).get("per_class"),
-            "secagg": outcome.extra or None,
-            "per_node": {self.key(r.node_id): {"name": r.name, "status": r.status, **results[r.node_id].figures(),
-                                               "accountant": r.accountant} for r in outcome.replies},
-        }
+        for key, a in (fed.per_node if fed else {}).items():  # a node's spend after its last release
+            if a.epsilon is not None:
+                eps[key] = max(eps.get(key) or 0.0, a.epsilon)
+        record = RoundRecord(
+            round=rnd, status="ok" if new is not None else "failed", reason=outcome.reason,
+            started=started, seconds=round(time.perf_counter() - t0, 3), timing=timing,
+            aggregation=self.agg.name, secure_aggregation=self.agg.secure,
+            nodes_connected=len(connected), nodes_asked=len(asked), nodes_replied=len(ok),
+            nodes_benched=tuple(sorted(self.names.get(n, str(n)) for n in connected if n not in asked)),
+            failures=tuple(Failure(node=r.name, key=self.key(r.node_id), status=r.status, reason=r.reason)
+                           for r in outcome.replies if not r.ok)
+            + tuple(Failure(node=r.name, key=self.key(r.node_id), status=r.status, reason=r.reason,
+                            stage="after training") for r in outcome.later),
+            epsilon_per_node=eps, epsilon_max=max((e for e in eps.values() if e is not None), default=None),
+            bytes_sent=outcome.bytes_sent, bytes_received=outcome.bytes_received,
+            exchanges=outcome.exchanges, server_eval=_compact(ev), federated_eval=fed,
+            server_per_class=(ev or {}).get("test", {}).get("per_class"),
+            secagg=outcome.extra or None,
+            per_node={self.key(r.node_id): NodeFigures.of(r.name, r.status, r.accountant, results[r.node_id].figures())
+                      for r in outcome.replies},
+        )
         return record, new, ev
 
     def _in_order(self, grid: Grid, nodes: list[int]) -> list[int]:
@@ -238,7 +235,7 @@ class Federation:
         unknown = [n for n in nodes if n not in self.names and n not in self.name_asked]
         if unknown:  # a node that does not answer is not waited for again
             self.name_asked.update(unknown)
-            exchange(grid, node_ids=unknown, message_type="query.info", content={},
+            exchange(grid, node_ids=unknown, message_type=envelope.INFO, content=envelope.request(),
                      timeout=self.cfg.fed.round_timeout, group="info", names=self.names)
         return sorted(nodes, key=lambda n: (self.names.get(n, ""), n))
 
@@ -249,17 +246,19 @@ class Federation:
         k = max(1, math.ceil(f.fraction_evaluate * len(connected)))
         nodes = sorted(random.Random(f"{self.cfg.train.seed}-{rnd}-eval").sample(self._in_order(grid, connected), k))
         conf = RoundTask(job=self.rd.path.name, round=rnd, groups=self.audit_groups).to_record()
-        return post(grid, node_ids=nodes, message_type="evaluate", timeout=f.round_timeout, group=f"eval-{rnd}",
-                    content={"arrays": array_record(arrays), "config": config_record(conf)})
+        return post(grid, node_ids=nodes, message_type=envelope.EVALUATE, timeout=f.round_timeout,
+                    group=f"eval-{rnd}", content=envelope.request(arrays=arrays, task=conf))
 
     def _collect_federated_eval(self, grid: Grid, pending: Pending | None) -> dict | None:
         if pending is None:
             return None
         replies = collect(grid, pending, names=self.names)
         task = self.cfg.model.task
-        parsed = {self.key(r.node_id): (r.name, EvalAnswer.from_record(r.metrics, task)) for r in replies if r.ok}
-        answers = {key: {"name": name, **a.figures(task)} for key, (name, a) in parsed.items()}
-        pooled = pool_answers(answers, failed=[r.name for r in replies if not r.ok], task=task)
+        parsed = {self.key(r.node_id): (r, EvalAnswer.from_record(r.metrics, task)) for r in replies if r.ok}
+        pooled = pool_answers({key: a for key, (_, a) in parsed.items()}, task=task,
+                              failed=[r.name for r in replies if not r.ok],
+                              about={key: {"name": r.name, "accountant": r.accountant}  # its own accountant
+                                     for key, (r, _) in parsed.items()})
         if self.audit_groups:  # nodes' noised per-group histograms, summed, then audited
             audit = pool_cells([a.cells for _, a in parsed.values() if a.cells], self.audit_groups, self.labels)
             if audit is not None:
@@ -271,45 +270,28 @@ class Federation:
         in a simulation, where node ids are drawn afresh every run, its partition's name (unique there)."""
         return self.names.get(node_id, str(node_id)) if self.simulated else str(node_id)
 
-    def _summary(self, final: dict | None, status: str) -> dict:
+    def _summary(self, final: dict | None, status: str) -> RunSummary:
         rounds = self.rd.rounds()
         cfg = self.cfg
-        last_fed = next((r["federated_eval"] for r in reversed(rounds) if r.get("federated_eval")), None)
+        last_fed = next((r.federated_eval for r in reversed(rounds) if r.federated_eval), None)
         nothing = learned_nothing((final or {}).get("test"), self.majority)
-        return {
-            "majority_baseline": self.majority, "class_weights": self.class_weights,
-            "warnings": [f"{nothing}. {what_to_try(bool(self.class_weights), cfg.lora.head_only, cfg.model.pooling)}"]
-            if nothing else [],
-            "status": status, "rounds_completed": len(rounds), "rounds_planned": cfg.train.rounds,
-            "rounds_failed": [r["round"] for r in rounds if r["status"] != "ok"],
-            "final": _compact(final) if final else None,
-            "initial": read_json(self.rd.path / INITIAL_FILE),
-            "final_per_class": (final or {}).get("test", {}).get("per_class"),
-            "federated_eval": {k: v for k, v in (last_fed or {}).items() if k != "per_node"} or None,
-            "privacy": {"dp": cfg.privacy.enabled, "mechanism": "DP-SGD (Opacus), sample-level, per node dataset",
-                        "accountant": _accountants(rounds, cfg), "max_grad_norm": cfg.privacy.max_grad_norm,
-                        "target_epsilon": cfg.privacy.target_epsilon, "eval_budget": cfg.privacy.eval_budget,
-                        "secure_aggregation": self.agg.secure, "nodes": node_privacy(rounds)},
-            "seconds": sum(r["seconds"] for r in rounds),
-        }
-
-
-def _accountants(rounds: list[dict], cfg: JobConfig) -> str:
-    """The accountant of the run's epsilons: simulated nodes use the job's; deployed nodes report their own."""
-    seen = sorted({m["accountant"] for r in rounds for m in (r.get("per_node") or {}).values() if m.get("accountant")})
-    return ", ".join(seen) if seen else cfg.privacy.accountant
-
-
-INITIAL_FILE = "initial.json"  # the round-0 evaluation (the base model before any round)
-
-
-def read_json(path) -> dict | None:
-    import json
-
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
+        return RunSummary(
+            majority_baseline=self.majority, class_weights=self.class_weights,
+            warnings=(f"{nothing}. {what_to_try(bool(self.class_weights), cfg.lora.head_only, cfg.model.pooling)}",)
+            if nothing else (),
+            status=status, rounds_completed=len(rounds), rounds_planned=cfg.train.rounds,
+            rounds_failed=tuple(r.round for r in rounds if not r.ok),
+            final=_compact(final) if final else None,
+            initial=self.rd.initial(),
+            final_per_class=(final or {}).get("test", {}).get("per_class"),
+            federated_eval=last_fed,
+            privacy=RunPrivacy(dp=cfg.privacy.enabled, mechanism="DP-SGD (Opacus), sample-level, per node dataset",
+                               accountant=run_accountant(rounds, default=cfg.privacy.accountant),
+                               max_grad_norm=cfg.privacy.max_grad_norm, target_epsilon=cfg.privacy.target_epsilon,
+                               eval_budget=cfg.privacy.eval_budget, secure_aggregation=self.agg.secure,
+                               nodes=node_privacy(rounds)),
+            seconds=sum(r.seconds for r in rounds),
+        )
 
 
 def _compact(ev: dict | None) -> dict | None:
@@ -325,22 +307,22 @@ def _lm_figures(ev: dict) -> str:
             + (f", ROUGE-L {t['rouge_l']:.4f} ({t['generated']} generated)" if t.get("rouge_l") is not None else ""))
 
 
-def _progress_line(rec: dict, planned: int) -> str:
-    parts = [f"round {rec['round']}/{planned}: {rec['nodes_replied']}/{rec['nodes_asked']} nodes"]
-    if rec["status"] != "ok":
-        parts.append(f"FAILED ({rec['reason']})")
-    se = rec.get("server_eval") or {}
+def _progress_line(rec: RoundRecord, planned: int) -> str:
+    parts = [f"round {rec.round}/{planned}: {rec.nodes_replied}/{rec.nodes_asked} nodes"]
+    if not rec.ok:
+        parts.append(f"FAILED ({rec.reason})")
+    se = rec.server_eval or {}
     if "test" in se and "perplexity" in se["test"]:
         parts.append(_lm_figures(se))
     if "val" in se and "accuracy" in se["val"]:
         parts.append(f"val macro-F1 {se['val']['macro_f1']:.4f} acc {se['val']['accuracy']:.4f}, test macro-F1 "
                      f"{se['test']['macro_f1']:.4f} acc {se['test']['accuracy']:.4f}")
-    fe = rec.get("federated_eval") or {}
-    if fe.get("worst_accuracy") is not None:
-        parts.append(f"nodes acc {fe['accuracy']:.3f} (worst {fe['worst_accuracy']:.3f})")
-    if rec.get("epsilon_max") is not None:
-        parts.append(f"max epsilon {rec['epsilon_max']:.2f}")
-    for fl in rec["failures"]:
-        parts.append(f"[{fl['node']} {fl['status']}: {fl['reason'][:120]}]")
-    parts.append(f"{rec['seconds']:.1f}s")
+    fe = rec.federated_eval
+    if fe and fe.worst_node_accuracy is not None:
+        parts.append(f"nodes acc {fe.accuracy:.3f} (worst {fe.worst_node_accuracy:.3f})")
+    if rec.epsilon_max is not None:
+        parts.append(f"max epsilon {rec.epsilon_max:.2f}")
+    for fl in rec.failures:
+        parts.append(f"[{fl.node} {fl.status}: {fl.reason[:120]}]")
+    parts.append(f"{rec.seconds:.1f}s")
     return ", ".join(parts)

@@ -1,17 +1,18 @@
-"""Message exchange helpers for the server: send to nodes, sort replies into ok / failed / dropped."""
+"""Message exchange helpers for the server: send to nodes, sort replies into ok / failed / dropped.
+
+Messages are built and opened by ``fedtune.envelope`` (the one place their types and record names are spelled)."""
 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
-import numpy as np
+from fedtune import envelope
 from fedtune.common.errors import FedtuneError
-from fedtune.common.training.wire import NodeInfo
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
 log = logging.getLogger(__name__)
@@ -29,14 +30,12 @@ class NodeReply:
     content: RecordDict | None = None
     bytes: int = 0
     accountant: str | None = None  # the accountant the node's epsilon figures come from (its own, when deployed)
+    result: Any = None  # a training reply's NodeRoundResult, parsed once (``aggregation.train_replies``)
+    has_update: bool = False  # whether a training reply carried its update in the clear
 
     @property
     def ok(self) -> bool:
         return self.status == "ok"
-
-
-def array_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
 
 
 def wait_for_nodes(grid: Grid, *, wanted: int, minimum: int, timeout: float) -> list[int]:
@@ -68,11 +67,11 @@ class Pending:
 
 def post(grid: Grid, *, node_ids: Iterable[int], message_type: str, content, timeout: float,
          group: str) -> Pending:
-    """Push ``content`` (a dict, or a function of the node id giving one) to every node without waiting: the
-    server can do its own work while the nodes do theirs, then :func:`collect` the replies."""
+    """Push ``content`` (an ``envelope.request``, or a function of the node id giving one) to every node without
+    waiting: the server can do its own work while the nodes do theirs, then :func:`collect` the replies."""
     node_ids = list(node_ids)
     make = content if callable(content) else (lambda nid: content)
-    msgs = [Message(RecordDict(dict(make(nid))), dst_node_id=nid, message_type=message_type, group_id=group)
+    msgs = [Message(make(nid), dst_node_id=nid, message_type=message_type, group_id=group)
             for nid in node_ids]
     ids = set(grid.push_messages(msgs))
     return Pending(node_ids, ids, time.monotonic() + timeout, timeout)
@@ -101,15 +100,11 @@ def collect(grid: Grid, pending: Pending, *, names: dict[int, str] | None = None
             reason = str(r.error.reason).strip().splitlines()
             out.append(NodeReply(nid, name, "error", _last_line(reason)))
             continue
-        info = NodeInfo.from_record(r.content.config_records.get("info") or ConfigRecord({}), name)
+        info = envelope.reply_info(r.content, name)
         if names is not None:
             names[nid] = info.name
-        metrics = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                   for rec in r.content.metric_records.values() for k, v in rec.items()}
-        nbytes = sum(a.count_bytes() for a in r.content.array_records.values()) + sum(
-            len(b) for rec in r.content.config_records.values() for v in rec.values()
-            for b in (v if isinstance(v, list) else [v]) if isinstance(b, bytes))
-        out.append(NodeReply(nid, info.name, info.status, info.reason, metrics, r.content, nbytes, info.accountant))
+        out.append(NodeReply(nid, info.name, info.status, info.reason, envelope.reply_metrics(r.content), r.content,
+                             envelope.content_bytes(r.content), info.accountant))
     return out
 
 
@@ -125,6 +120,3 @@ def _last_line(lines: list[str]) -> str:
     lines = [ln.strip(" '\"<>") for ln in lines if ln.strip(" '\"<>")]
     return (lines[-1] if lines else "unknown error")[:500]
 
-
-def config_record(values: dict) -> ConfigRecord:
-    return ConfigRecord({k: v for k, v in values.items() if v is not None})

@@ -99,7 +99,7 @@ def run(*, keys: str, database: str, host: str, port: int, control_port: int, lo
     keys_p, db = Path(keys).expanduser(), Path(database).expanduser()
     check(keys_p, db, host, port, control_port)
     # Flower's helpers (flower-superexec, flwr-serverapp) are started by name: those of this installation
-    env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0",
+    env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", HF_HUB_OFFLINE="1",
                PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
     out = open(log_file, "ab") if log_file else None  # noqa: SIM115 - lives as long as the child
     link = subprocess.Popen(superlink_command(keys=keys_p, database=db, control_port=control_port), env=env,

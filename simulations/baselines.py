@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fedtune.common.errors import FedtuneError
+from fedtune.common.operations.rundir import RunSummary
 from fedtune.common.privacy.accounting import DEFAULT_DELTA
 from fedtune.common.training import data
 from fedtune.common.training.config import JobConfig
@@ -119,15 +120,17 @@ def local_only(cfg: JobConfig, *, out: Callable[[str], None] = print) -> dict:
             "worst_accuracy": min(per)}
 
 
-def federated_row(summary: dict, *, name: str, seconds: float) -> dict:
-    final = (summary.get("final") or {}).get("test") or {}
-    fe = summary.get("federated_eval") or {}
-    nodes = (summary.get("privacy") or {}).get("nodes") or {}
+def federated_row(summary: dict | RunSummary, *, name: str, seconds: float) -> dict:
+    """A federated run's baseline row, from its summary (``simulate``'s, as summary.json holds it)."""
+    s = summary if isinstance(summary, RunSummary) else RunSummary.from_json(summary)
+    final = s.final_test
+    nodes = s.privacy.nodes if s.privacy else {}
     eps = [p.get("epsilon") for p in nodes.values() if p.get("epsilon") is not None]
     return {"name": name, "accuracy": final.get("accuracy"), "macro_f1": final.get("macro_f1"),
             "perplexity": final.get("perplexity"), "rouge_l": final.get("rouge_l"),
             "group_gap": (final.get("fairness") or {}).get("accuracy_gap"),
-            "worst_accuracy": fe.get("worst_accuracy"), "epsilon": max(eps) if eps else None, "seconds": seconds}
+            "worst_accuracy": s.federated_eval.worst_node_accuracy if s.federated_eval else None,
+            "epsilon": max(eps) if eps else None, "seconds": seconds}
 
 
 def run_all(cfg: JobConfig, *, with_nodp: bool, out: Callable[[str], None] = print) -> tuple[Path, list[dict]]:
@@ -138,11 +141,12 @@ def run_all(cfg: JobConfig, *, with_nodp: bool, out: Callable[[str], None] = pri
 
     fed = simulate(cfg, report=False)
     run_dir = Path(fed["run_dir"])
-    rows = [federated_row(fed["summary"], name="federated, DP (this run)", seconds=fed["seconds"])]
+    summary = RunSummary.from_json(fed["summary"])
+    rows = [federated_row(summary, name="federated, DP (this run)", seconds=fed["seconds"])]
+    base = (summary.initial or {}).get("test")
     if cfg.model.task == "seq-cls":
         rows.append(majority_row(cfg))
-    elif (fed["summary"].get("initial") or {}).get("test"):  # the floor of a language model: the base model itself
-        base = fed["summary"]["initial"]["test"]
+    elif base:  # the floor of a language model: the base model itself
         rows.append({"name": "base model, zero-shot", "perplexity": base.get("perplexity"),
                      "rouge_l": base.get("rouge_l"), "epsilon": None, "seconds": 0.0})
     if with_nodp:

@@ -8,7 +8,8 @@ from pathlib import Path
 from fedtune.common.formatting import num
 from fedtune.common.operations.curve import draw, read_curve
 from fedtune.common.operations.curve import table as curve_table
-from fedtune.common.operations.rundir import RunDir
+from fedtune.common.operations.monitoring import run_accountant
+from fedtune.common.operations.rundir import RoundRecord, RunDir, RunSummary
 from fedtune.common.training.config import adapter_description
 
 
@@ -35,15 +36,15 @@ def _plot(path: Path, title: str, ylabel: str, series: dict[str, tuple[list, lis
     return True
 
 
-def _xy(rounds: list[dict], get) -> tuple[list, list]:
+def _xy(rounds: list[RoundRecord], get) -> tuple[list, list]:
     xs, ys = [], []
     for r in rounds:
         try:
             v = get(r)
-        except (KeyError, TypeError):
+        except (KeyError, TypeError, AttributeError):
             v = None
         if v is not None:
-            xs.append(r["round"])
+            xs.append(r.round)
             ys.append(v)
     return xs, ys
 
@@ -55,24 +56,24 @@ def _fmt(v, nd=4) -> str:
 def write_report(run_dir: str | Path) -> Path:
     """Write ``report.md`` and ``plots/*.png`` into the run directory; returns the report's path."""
     rd = RunDir(run_dir)
-    rounds, summary, cfg = rd.rounds(), rd.summary() or {}, rd.read_config()
+    rounds, summary, cfg = rd.rounds(), rd.summary() or RunSummary(), rd.read_config()
     plots = rd.path / "plots"
     plots.mkdir(exist_ok=True)
     made = []
     if _plot(plots / "accuracy.png", "Accuracy per round", "accuracy", {
-        "server val": _xy(rounds, lambda r: r["server_eval"]["val"]["accuracy"]),
-        "server test": _xy(rounds, lambda r: r["server_eval"]["test"]["accuracy"]),
-        "nodes (mean)": _xy(rounds, lambda r: r["federated_eval"]["accuracy"]),
-        "worst node": _xy(rounds, lambda r: r["federated_eval"]["worst_accuracy"]),
+        "server val": _xy(rounds, lambda r: r.server_val.get("accuracy")),
+        "server test": _xy(rounds, lambda r: r.server_test.get("accuracy")),
+        "nodes (mean)": _xy(rounds, lambda r: r.federated_eval.accuracy),
+        "worst node": _xy(rounds, lambda r: r.federated_eval.worst_node_accuracy),
     }):
         made.append(("Accuracy", "accuracy.png"))
     if _plot(plots / "loss.png", "Loss per round", "loss", {
-        "server val": _xy(rounds, lambda r: r["server_eval"]["val"]["loss"]),
+        "server val": _xy(rounds, lambda r: r.server_val.get("loss")),
     }):
         made.append(("Loss", "loss.png"))
-    names = sorted({n for r in rounds for n in (r.get("epsilon_per_node") or {})})
+    names = sorted({n for r in rounds for n in r.epsilon_per_node})
     if _plot(plots / "epsilon.png", "Privacy spent per node (epsilon)", "epsilon", {
-        n: _xy(rounds, lambda r, n=n: r["epsilon_per_node"][n]) for n in names}):
+        n: _xy(rounds, lambda r, n=n: r.epsilon_per_node.get(n)) for n in names}):
         made.append(("Epsilon", "epsilon.png"))
 
     lines = [f"# fedtune run `{rd.path.name}`", ""]
@@ -80,35 +81,36 @@ def write_report(run_dir: str | Path) -> Path:
                                   head_only=bool(cfg.get("lora.head-only")))
     info = rd.read_run()
     lines += [f"- status: **{info.get('status')}**, rounds {len(rounds)}/{info.get('planned_rounds')}, "
-              f"wall time {summary.get('seconds', 0):.0f}s of rounds",
+              f"wall time {summary.seconds:.0f}s of rounds",
               f"- nodes: {cfg.get('fed.num-nodes')} ({cfg.get('sim.partitioner')} partitions, "
               f"alpha {cfg.get('sim.alpha')}), aggregation {cfg.get('fed.aggregation')}, "
-              f"secure aggregation {'on' if (summary.get('privacy') or {}).get('secure_aggregation') else 'off'}",
+              f"secure aggregation {'on' if summary.privacy and summary.privacy.secure_aggregation else 'off'}",
               f"- model: {cfg.get('model.path') or 'all-MiniLM-L6-v2'}, "
               f"{trained}, max length "
               f"{cfg.get('model.max-length')}",
               f"- privacy: {'DP-SGD, target epsilon ' + str(cfg.get('privacy.target-epsilon')) if cfg.get('privacy.enabled') else '**no differential privacy**'}, "
-              f"clip {cfg.get('privacy.max-grad-norm')}, accountant {cfg.get('privacy.accountant')}", ""]
-    final = summary.get("final") or {}
+              f"clip {cfg.get('privacy.max-grad-norm')}, accountant "
+              f"{run_accountant(rounds, default=cfg.get('privacy.accountant'))}", ""]
+    final = summary.final or {}
     if (final.get("test") or {}).get("perplexity") is not None:
         lines += lm_lines(summary, cfg)
     elif final.get("test"):
         t = final["test"]
-        mb = summary.get("majority_baseline") or {}
+        mb = summary.majority_baseline or {}
         lines += ["## Final global adapter (server held-out test split)", "",
                   f"macro-F1 **{_fmt(t.get('macro_f1'))}**, accuracy **{_fmt(t.get('accuracy'))}** (majority-class "
                   f"baseline: accuracy {_fmt(mb.get('accuracy'))}, macro-F1 {_fmt(mb.get('macro_f1'))}), "
                   f"loss {_fmt(t.get('loss'))}, n={t.get('n')}", ""]
-        if summary.get("class_weights"):
-            lines += [f"Class-weighted loss: {', '.join(_fmt(w, 2) for w in summary['class_weights'])} "
+        if summary.class_weights:
+            lines += [f"Class-weighted loss: {', '.join(_fmt(w, 2) for w in summary.class_weights)} "
                       f"(from the server's held-out labels).", ""]
-    lines += [f"**WARNING: {w}**" for w in summary.get("warnings") or []] + ([""] if summary.get("warnings") else [])
+    lines += [f"**WARNING: {w}**" for w in summary.warnings] + ([""] if summary.warnings else [])
     lines += fairness_lines((final.get("test") or {}).get("fairness"))
-    fe = summary.get("federated_eval") or {}
-    if fe.get("worst_accuracy") is not None:
-        lines += [f"Nodes' own test data (noised answers, estimates): pooled accuracy {_fmt(fe.get('accuracy'))}, worst node "
-                  f"{fe.get('worst_node')} {_fmt(fe.get('worst_accuracy'))}", ""]
-    lines += fairness_lines(fe.get("fairness"), nodes=True)
+    fe = summary.federated_eval
+    if fe and fe.worst_node_accuracy is not None:
+        lines += [f"Nodes' own test data (noised answers, estimates): pooled accuracy {_fmt(fe.accuracy)}, worst node "
+                  f"{fe.worst_node} {_fmt(fe.worst_node_accuracy)}", ""]
+    lines += fairness_lines(fe.fairness if fe else None, nodes=True)
     baselines = rd.path / "baselines.json"
     if baselines.exists():
         lines += ["## Baselines (same data split)", "", *baseline_table(json.loads(baselines.read_text())), ""]
@@ -121,16 +123,16 @@ def write_report(run_dir: str | Path) -> Path:
     lines += ["## Rounds", "", "| round | status | nodes | val loss | test macro-F1 | test acc | worst node acc | "
               "max epsilon | MB in | seconds |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rounds:
-        se, fe_r = r.get("server_eval") or {}, r.get("federated_eval") or {}
-        lines.append(f"| {r['round']} | {r['status']} | {r['nodes_replied']}/{r['nodes_asked']} | "
-                     f"{_fmt((se.get('val') or {}).get('loss'))} | {_fmt((se.get('test') or {}).get('macro_f1'))} | "
-                     f"{_fmt((se.get('test') or {}).get('accuracy'))} | {_fmt(fe_r.get('worst_accuracy'))} | "
-                     f"{_fmt(r.get('epsilon_max'), 3)} | {r['bytes_received'] / 1e6:.2f} | {r['seconds']:.1f} |")
-    failures = [(r["round"], f) for r in rounds for f in r.get("failures", [])]
+        worst = r.federated_eval.worst_node_accuracy if r.federated_eval else None
+        lines.append(f"| {r.round} | {r.status} | {r.nodes_replied}/{r.nodes_asked} | "
+                     f"{_fmt(r.server_val.get('loss'))} | {_fmt(r.server_test.get('macro_f1'))} | "
+                     f"{_fmt(r.server_test.get('accuracy'))} | {_fmt(worst)} | "
+                     f"{_fmt(r.epsilon_max, 3)} | {r.bytes_received / 1e6:.2f} | {r.seconds:.1f} |")
+    failures = [(r.round, f) for r in rounds for f in r.failures]
     if failures:
-        lines += ["", "## Failures", ""] + [f"- round {k}: {f['node']} {f['status']}: {f['reason']}"
+        lines += ["", "## Failures", ""] + [f"- round {k}: {f.node} {f.status}: {f.reason}"
                                             for k, f in failures]
-    nodes = (summary.get("privacy") or {}).get("nodes") or {}
+    nodes = summary.privacy.nodes if summary.privacy else {}
     if nodes:
         lines += ["", "## Privacy spent per node", "", "| node | epsilon | delta | noise multiplier | sample rate | "
                   "steps | rounds |", "|---|---|---|---|---|---|---|"]
@@ -145,10 +147,10 @@ def write_report(run_dir: str | Path) -> Path:
     return out
 
 
-def lm_lines(summary: dict, cfg: dict) -> list[str]:
+def lm_lines(summary: RunSummary, cfg: dict) -> list[str]:
     """A causal LM's figures on the server's held-out split: the base model (round 0) against the tuned one."""
-    t = summary["final"]["test"]
-    base = (summary.get("initial") or {}).get("test") or {}
+    t = summary.final_test
+    base = (summary.initial or {}).get("test") or {}
     dp = f"DP at epsilon {cfg.get('privacy.target-epsilon')}" if cfg.get("privacy.enabled") else "no DP"
     lines = ["## Held-out test split (server)", "",
              "| model | response perplexity (lower is better) | ROUGE-L of generated answers | answers |",

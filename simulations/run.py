@@ -10,6 +10,7 @@ data; the server writes the run directory and this driver adds ``report.md``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import shutil
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from fedtune.common.errors import ConfigError, FedtuneError
-from fedtune.common.training.config import JobConfig, load_config
+from fedtune.common.training.config import JobConfig
 
 log = logging.getLogger(__name__)
 SCENARIOS = Path(__file__).resolve().parent / "scenarios"
@@ -120,15 +121,24 @@ def concurrent_nodes(cfg: JobConfig, cores: int) -> int:
         return cfg.sim.concurrent_nodes
     if cfg.lora.head_only and cfg.train.cache_features and cfg.model.task == "seq-cls":
         return max(1, cores // per)
-    fit = max(1, int(_memory_bytes() / 2 // _node_bytes(cfg)))
+    fit = max(1, int(_memory_bytes() * MEMORY_SHARE // _node_bytes(cfg)))
     return max(cores // per, 1, min(cfg.fed.num_nodes, fit))
+
+
+# How many virtual nodes fit in memory at once (sim.concurrent-nodes=0): a node is its Python process with torch
+# (NODE_BASE_BYTES) plus NODE_WEIGHT_FACTOR x the model's fp32 weight bytes (weights, activations, per-sample
+# gradients); the nodes may use MEMORY_SHARE of the machine's memory (FALLBACK_MEMORY where it cannot be read).
+NODE_BASE_BYTES = 1 << 30
+NODE_WEIGHT_FACTOR = 4
+MEMORY_SHARE = 0.5
+FALLBACK_MEMORY = 8 << 30
 
 
 def _memory_bytes() -> int:
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):  # not POSIX: assume a small machine
-        return 8 << 30
+        return FALLBACK_MEMORY
 
 
 def _node_bytes(cfg: JobConfig) -> int:
@@ -138,7 +148,7 @@ def _node_bytes(cfg: JobConfig) -> int:
 
     directory = resolve_model_path(cfg.model.path)
     weights = sum(f.stat().st_size for f in directory.iterdir() if f.suffix in (".safetensors", ".bin"))
-    return (1 << 30) + 4 * weights
+    return NODE_BASE_BYTES + NODE_WEIGHT_FACTOR * weights
 
 
 def simulate(cfg: JobConfig, *, out: Callable[[str], None] = print, report: bool = True,
@@ -153,13 +163,12 @@ def simulate(cfg: JobConfig, *, out: Callable[[str], None] = print, report: bool
     from flwr.simulation import run_simulation
 
     run_dir = Path(cfg.fed.run_dir or Path("runs") / time.strftime("sim-%Y%m%d-%H%M%S")).resolve()
-    settings = cfg.to_flat()
-    settings["fed.run-dir"] = str(run_dir)
-    if not cfg.train.threads:
-        settings["train.threads"] = cfg.sim.cpus_per_node
-    if not cfg.sim.gpus_per_node and cfg.train.device == "auto":  # nodes were given no GPU: all of it on the CPU
-        settings["train.device"] = "cpu"
-    cfg = load_config(settings)
+    # the job as it runs, built once from valid values (no re-parsing): the server and every virtual node get it
+    train = dataclasses.replace(
+        cfg.train, threads=cfg.train.threads or cfg.sim.cpus_per_node,
+        # nodes were given no GPU: all of it on the CPU
+        device="cpu" if not cfg.sim.gpus_per_node and cfg.train.device == "auto" else cfg.train.device)
+    cfg = dataclasses.replace(cfg, fed=dataclasses.replace(cfg.fed, run_dir=str(run_dir)), train=train)
     from fedtune.common.training.federated_data import partition_sizes
 
     sizes = partition_sizes(cfg, cfg.fed.num_nodes)  # fail early, with a clear message, on impossible splits
@@ -196,8 +205,8 @@ def simulate(cfg: JobConfig, *, out: Callable[[str], None] = print, report: bool
     cache = Path(node_state) / "cache" if node_state else None  # a study's node state (tune), never a run directory
     with _private_runtime(run_dir, ray_address=address, node_cache=cache), _without_run_simulation_deprecation():
         logging.getLogger("flwr").setLevel(logging.WARNING)
-        run_simulation(server_app=make_server_app(settings, result=result, out=out, simulated=True),
-                       client_app=make_client_app(settings, sim_state_root=Path(node_state or run_dir / "nodes")),
+        run_simulation(server_app=make_server_app(cfg, result=result, out=out, simulated=True),
+                       client_app=make_client_app(cfg, sim_state_root=Path(node_state or run_dir / "nodes")),
                        num_supernodes=cfg.fed.num_nodes,
                        backend_config={"client_resources": {"num_cpus": cfg.sim.cpus_per_node, "num_gpus": gpus},
                                        "init_args": init_args})

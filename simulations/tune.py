@@ -27,13 +27,14 @@ import json
 import math
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from fedtune.common.errors import FedtuneError
 from fedtune.common.operations.atomic import write_json_atomic
-from fedtune.common.operations.rundir import RunDir
+from fedtune.common.operations.rundir import RunDir, RunSummary
 from fedtune.common.privacy import accounting
-from fedtune.common.privacy.ledger import open_all
+from fedtune.common.privacy.ledger import open_all, over_ceiling
 from fedtune.common.training.config import JobConfig
 from fedtune.common.training.model import mean_pooling_applies
 
@@ -160,10 +161,9 @@ def tune(cfg: JobConfig, *, trials: int, directory: str | Path, fixed: set[str] 
         def watch(line: str, trial=trial, run_dir=run_dir) -> None:
             if line.startswith("round ") and "/" in line.split()[1]:
                 rounds = RunDir(run_dir).rounds()
-                last = rounds[-1] if rounds else {}
-                score = ((last.get("server_eval") or {}).get("val") or {}).get("macro_f1")
+                score = rounds[-1].server_val.get("macro_f1") if rounds else None
                 if score is not None:
-                    trial.report(score, last["round"])
+                    trial.report(score, rounds[-1].round)
                     if trial.should_prune():
                         pruned[0] = True
                         (run_dir / "STOP").touch()
@@ -174,12 +174,13 @@ def tune(cfg: JobConfig, *, trials: int, directory: str | Path, fixed: set[str] 
             out(f"  trial {k + 1} failed: {e.problem}")
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
             continue
-        val = ((res["summary"].get("final") or {}).get("val") or {}).get("macro_f1")
+        summary = RunSummary.from_json(res["summary"])
+        val = summary.final_val.get("macro_f1")
         trial.set_user_attr("run_dir", str(run_dir))
         trial.set_user_attr("recipe", recipe)
         trial.set_user_attr("seconds", res["seconds"])
         if pruned[0]:
-            out(f"  pruned after round {res['summary']['rounds_completed']} (validation macro-F1 below the median)")
+            out(f"  pruned after round {summary.rounds_completed} (validation macro-F1 below the median)")
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
         else:
             out(f"  validation macro-F1 {val:.4f} in {res['seconds']:.0f}s")
@@ -226,7 +227,7 @@ def _no_room(cfg: JobConfig, d: Path) -> str:
             continue
         largest = max(trials.values(), key=lambda h: accounting.epsilon(h, delta=delta, kind=kind))
         after = accounting.epsilon([e.event for e in entries] + largest, delta=delta, kind=kind)
-        if after > cfg.sim.node_max_epsilon + 1e-9:
+        if over_ceiling(after, cfg.sim.node_max_epsilon):
             return (f"another trial would take {name} to epsilon {after:.2f}, past its ceiling "
                     f"sim.node-max-epsilon={cfg.sim.node_max_epsilon:g} (every trial's releases compose); lower "
                     "privacy.target-epsilon for the trials, tune on proxy data you may spend freely, or raise "
@@ -269,11 +270,11 @@ def finish(cfg: JobConfig, study, d: Path, *, cut_short: bool, out: Callable[[st
         "scenario": str(scenario),
     }
     write_json_atomic(d / "tuning.json", result, indent=2, default=str)
-    summary_path = Path(best.user_attrs["run_dir"]) / "summary.json"
-    if summary_path.is_file():  # the chosen run states the search's cost (its model card reads it)
-        summary = json.loads(summary_path.read_text())
-        summary["tuning"] = {k: result[k] for k in ("trials_planned", "trials_run", "privacy")}
-        write_json_atomic(summary_path, summary, indent=2, sort_keys=True, default=str)
+    chosen_run = RunDir(best.user_attrs["run_dir"])
+    summary = chosen_run.summary()
+    if summary is not None:  # the chosen run states the search's cost (its model card reads it)
+        chosen_run.write_summary(replace(summary, tuning={k: result[k] for k in ("trials_planned", "trials_run",
+                                                                                   "privacy")}))
     report = write_tuning_report(d, result)
     out(f"best: trial {best.number + 1}, validation macro-F1 {best.value:.4f}"
         + (f" (the scenario's recipe: {default.value:.4f})" if default and default.value is not None else ""))

@@ -18,7 +18,7 @@ torch.set_num_threads(2)
 
 from fedtune.common.training.config import load_config  # noqa: E402
 from fedtune.common.training.model import LoraModel, build_lora_model  # noqa: E402
-from helpers import EASY_LABELS, FINANCE, SPORT, write_easy_csv  # noqa: E402
+from helpers import EASY_LABELS, FINANCE, LORA_RECIPE, SPORT, write_easy_csv  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -84,7 +84,7 @@ def tiny_run(tmp_path_factory) -> Path:
     from fedtune.simulations.run import simulate
 
     run_dir = tmp_path_factory.mktemp("tiny-run") / "run"
-    cfg = load_config({"data.max-records": 240, "model.max-length": 16, "train.local-steps": 2,
+    cfg = load_config({**LORA_RECIPE, "data.max-records": 240, "model.max-length": 16, "train.local-steps": 2,
                        "train.batch-size": 8, "sim.partitioner": "iid", "fed.num-nodes": 3, "fed.min-nodes": 3,
                        "train.rounds": 2, "fed.run-dir": str(run_dir), "fed.node-wait-timeout": 120})
     simulate(cfg, out=lambda s: None, report=False)

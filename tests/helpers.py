@@ -8,17 +8,24 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fedtune.common.operations.rundir import RunDir
+from fedtune.common.operations.rundir import RoundRecord, RunDir
 from fedtune.common.training.config import JobConfig, load_config
 from fedtune.simulations.synthetic import EASY_LABELS, FINANCE, SPORT, write_easy_csv
 
-__all__ = ["EASY_LABELS", "FINANCE", "SPORT", "make_run", "round_line", "small_config", "small_settings",
+__all__ = ["EASY_LABELS", "FINANCE", "LORA_RECIPE", "SPORT", "make_run", "round_line", "small_config", "small_settings",
            "write_easy_csv", "write_jsonl"]
 
 
+# The LoRA recipe that was the default before the defaults became the recommended head-only probe (issue 28):
+# tests whose point is training, exchanging or merging LoRA adapters (and that were written against it) say so.
+LORA_RECIPE = {"lora.head-only": False, "lora.ffa": False, "model.pooling": "cls", "train.optimizer": "adamw",
+               "train.lr": 3e-3, "train.batch-size": 32, "train.rounds": 1, "privacy.max-grad-norm": 1.0,
+               "sim.node-max-epsilon": 10.0}
+
+
 def small_settings(**extra) -> dict:
-    """Settings for fast tests: short sequences, small batches, few steps."""
-    base = {"model.max-length": 24, "train.batch-size": 8, "train.local-steps": 4, "train.eval-batch-size": 32,
+    """Settings for fast tests on the LoRA recipe: short sequences, small batches, few steps."""
+    base = {**LORA_RECIPE, "model.max-length": 24, "train.batch-size": 8, "train.local-steps": 4, "train.eval-batch-size": 32,
             "data.max-records": 120, "train.threads": 2}
     base.update(extra)
     return base
@@ -32,12 +39,14 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def round_line(k, *, status="ok", per_node, failures=(), reason=""):
-    return {"round": k, "status": status, "reason": reason, "seconds": 10.0 + k, "nodes_asked": len(per_node),
+def round_line(k, *, status="ok", per_node, failures=(), reason="") -> RoundRecord:
+    """A round as fedtune 0.1-era lines look (no failure keys, a round-level train_loss, per-node dicts without
+    names), read the way the run directory reads them."""
+    return RoundRecord.from_json({"round": k, "status": status, "reason": reason, "seconds": 10.0 + k, "nodes_asked": len(per_node),
             "nodes_replied": sum(1 for m in per_node.values() if m["status"] == "ok"), "failures": list(failures),
             "bytes_received": 1_000_000, "train_loss": 1.0 / k, "epsilon_max": 2.0 * k, "secure_aggregation": True,
             "server_eval": {"test": {"accuracy": 0.5 + k / 10, "loss": 1.0}},
-            "federated_eval": {"worst_accuracy": 0.4}, "per_node": per_node}
+            "federated_eval": {"worst_accuracy": 0.4}, "per_node": per_node})
 
 
 def make_run(path, *, finished: bool):

@@ -54,12 +54,12 @@ def test_mismatched_updates_are_rejected():
 
 # -- the server's aggregation step (message exchange replaced by canned replies) ---------------
 def _reply(name: str, update: dict | None, n: int = 10, status: str = "ok"):
-    from fedtune.server.messages import NodeReply, array_record
-    from flwr.app import MetricRecord, RecordDict
+    from fedtune import envelope
+    from fedtune.common.training.wire import NodeInfo, NodeRoundResult
+    from fedtune.server.messages import NodeReply
 
-    content = RecordDict({"metrics": MetricRecord({"weight": n})})
-    if update is not None:
-        content["update"] = array_record(update)
+    result = NodeRoundResult(update=update, weight=n).to_record() if update is not None else {"metrics": {"weight": n}}
+    content = envelope.reply(NodeInfo(name), result=result)
     return NodeReply(node_id=hash(name) & 0xFFFF, name=name, status=status, metrics={"weight": n},
                      content=content if status == "ok" else None)
 

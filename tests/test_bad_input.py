@@ -134,13 +134,13 @@ def test_wrong_adapter_for_model(capsys, tmp_path, fresh_easy):
 
 
 def test_process_exit_code_and_no_traceback(tmp_path):
-    """The real process: one message on stderr, exit code 2."""
+    """The real process: one message on stderr, exit code 1."""
     p = tmp_path / "latin.csv"
     p.write_bytes(b"text,label\n\xff\xfe,sport\n")
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     proc = subprocess.run([sys.executable, "-m", "fedtune.cli", "local", "--data", str(p), "--state-dir",
                            str(tmp_path / "s"), LABELS], capture_output=True, text=True, env=env, timeout=120)
-    assert proc.returncode == 2
+    assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
     assert proc.stderr.count("fedtune: error:") == 1 and "not valid UTF-8" in proc.stderr
 

@@ -172,6 +172,71 @@ def test_layers_point_one_way():
     """Simulation is a caller: nothing in client/ or server/ imports simulations/; common/ imports neither."""
     assert not [(f, n) for d in ("client", "server") for f, n in _imports(d) if n.startswith("fedtune.simulations")]
     assert not [(f, n) for f, n in _imports("common")
+                if n.startswith(("fedtune.envelope", "fedtune.client", "fedtune.server", "fedtune.simulations",
+                                 "fedtune.cli"))]
+    # the envelope both edges speak depends on neither edge
+    assert not [(f, n) for f, n in _imports("envelope")
                 if n.startswith(("fedtune.client", "fedtune.server", "fedtune.simulations", "fedtune.cli"))]
     assert sorted(p.name for p in (ROOT / "common").iterdir() if (p / "__init__.py").is_file()) == [
         "operations", "privacy", "secagg", "serving", "training"]
+
+
+def test_common_sub_packages_import_downward():
+    """The secure-aggregation protocol needs nothing of training, privacy accounting needs neither, and the job
+    configuration reads the secure-aggregation limits from their leaf module, not from the protocol."""
+    assert not [(f, n) for f, n in _imports("common/secagg") if n.startswith("fedtune.common.training")]
+    assert not [(f, n) for f, n in _imports("common/privacy")
+                if n.startswith(("fedtune.common.training", "fedtune.common.secagg"))]
+    config = [n for f, n in _imports("common/training") if f == "common/training/config.py"]
+    assert "fedtune.common.secagg.limits" in config  # (the check below would pass vacuously on a renamed module)
+    assert not [n for n in config if n.startswith("fedtune.common.secagg") and n != "fedtune.common.secagg.limits"]
+    limits = [n for f, n in _imports("common/secagg") if f == "common/secagg/limits.py"]
+    assert set(limits) <= {"__future__", "fedtune.common.errors"}  # a leaf: no cryptography, no training
+    # the order of common/'s sub-packages: each imports only those before it (run views and the run directory
+    # need no torch; accounting needs no model; the protocol needs no training; serving sits on top)
+    order = ["operations", "privacy", "secagg", "training", "serving"]
+    upward = [(f, n) for i, pkg in enumerate(order) for f, n in _imports(f"common/{pkg}")
+              if n.startswith("fedtune.common.") and n.split(".")[2] in order[i + 1:]]
+    assert not upward, upward
+
+
+def test_message_types_and_record_names_are_spelled_only_in_the_envelope():
+    """One envelope (fedtune.envelope) builds and opens every message for both sides: the edges spell no message
+    type and no record name (they were literals in six files, "secagg_keys" on one side and
+    "query.secagg_keys" on the other)."""
+    import re
+
+    spelled = re.compile(r'message_type="|@app\.query\("|(config|array|metric)_records(\.get\(|\[)"|'
+                         r'content\[\s*"|RecordDict\(\{')
+    found = [(str(p.relative_to(ROOT)), i + 1, line.strip())
+             for d in ("client", "server") for p in sorted((ROOT / d).rglob("*.py"))
+             for i, line in enumerate(p.read_text(encoding="utf-8").splitlines()) if spelled.search(line)]
+    assert not found, found
+    from fedtune import envelope
+
+    assert {envelope.query_action(t) for t in envelope.SECAGG_QUERIES} == {
+        "secagg_keys", "secagg_join", "secagg_consistency", "secagg_unmask"}
+
+
+def test_importing_the_model_module_changes_no_environment():
+    """Importing fedtune.common.training.model used to set HF_HUB_OFFLINE as a side effect; the command line sets
+    it where a process starts, and every from_pretrained passes local_files_only=True."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_NO_ADVISORY_WARNINGS")}
+    code = ("import os, fedtune.common.training.model, fedtune.common.training.builder; "
+            "print(os.environ.get('HF_HUB_OFFLINE'), os.environ.get('TRANSFORMERS_NO_ADVISORY_WARNINGS'))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["None", "None"]
+    calls = []
+    for d in ("common", "server", "client", "simulations"):
+        for p in sorted((ROOT / d).rglob("*.py")):
+            for node in ast.walk(ast.parse(p.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
+                        and node.func.attr == "from_pretrained" \
+                        and not any(k.arg == "local_files_only" and getattr(k.value, "value", None) is True
+                                    for k in node.keywords):
+                    calls.append(f"{p.relative_to(ROOT)}:{node.lineno}")
+    assert not calls, f"from_pretrained without local_files_only=True: {calls}"

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from fedtune.common.operations.rundir import RunSummary
 from fedtune.server.dashboard import create_app
 from helpers import make_run, round_line
 from prometheus_client.parser import text_string_to_metric_families
@@ -93,17 +94,17 @@ def test_off_this_host_the_dashboard_needs_tls_and_a_token(tmp_path, capsys):
 
     make_run(tmp_path / "runs" / "run-a", finished=True)
     runs = str(tmp_path / "runs")
-    assert main(["dashboard", runs, "--host", "0.0.0.0"]) == 2
+    assert main(["dashboard", runs, "--host", "0.0.0.0"]) == 1
     err = capsys.readouterr().err
     assert "refusing to serve the dashboard on 0.0.0.0 without TLS and a token" in err and "fix:" in err
     pki.make_ca(tmp_path / "keys")
     pki.make_server_cert(tmp_path / "keys", hosts=["127.0.0.1"])
     cert, key = str(tmp_path / "keys" / "server.crt"), str(tmp_path / "keys" / "server.key")
-    assert main(["dashboard", runs, "--host", "0.0.0.0", "--tls-cert", cert, "--tls-key", key]) == 2  # no token
+    assert main(["dashboard", runs, "--host", "0.0.0.0", "--tls-cert", cert, "--tls-key", key]) == 1  # no token
     assert "without TLS and a token" in capsys.readouterr().err
     (tmp_path / "token").write_text("short")
     assert main(["dashboard", runs, "--host", "0.0.0.0", "--tls-cert", cert, "--tls-key", key,
-                 "--token-file", str(tmp_path / "token")]) == 2
+                 "--token-file", str(tmp_path / "token")]) == 1
     assert "too short" in capsys.readouterr().err
     token = "0123456789abcdef0123456789abcdef"
     (tmp_path / "token").write_text(token + "\n")
@@ -150,8 +151,8 @@ def test_the_run_page_shows_majority_baseline_warning_and_fairness_audit(tmp_pat
 
     nodes = pool_cells([node_cells(np.array([0, 1, 0]), np.array([0, 0, 0]), ["east", "<i>west</i>", "east"],
                                    ("east", "<i>west</i>"), 2)], ("east", "<i>west</i>"), ["ham", "spam"])
-    rd.write_summary({"final": {"test": test}, "majority_baseline": baseline, "warnings": [warning],
-                      "federated_eval": {"accuracy": 0.67, "fairness": nodes}})
+    rd.write_summary(RunSummary.from_json({"final": {"test": test}, "majority_baseline": baseline,
+                                           "warnings": [warning], "federated_eval": {"accuracy": 0.67, "fairness": nodes}}))
     client = TestClient(create_app(tmp_path / "runs"), base_url="http://localhost:8050")
     # Execute
     page = client.get("/runs/run-a").text

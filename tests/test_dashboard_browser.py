@@ -14,6 +14,7 @@ from fedtune.common.operations.monitoring import run_view
 from fedtune.common.training.config import load_config
 from fedtune.simulations.deployment import free_port, wait_port
 from fedtune.simulations.run import simulate
+from helpers import LORA_RECIPE
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 CHROMIUM = "/usr/bin/chromium"
@@ -25,7 +26,7 @@ def test_dashboard_renders_and_updates_live_in_chromium(tmp_path):
 
     # Prepare: a real 3-node, 2-round simulation's run directory
     run_dir = tmp_path / "runs" / "sim"
-    cfg = load_config({"data.max-records": 240, "model.max-length": 16, "train.local-steps": 2,
+    cfg = load_config({**LORA_RECIPE, "data.max-records": 240, "model.max-length": 16, "train.local-steps": 2,
                        "train.batch-size": 8, "sim.partitioner": "iid", "fed.num-nodes": 3, "fed.min-nodes": 3,
                        "train.rounds": 2, "fed.run-dir": str(run_dir), "fed.fraction-evaluate": 0})
     simulate(cfg, out=lambda s: None, report=False)

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PRODUCT_DIRS = ("common", "server", "client", "simulations", "cli")
+PRODUCT_DIRS = ("common", "envelope", "server", "client", "simulations", "cli")
 OWN = {"fedtune", "tests", "benchmarks"} | {
     f.stem for d in ("tests", "benchmarks") for f in (ROOT / d).glob("*.py")}
 

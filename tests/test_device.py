@@ -9,7 +9,7 @@ from fedtune.cli import main
 from fedtune.common.errors import ConfigError, ModelError
 from fedtune.common.training import adapter, node
 from fedtune.common.training.config import load_config
-from fedtune.common.training.model import build_lora_model, device_of, resolve_device, resolve_dtype
+from fedtune.common.training.model import build_lora_model, resolve_device, resolve_dtype
 from helpers import EASY_LABELS, small_config, write_easy_csv
 
 HAS_CUDA = torch.cuda.is_available()
@@ -32,12 +32,12 @@ def test_cuda_without_a_gpu_is_one_clear_error(tmp_path, capsys):
         spec = "cuda"
     with pytest.raises(ModelError, match=f"train.device={spec}"):
         resolve_device(spec)
-    # through the command line: exit 2, the problem and the fix, no traceback, nothing spent or written
+    # through the command line: exit 1, the problem and the fix, no traceback, nothing spent or written
     data = write_easy_csv(tmp_path / "easy.csv", n=60)
     code = main(["local", "--data", str(data), "--state-dir", str(tmp_path / "state"), "--out", str(tmp_path / "out"),
                  "data.labels=" + ",".join(EASY_LABELS), f"train.device={spec}"])
     err = capsys.readouterr().err
-    assert code == 2 and "Traceback" not in err
+    assert code == 1 and "Traceback" not in err
     assert f"train.device={spec}" in err and "fix: set train.device=cpu" in err
     assert not (tmp_path / "out").exists() and not (tmp_path / "state").exists()  # no ledger opened, nothing spent
 
@@ -46,8 +46,7 @@ def test_training_on_the_chosen_device_moves_every_lora_tensor(tmp_path):
     # Prepare: the model built on train.device=auto (a GPU when this machine has one), moved before PEFT wraps it
     lm = build_lora_model(model_path="", task="seq-cls", labels=EASY_LABELS, r=4, alpha=8, dropout=0.0,
                           target_modules=None, ffa=False, seed=0, device="auto")
-    assert device_of(lm.model) == resolve_device("auto")
-    assert all(p.device == device_of(lm.model) for p in lm.model.parameters())
+    assert all(p.device == resolve_device("auto") for p in lm.model.parameters())
     csv_path = write_easy_csv(tmp_path / "easy.csv", n=96)
     cfg = small_config(**{"data.path": str(csv_path), "data.labels": ",".join(EASY_LABELS), "data.max-records": 0,
                           "train.local-steps": 3, "train.batch-size": 16})

@@ -10,7 +10,7 @@ import torch
 from fedtune.common.privacy import accounting as privacy
 from fedtune.common.training import adapter, data, node, train
 from fedtune.common.training.train import make_optimizer, train_steps
-from helpers import EASY_LABELS, small_config, write_easy_csv
+from helpers import EASY_LABELS, LORA_RECIPE, small_config, write_easy_csv
 from torch.utils.data import DataLoader
 
 
@@ -196,7 +196,7 @@ def test_head_only_is_built_from_the_config_and_refused_for_causal_lm():
     from fedtune.common.training import builder
     from fedtune.common.training.config import load_config
 
-    cfg = load_config({"lora.head-only": "true"})
+    cfg = load_config({**LORA_RECIPE, "lora.head-only": "true"})
     assert "head only" in cfg.lora.describe()
     lm = builder.build_model(cfg, EASY_LABELS)
     trained = [n for n, p in lm.model.named_parameters() if p.requires_grad]
@@ -206,7 +206,7 @@ def test_head_only_is_built_from_the_config_and_refused_for_causal_lm():
     with pytest.raises(ConfigError, match="lora.head-only"):
         load_config({"lora.head-only": "true", "model.task": "causal-lm"})
     # secure aggregation's clip follows what is trained unless the job sets it: a head alone moves more than LoRA
-    assert load_config({}).secagg_clip == 1.0 and cfg.secagg_clip == 10.0
+    assert load_config(LORA_RECIPE).secagg_clip == 1.0 and cfg.secagg_clip == 10.0
     assert load_config({"lora.head-only": "true", "fed.secagg-clip": 3}).secagg_clip == 3.0
     with pytest.raises(ConfigError, match="fed.secagg-clip"):
         load_config({"fed.secagg-clip": 5000})

@@ -14,6 +14,7 @@ import torch
 from fedtune.cli import main
 from fedtune.common.serving.export import EXPORT_FILE, export_run, read_record
 from fedtune.common.training.assets import default_model_dir
+from helpers import LORA_RECIPE
 
 TEXTS = ["Shares in the bank fell after it reported lower profits.",
          "The striker scored twice as the club won the cup final.",
@@ -161,7 +162,7 @@ def test_round_checkpoint_export_uses_that_rounds_figures(tiny_run, tmp_path):
 def _fails_cleanly(capsys, argv: list[str], *needles: str) -> str:
     code = main(argv)
     err = capsys.readouterr().err
-    assert code == 2, err
+    assert code == 1, err
     assert err.startswith("fedtune: error: ") and "fix:" in err and "Traceback" not in err, err
     for n in needles:
         assert n in err, err
@@ -244,7 +245,7 @@ def test_causal_lm_run_exports_and_is_not_served_as_a_classifier(tiny_gpt2_dir, 
     assert "causal language model" in card.text and "AutoModelForCausalLM" in card.text
     texts = tmp_path / "t.txt"
     texts.write_text("hello\n")
-    assert main(["predict", str(texts), "--model", str(out)]) == 2
+    assert main(["predict", str(texts), "--model", str(out)]) == 1
     assert "only classifiers label texts" in capsys.readouterr().err
 
 
@@ -261,7 +262,7 @@ def test_a_mean_pooled_run_exports_loads_with_its_code_and_is_never_silently_wro
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     run_dir, out = tmp_path / "run", tmp_path / "export"
-    simulate(load_config({"data.max-records": 240, "model.max-length": 16, "train.local-steps": 2,
+    simulate(load_config({**LORA_RECIPE, "data.max-records": 240, "model.max-length": 16, "train.local-steps": 2,
                           "train.batch-size": 8, "sim.partitioner": "iid", "fed.num-nodes": 3, "fed.min-nodes": 3,
                           "train.rounds": 1, "fed.run-dir": str(run_dir), "fed.node-wait-timeout": 120,
                           "model.pooling": "mean"}), out=lambda s: None, report=False)

@@ -15,7 +15,7 @@ from fedtune.common.training import builder, data
 from fedtune.common.training.config import load_config
 from fedtune.common.training.evaluate import evaluate
 from fedtune.common.training.fairness import audit, node_cells, pool_cells
-from helpers import EASY_LABELS, FINANCE, SPORT, small_config, small_settings
+from helpers import EASY_LABELS, FINANCE, LORA_RECIPE, SPORT, small_config, small_settings
 
 
 def test_audit_by_hand_matches_fairlearn_and_one_vs_rest_for_many_classes():
@@ -56,7 +56,7 @@ def _grouped_csv(path, n=120, seed=0):
 
 def test_the_server_evaluation_audits_groups_of_its_held_out_data(tmp_path, fresh_easy):
     csv_path = _grouped_csv(tmp_path / "g.csv")
-    cfg = load_config({"data.path": str(csv_path), "data.labels": ",".join(EASY_LABELS), "data.group-column": "region",
+    cfg = load_config({**LORA_RECIPE, "data.path": str(csv_path), "data.labels": ",".join(EASY_LABELS), "data.group-column": "region",
                        "model.max-length": 24})
     splits = builder.load_records(cfg)
     assert len(splits.test.groups) == len(splits.test) and set(splits.test.groups) == {"north", "south"}
@@ -79,7 +79,7 @@ def test_a_deployed_node_audits_only_the_group_column_its_own_config_names(tmp_p
     from fedtune.client.node_config import node_settings
 
     conf = {"data-path": str(tmp_path / "d.csv"), "max-epsilon": 3, "state-dir": str(tmp_path)}
-    cfg = load_config({"data.group-column": "region"})
+    cfg = load_config({**LORA_RECIPE, "data.group-column": "region"})
     assert node_settings(conf, 1).apply(cfg).data.group_column == ""  # the job cannot make a node read a column
     assert node_settings({**conf, "group-column": "site"}, 1).apply(cfg).data.group_column == "site"
 
@@ -122,7 +122,7 @@ def test_a_node_audit_answer_is_its_histogram_and_costs_exactly_what_plain_count
     from fedtune.common.training.evaluate import private_counts
 
     csv_path = _grouped_csv(tmp_path / "g.csv", n=160)
-    base = {"data.path": str(csv_path), "data.labels": ",".join(EASY_LABELS), "data.group-column": "region",
+    base = {**LORA_RECIPE, "data.path": str(csv_path), "data.labels": ",".join(EASY_LABELS), "data.group-column": "region",
             "data.max-records": 0}
     # without DP the answer is exact: the node's own per-group confusion histogram
     n = node.prepare(small_config(**base, **{"privacy.enabled": False}), node.NodePolicy(source="g", max_epsilon=math.inf),
@@ -159,7 +159,8 @@ def test_nodes_audit_through_their_client_apps_and_the_server_pools_the_answers(
     from fedtune.common.training import adapter, node
     from fedtune.common.training.wire import RoundTask
     from fedtune.server.federation import Federation
-    from fedtune.server.messages import array_record, config_record, post
+    from fedtune import envelope
+    from fedtune.server.messages import post
     from scripted_server import InProcessGrid, ScriptedServer, task_identity
 
     task_identity(monkeypatch)
@@ -174,8 +175,7 @@ def test_nodes_audit_through_their_client_apps_and_the_server_pools_the_answers(
         nodes[nid] = ScriptedServer(make_client_app(), node_config=confs[nid], run_config=run, node_id=nid)
     start = adapter.pack(minilm_easy.model, ffa=False)
     asked = ("north", "south")
-    content = {"arrays": array_record(start),
-               "config": config_record(RoundTask(job="j", round=1, groups=asked).to_record())}
+    content = envelope.request(arrays=start, task=RoundTask(job="j", round=1, groups=asked).to_record())
     grid = InProcessGrid(nodes)
     fed = Federation(load_config(run), run_dir=None, aggregator=None)
     fed.audit_groups, fed.labels = asked, list(EASY_LABELS)
@@ -231,7 +231,7 @@ def test_a_simulation_audits_the_nodes_and_reports_it(tmp_path):
     from fedtune.simulations.run import simulate
 
     run_dir = tmp_path / "run"
-    cfg = load_config({"data.path": str(_grouped_csv(tmp_path / "g.csv", n=240)), "data.labels": ",".join(EASY_LABELS),
+    cfg = load_config({**LORA_RECIPE, "data.path": str(_grouped_csv(tmp_path / "g.csv", n=240)), "data.labels": ",".join(EASY_LABELS),
                        "data.group-column": "region", "data.max-records": 0, "model.max-length": 16,
                        "train.local-steps": 2, "train.batch-size": 8, "train.rounds": 1, "sim.partitioner": "iid",
                        "privacy.enabled": False, "sim.node-max-epsilon": float("inf"),

@@ -10,10 +10,11 @@ import pytest
 from fedtune.common.privacy.ledger import PrivacyLedger
 from fedtune.common.training.config import load_config
 from fedtune.simulations.run import read_scenario, simulate
+from helpers import LORA_RECIPE
 
 ROOT = Path(__file__).resolve().parents[1]
 
-TINY = {"data.max-records": 240, "model.max-length": 16, "train.local-steps": 2, "train.batch-size": 8,
+TINY = {**LORA_RECIPE, "data.max-records": 240, "model.max-length": 16, "train.local-steps": 2, "train.batch-size": 8,
         "sim.partitioner": "iid", "fed.node-wait-timeout": 120, "fed.round-timeout": 300}
 
 
@@ -142,14 +143,52 @@ def test_resume_refuses_changed_settings(tmp_path):
     rd.create(config={"a": 1, "train.rounds": 3}, planned_rounds=3, resume=True)  # more rounds is fine
 
 
-def test_flower_app_config_is_the_demo_job():
-    """`flwr run .` runs the default demo: pyproject's run config equals the demo scenario's settings."""
+def _toml_value(v) -> str:
+    return ("true" if v else "false") if isinstance(v, bool) else repr(v) if isinstance(v, (int, float)) else json.dumps(v)
+
+
+def test_flower_app_config_is_the_defaults():
+    """`flwr run .` trains the default recipe: pyproject's run config lists every setting (Flower accepts
+    --run-config overrides only for listed keys) with exactly the dataclass defaults, the one place they live."""
+    from fedtune.common.training.config import JobConfig
+
     py = tomllib.loads((ROOT / "pyproject.toml").read_text())
     app = py["tool"]["flwr"]["app"]
     assert app["components"] == {"serverapp": "fedtune.server.app:app", "clientapp": "fedtune.client.app:app"}
-    demo = load_config(read_scenario(ROOT / "simulations" / "scenarios" / "demo.toml"))
-    assert load_config(app["config"]) == demo
-    assert set(app["config"]) == set(demo.to_flat())
+    expected = JobConfig().to_flat()
+    table = "[tool.flwr.app.config]\n" + "\n".join(f'"{k}" = {_toml_value(v)}' for k, v in expected.items())
+    assert app["config"] == expected, f"pyproject.toml's run config is not the defaults; replace it with:\n{table}"
+
+
+def test_local_simulate_flower_and_demo_train_one_recipe(tmp_path):
+    """Before, `fedtune local` and a scenario-less `fedtune simulate` trained AdamW LoRA while `flwr run .` and the
+    demo trained a head-only SGD probe: the defaults lived in three places that disagreed."""
+    from fedtune.cli.main import build_parser
+    from fedtune.cli.node import _job_config
+    from fedtune.cli.simulate import _sim_config
+    from fedtune.common.training.config import JobConfig
+
+    parser = build_parser()
+    local = _job_config(parser.parse_args(["local"]))
+    simulate_ = _sim_config(parser.parse_args(["simulate"]), None)
+    demo = _sim_config(parser.parse_args(["demo"]), "demo")
+    flower = load_config(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"])
+    assert local == simulate_ == demo == flower == JobConfig()
+    recipe = JobConfig()
+    assert (recipe.lora.head_only, recipe.model.pooling, recipe.train.optimizer, recipe.train.lr,
+            recipe.train.batch_size, recipe.train.local_epochs, recipe.privacy.max_grad_norm,
+            recipe.train.rounds, recipe.fed.min_nodes) == (True, "mean", "sgd", 20.0, 128, 3.0, 0.5, 6, 3)
+    # every scenario holds only what differs from the defaults (the demo: nothing)
+    for path in sorted((ROOT / "simulations" / "scenarios").glob("*.toml")):
+        flat = read_scenario(path)
+        cfg = load_config(flat)
+        same = [k for k, v in flat.items() if load_config({k2: v2 for k2, v2 in flat.items() if k2 != k}) == cfg]
+        assert not same, f"{path.name} repeats defaults: {same}"
+    # a causal LM has no head to probe: its unset settings take the LoRA recipe, what the job gives wins
+    lm = load_config({"model.task": "causal-lm"})
+    assert (lm.lora.head_only, lm.lora.ffa, lm.model.pooling, lm.train.optimizer, lm.train.lr) == (
+        False, False, "cls", "adamw", 3e-3)
+    assert load_config({"model.task": "causal-lm", "train.lr": 0.5}).train.lr == 0.5
 
 
 @pytest.mark.slow

@@ -65,7 +65,7 @@ def test_predict_file_edge_cases_as_documented(clf, tiny_export, tmp_path, capsy
     out = tmp_path / "labels.csv"
     # default: a non-UTF-8 line stops the command before anything is labelled or written
     code, _, err = _cli(capsys, "predict", str(src), "--model", str(tiny_export), "--out", str(out))
-    assert code == 2 and "line 5 is not valid UTF-8 (byte 0xe9" in err and "--on-bad-bytes" in err
+    assert code == 1 and "line 5 is not valid UTF-8 (byte 0xe9" in err and "--on-bad-bytes" in err
     assert "Traceback" not in err and not out.exists()
     # replace: every input line gets one output row, in order, with its status
     code, _, err = _cli(capsys, "predict", str(src), "--model", str(tiny_export), "--out", str(out),
@@ -104,20 +104,20 @@ def test_predict_table_input_and_input_errors(tiny_export, tmp_path, capsys):
                          ([str(tmp_path / "missing.txt")], "does not exist"),
                          ([str(tmp_path)], "is a directory")):
         code, _, err = _cli(capsys, "predict", *argv, "--model", str(tiny_export))
-        assert code == 2 and needle in err and "fix:" in err and "Traceback" not in err, err
+        assert code == 1 and needle in err and "fix:" in err and "Traceback" not in err, err
     empty = tmp_path / "empty.txt"
     empty.write_bytes(b"")
     code, _, err = _cli(capsys, "predict", str(empty), "--model", str(tiny_export))
-    assert code == 2 and "no texts to label" in err
+    assert code == 1 and "no texts to label" in err
     code, _, err = _cli(capsys, "predict", str(table), "--text-column", "body", "--model", str(tmp_path))
-    assert code == 2 and "not an exported model directory" in err
+    assert code == 1 and "not an exported model directory" in err
     code, _, err = _cli(capsys, "predict", str(table))
-    assert code == 2 and "--model DIR or --registry DIR" in err
+    assert code == 1 and "--model DIR or --registry DIR" in err
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
     code, _, err = _cli(capsys, "predict", str(table), "--text-column", "body", "--model", str(tiny_export),
                         "--out", str(blocker / "labels.csv"), "--quiet")
-    assert code == 2 and "cannot write" in err and "Traceback" not in err
+    assert code == 1 and "cannot write" in err and "Traceback" not in err
 
 
 @pytest.mark.slow
@@ -171,7 +171,7 @@ def test_drift_check_compares_with_the_export_figures(clf, tiny_export, tmp_path
     # labels the model does not know: one clear message
     bad = _labelled_csv(tmp_path / "bad.csv", texts[:2], ["weather", "sport"])
     code, _, err = _cli(capsys, "drift", "--data", str(bad), "--model", str(tiny_export))
-    assert code == 2 and "'weather'" in err and "model's label set" in err and "Traceback" not in err
+    assert code == 1 and "'weather'" in err and "model's label set" in err and "Traceback" not in err
 
 
 def test_drift_on_the_servers_test_split_reproduces_the_recorded_figures(clf, tiny_run, tmp_path):

@@ -70,5 +70,5 @@ def test_llm_scenario_federates_exports_and_generates(tmp_path, smollm2_dir, cap
     printed = capsys.readouterr().out.strip()
     assert printed == generated
     # a prompt given twice is one clear message
-    assert main(["generate", "--model", str(out), "hi", "--file", str(prompt)]) == 2
+    assert main(["generate", "--model", str(out), "hi", "--file", str(prompt)]) == 1
     assert "give the prompt once" in capsys.readouterr().err

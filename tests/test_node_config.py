@@ -123,17 +123,37 @@ def test_fedtune_node_checks_its_setup_before_starting(tmp_path, capsys):
     conf.write_text('name = "a"\ndata-path = "/nonexistent.csv"\nmax-epsilon = 8.0\n')
     argv = ["node", "--superlink", "127.0.0.1:9092", "--ca", str(tmp_path / "ca.crt"), "--key", str(key),
             "--config", str(conf)]
-    assert main(argv) == 2
+    assert main(argv) == 1
     err = capsys.readouterr().err
     assert "ca.crt: no such file" in err and "chmod 600" in err and "Traceback" not in err
     (tmp_path / "ca.crt").write_text("x")
     key.chmod(0o600)
-    assert main(argv) == 2
+    assert main(argv) == 1
     assert "data-path /nonexistent.csv does not exist" in capsys.readouterr().err
     conf.write_text('name = "a"\ndata-path = "/d.csv"\nmax-epsilon = 8.0\nmax-epsiln = 3\n[table]\nx = 1\n')
-    assert main(argv) == 2
+    assert main(argv) == 1
     assert "tables are not node config keys" in capsys.readouterr().err
     conf.write_text('name = "a"\ndata-path = "/d.csv"\nmax-epsilon = -1\nroster = "/nowhere"\n')
-    assert main(argv) == 2
+    assert main(argv) == 1
     err = capsys.readouterr().err
     assert "'max-epsilon': expected > 0" in err and "'approved-peers': /nowhere does not exist" in err  # (roster: its earlier name)
+
+
+@pytest.mark.parametrize("value,expected", [
+    ("on", True), ("off", False), ("true", True), ("false", False), ("yes", True), ("no", False), ("1", True),
+    ("0", False), (" ON ", True), ("False", False), (True, True), (False, False), (1, True), (0, False),
+    ("maybe", None), ("2", None), (2, None), ("", None), (1.0, None)])
+def test_node_and_job_configs_read_the_same_yes_no_spellings(value, expected):
+    """One parser (config.parse_bool) for both: a spelling one accepts, the other accepts as the same value."""
+    from fedtune.common.training.config import load_config
+
+    try:
+        job = load_config({"fed.server-eval": value}).fed.server_eval
+    except ConfigError:
+        job = None
+    try:
+        mine = node_settings({"data-path": "/d.csv", "max-epsilon": 3, "evaluate": value}, 1).policy.evaluate
+    except ConfigError as e:
+        assert "'evaluate': expected on or off (or true/false, yes/no, 1/0)" in str(e)
+        mine = None
+    assert job is mine is expected

@@ -5,9 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from fedtune.common.errors import DataError
-from fedtune.common.training.partition import label_counts, partition
+from fedtune.common.training.partition import partition
+from helpers import LORA_RECIPE
 
 LABELS = [lab for lab in "abcde" for _ in range(200)]  # 1,000 records, 5 balanced labels
+
+
+def label_counts(labels, parts, label_set) -> list[dict[str, int]]:
+    """Per partition, how many records of each label."""
+    return [{lab: sum(1 for i in p if labels[i] == lab) for lab in label_set} for p in parts]
 
 
 @pytest.mark.parametrize("kind", ["iid", "dirichlet", "label"])
@@ -61,7 +67,7 @@ def test_default_minimum_partition_gives_every_node_one_batch(tmp_path):
     from helpers import write_easy_csv
 
     csv = write_easy_csv(tmp_path / "d.csv", n=400)
-    base = {"data.path": str(csv), "data.labels": "sport,finance", "fed.num-nodes": 4, "fed.min-nodes": 3, "sim.partitioner": "dirichlet",
+    base = {**LORA_RECIPE, "data.path": str(csv), "data.labels": "sport,finance", "fed.num-nodes": 4, "fed.min-nodes": 3, "sim.partitioner": "dirichlet",
             "sim.alpha": 0.3, "train.batch-size": 16}
     cfg = load_config(base)
     assert min_partition_size(cfg) == 21  # ceil(16 / 0.8) + 1
@@ -87,7 +93,7 @@ def test_nodes_too_small_to_train_are_recorded_and_the_table_is_still_written(tm
     from helpers import write_easy_csv
 
     csv = write_easy_csv(tmp_path / "d.csv", n=80)
-    cfg = load_config({"data.path": str(csv), "data.labels": "sport,finance", "fed.num-nodes": 3, "fed.min-nodes": 3, "sim.partitioner": "iid",
+    cfg = load_config({**LORA_RECIPE, "data.path": str(csv), "data.labels": "sport,finance", "fed.num-nodes": 3, "fed.min-nodes": 3, "sim.partitioner": "iid",
                        "train.batch-size": 16, "sim.min-partition-size": 2})
     said = []
     row = local_only(cfg, out=said.append)

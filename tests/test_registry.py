@@ -61,7 +61,7 @@ def test_promote_worse_version_then_rollback_restores_previous(reg, capsys):
     assert "* v2" in out and "rolled back" in out
     # nothing left to roll back to: a clear refusal, state unchanged
     code, _, err = _cli(capsys, "registry", "rollback", "--registry", str(reg.path))
-    assert code == 2 and "nothing to roll back to" in err and "fix:" in err
+    assert code == 1 and "nothing to roll back to" in err and "fix:" in err
     assert reg.state()["current"] == "v2"
     actions = [json.loads(x)["action"] for x in (reg.path / "log.jsonl").read_text().splitlines()]
     assert actions[-3:] == ["promote", "promote", "rollback"]
@@ -120,13 +120,13 @@ def test_corrupted_version_is_refused(reg, capsys):
     data[len(data) // 2] ^= 0x01  # one flipped bit in the weights
     weights.write_bytes(bytes(data))
     code, _, err = _cli(capsys, "registry", "promote", "v2", "--registry", str(reg.path))
-    assert code == 2 and "Traceback" not in err
+    assert code == 1 and "Traceback" not in err
     assert "version v2 is corrupted" in err and "model.safetensors" in err and "fix:" in err
     # the fix names this registry (without --registry, `registry add` would write into ./registry)
     assert f"--registry {reg.path}`" in " ".join(err.split())
     assert reg.state()["current"] == "v1"
     code, out, err = _cli(capsys, "registry", "verify", "--registry", str(reg.path))
-    assert code == 2 and "v1: every file matches" in out and "v2 is corrupted" in err
+    assert code == 1 and "v1: every file matches" in out and "v2 is corrupted" in err
     # a corrupted current version is not served, and is not a rollback target either
     reg2 = Registry(reg.path)
     st = reg2.state()
@@ -137,7 +137,7 @@ def test_corrupted_version_is_refused(reg, capsys):
     texts = reg.path.parent / "texts.txt"
     texts.write_text("the bank raised rates\n")
     code, _, err = _cli(capsys, "predict", str(texts), "--registry", str(reg.path))
-    assert code == 2 and "v2 is corrupted" in err
+    assert code == 1 and "v2 is corrupted" in err
     assert reg2.rollback()["current"] == "v1"
     # swapping in another version's record does not fool the check (the registry keeps its own hash)
     shutil.copy(reg.version_dir("v1") / "fedtune-export.json", reg.version_dir("v2") / "fedtune-export.json")
@@ -158,11 +158,11 @@ def test_corrupted_version_is_refused(reg, capsys):
 
 def test_registry_refuses_unknown_versions_and_concurrent_writers(reg, capsys):
     code, _, err = _cli(capsys, "registry", "promote", "v9", "--registry", str(reg.path))
-    assert code == 2 and "no version 'v9'" in err and "v1, v2" in err
+    assert code == 1 and "no version 'v9'" in err and "v1, v2" in err
     texts = reg.path.parent / "texts.txt"
     texts.write_text("the bank raised rates\n")
     code, _, err = _cli(capsys, "predict", str(texts), "--registry", str(reg.path))
-    assert code == 2 and "no current version" in err
+    assert code == 1 and "no current version" in err
     import fcntl
 
     with open(reg.path / ".lock", "a+") as held:
@@ -174,7 +174,7 @@ def test_registry_refuses_unknown_versions_and_concurrent_writers(reg, capsys):
     not_reg.mkdir()
     (not_reg / "notes.txt").write_text("x")
     code, _, err = _cli(capsys, "registry", "list", "--registry", str(not_reg))
-    assert code == 2 and "not a fedtune registry" in err
+    assert code == 1 and "not a fedtune registry" in err
 
 
 @pytest.mark.slow

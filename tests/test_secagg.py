@@ -72,6 +72,11 @@ class Cohort:
         return sa.unmask(self.epoch, p, uploads=ups, revealed=revealed), ups, p
 
 
+def _error_bound(*, clip: float, levels_: int, n_nodes: int, weight_sum: float) -> float:
+    """Max |dequantized weighted sum - clipped float weighted sum| per coordinate (stochastic rounding)."""
+    return clip / levels_ * weight_sum if n_nodes else 0.0
+
+
 def _vals(ids, d=64, seed=0):
     rng = np.random.default_rng(seed)
     return {i: rng.uniform(-0.9, 0.9, d).astype(np.float32) for i in ids}
@@ -82,7 +87,7 @@ def _within(total, p, values, weights, senders):
     assert wsum == sum(weights[i] for i in senders)
     want = sum(weights[i] * values[i].astype(np.float64) for i in senders)
     got = sa.dequantize_sum(summed, clip=CLIP, levels_=p.levels)
-    assert np.abs(got - want).max() <= sa.error_bound(clip=CLIP, levels_=p.levels, n_nodes=len(senders),
+    assert np.abs(got - want).max() <= _error_bound(clip=CLIP, levels_=p.levels, n_nodes=len(senders),
                                                       weight_sum=wsum)
 
 

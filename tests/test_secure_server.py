@@ -15,7 +15,7 @@ from fedtune.common.training import adapter
 from fedtune.server.aggregation import PlainFedAvg
 from fedtune.server.secure import SecureFedAvg
 from flwr.app import Array, ArrayRecord, ConfigRecord
-from helpers import EASY_LABELS, small_settings, write_easy_csv
+from helpers import EASY_LABELS, LORA_RECIPE, small_settings, write_easy_csv
 from scripted_server import InProcessGrid, ScriptedServer, task_identity
 
 IDS = [101, 102, 103, 104, 105, 106]
@@ -188,7 +188,7 @@ def test_a_lying_server_is_refused_and_the_refusals_are_recorded(tmp_path, monke
         monkeypatch.setattr(secure, "exchange", exchange)
         monkeypatch.setattr(secure.sa, "check_upload", lambda *a: None)  # the lying server checks nothing itself
     run_dir = tmp_path / "run"
-    cfg = load_config({"data.max-records": 240, "model.max-length": 16, "train.local-steps": 1,
+    cfg = load_config({**LORA_RECIPE, "data.max-records": 240, "model.max-length": 16, "train.local-steps": 1,
                        "train.batch-size": 8, "sim.partitioner": "iid", "fed.num-nodes": 4, "fed.min-nodes": 3,
                        "train.rounds": 1, "fed.run-dir": str(run_dir), "fed.node-wait-timeout": 120,
                        "fed.fraction-evaluate": 0})
@@ -228,11 +228,12 @@ def test_replies_are_collected_after_the_server_worked_and_a_silent_node_is_drop
     arrived meanwhile are read, a node that never answers is 'dropped' once the deadline has passed."""
     import time
 
-    from fedtune.server.messages import array_record, collect, config_record, post
+    from fedtune import envelope
+    from fedtune.server.messages import collect, post
 
     nodes = _nodes(tmp_path, "eval")
     grid = InProcessGrid(nodes, tamper=lambda msg, reply: None if msg.metadata.dst_node_id == IDS[0] else reply)
-    content = {"arrays": array_record(start), "config": config_record({"job": "j", "server-round": 1})}
+    content = envelope.request(arrays=start, task={"job": "j", "server-round": 1})
     t0 = time.monotonic()
     pending = post(grid, node_ids=IDS, message_type="evaluate", content=content, timeout=1.0, group="eval-1")
     replies = collect(grid, pending, names={})

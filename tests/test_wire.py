@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 from fedtune.common.errors import FedtuneError
 from fedtune.common.operations.monitoring import node_privacy
-from fedtune.common.training.wire import EvalAnswer, NodeInfo, NodeRoundResult, RoundTask, stored_figures
+from fedtune.common.operations.rundir import RoundRecord
+from fedtune.common.operations.records import stored_figures
+from fedtune.common.training.wire import EvalAnswer, NodeInfo, NodeRoundResult, RoundTask
 
 
 def _result(**kw) -> NodeRoundResult:
@@ -84,7 +86,8 @@ def test_run_directories_of_fedtune_0_1_with_dashed_keys_still_read():
            "delta": 1e-5, "steps": 10, "train-loss": 0.5}
     new = {"status": "ok", **_result(epsilon=2.0, steps=10).figures()}
     assert stored_figures(old)["max_epsilon"] == 8.0 and stored_figures(old)["train_loss"] == 0.5
-    a = node_privacy([{"round": 1, "per_node": {"n": old}}])["n"]
-    b = node_privacy([{"round": 1, "per_node": {"n": new}}])["n"]
+    # the run directory's reader maps them (RoundRecord.from_json, what RunDir.rounds() returns)
+    a = node_privacy([RoundRecord.from_json({"round": 1, "per_node": {"n": old}})])["n"]
+    b = node_privacy([RoundRecord.from_json({"round": 1, "per_node": {"n": new}})])["n"]
     for k in ("epsilon", "max_epsilon", "noise_multiplier", "sample_rate", "delta", "steps"):
         assert a[k] == b[k], k

@@ -106,15 +106,3 @@ def make_node_keys(out: Path, name: str, *, force: bool = False) -> tuple[Path, 
     pub = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     return (_write(out / f"{name}.key", priv, private=True, force=force),
             _write(out / f"{name}.pub", pub + f" {name}\n".encode(), private=False, force=force))
-
-
-def check_server_cert(out: Path, host: str) -> bool:
-    """Whether ``server.crt`` in ``out`` names ``host`` and is signed by ``ca.crt`` there."""
-    cert = x509.load_pem_x509_certificate((out / "server.crt").read_bytes())
-    _, ca = _load_ca(out)
-    cert.verify_directly_issued_by(ca)
-    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    try:
-        return ipaddress.ip_address(host) in sans.get_values_for_type(x509.IPAddress)
-    except ValueError:
-        return host in sans.get_values_for_type(x509.DNSName)

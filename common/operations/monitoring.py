@@ -11,42 +11,54 @@ import time
 from pathlib import Path
 
 from fedtune.common.formatting import num
-from fedtune.common.operations.rundir import RunDir
-from fedtune.common.training.wire import stored_figures
+from fedtune.common.operations.rundir import RoundRecord, RunDir
 
 AMBER = 0.8  # share of a node's ceiling at which its budget bar turns amber
 
 
-def node_privacy(rounds: list[dict], upto: int | None = None) -> dict[str, dict]:
+def node_privacy(rounds: list[RoundRecord], upto: int | None = None) -> dict[str, dict]:
     """Per node, its privacy figures over every round of the run up to ``upto`` (all of them by default).
 
     The one source of these figures for ``summary.json``, the model card and monitoring. It reads
     the round lines, so rounds run before a resume count as much as those after it. ``epsilon`` is
     the node's spend on its data source after its last release in the run (training or a noised
-    evaluation answer), as its ledger reported it; ``steps`` sums the DP-SGD steps of every round.
+    evaluation answer), as its ledger reported it; ``steps`` sums the DP-SGD steps of every round;
+    ``accountant`` is the one the node reported (absent for nodes of fedtune 0.1, which reported none).
     """
     nodes: dict[str, dict] = {}
     for r in rounds:
-        if upto is not None and r["round"] > upto:
+        if upto is not None and r.round > upto:
             continue
-        for name, m in (r.get("per_node") or {}).items():
-            m = stored_figures(m)
-            if m.get("status") != "ok":
+        for key, m in r.per_node.items():
+            if m.status != "ok":
                 continue
-            p = nodes.setdefault(name, {"rounds": [], "steps": 0, "evaluations": 0, "epsilon": None})
-            p["name"] = m.get("name", name)
-            p["rounds"].append(r["round"])
-            p["steps"] += int(m.get("steps") or 0)
-            for k in ("noise_multiplier", "sample_rate", "delta", "max_epsilon"):
-                if m.get(k) is not None:
-                    p[k] = m[k]
-            p["epsilon"] = _later(p["epsilon"], m.get("epsilon"))
-        for name, m in ((r.get("federated_eval") or {}).get("per_node") or {}).items():
-            p = nodes.setdefault(name, {"rounds": [], "steps": 0, "evaluations": 0, "epsilon": None})
-            p.setdefault("name", m.get("name", name))
+            p = nodes.setdefault(key, {"rounds": [], "steps": 0, "evaluations": 0, "epsilon": None})
+            p["name"] = m.name if m.name is not None else key
+            p["rounds"].append(r.round)
+            p["steps"] += int(m.steps or 0)
+            for k in ("noise_multiplier", "sample_rate", "delta", "max_epsilon", "accountant"):
+                if getattr(m, k) is not None:
+                    p[k] = getattr(m, k)
+            p["epsilon"] = _later(p["epsilon"], m.epsilon)
+        for key, e in (r.federated_eval.per_node if r.federated_eval else {}).items():
+            p = nodes.setdefault(key, {"rounds": [], "steps": 0, "evaluations": 0, "epsilon": None})
+            p.setdefault("name", e.name if e.name is not None else key)
+            if e.accountant is not None:
+                p.setdefault("accountant", e.accountant)
             p["evaluations"] += 1
-            p["epsilon"] = _later(p["epsilon"], m.get("epsilon"))
+            p["epsilon"] = _later(p["epsilon"], e.epsilon)
     return nodes
+
+
+def run_accountant(rounds: list[RoundRecord], upto: int | None = None, *, default: str | None = None) -> str | None:
+    """The accountant(s) of the run's epsilons up to round ``upto``: what the nodes reported with their figures
+    (a deployed node keeps its own, whatever the job says), e.g. "pld" or "pld, rdp". ``default`` (the job's
+    ``privacy.accountant``) only when no node reported one: runs of fedtune 0.1, or no node answered yet.
+
+    The one way ``summary.json``, the export record (and so the model card), ``fedtune status``, the dashboard
+    and the report decide it."""
+    seen = sorted({a for r in rounds if upto is None or r.round <= upto for a in r.accountants})
+    return ", ".join(seen) if seen else default
 
 
 def _later(old: float | None, new: float | None) -> float | None:
@@ -67,7 +79,7 @@ def budget_state(epsilon: float | None, ceiling: float | None) -> str:
 def run_view(run_dir: str | Path) -> dict:
     """The run's status, rounds and nodes as plain data."""
     rd = RunDir(run_dir)
-    info, cfg, rounds = rd.read_run(), rd.read_config(), rd.rounds()
+    info, cfg, rounds, summary = rd.read_run(), rd.read_config(), rd.rounds(), rd.summary()
     end = info.get("finished") or (time.time() if info.get("status") == "running" else info.get("updated"))
     rows = []
     nodes: dict[str, dict] = {}
@@ -77,20 +89,17 @@ def run_view(run_dir: str | Path) -> dict:
                       "max_epsilon": p.get("max_epsilon"), "delta": p.get("delta"), "steps": p["steps"],
                       "evaluations": p["evaluations"]}
     for r in rounds:
-        se = (r.get("server_eval") or {}).get("test") or {}
-        val = (r.get("server_eval") or {}).get("val") or {}
-        fe = r.get("federated_eval") or {}
-        rows.append({"round": r["round"], "status": r["status"], "reason": r.get("reason", ""),
-                     "asked": r["nodes_asked"], "replied": r["nodes_replied"], "failed": len(r.get("failures", [])),
-                     "failures": r.get("failures", []), "seconds": r["seconds"],
-                     "bytes_received": r["bytes_received"], "val_loss": val.get("loss"),
+        se, val, fe = r.server_test, r.server_val, r.federated_eval
+        rows.append({"round": r.round, "status": r.status, "reason": r.reason,
+                     "asked": r.nodes_asked, "replied": r.nodes_replied, "failed": len(r.failures),
+                     "failures": [f.to_json() for f in r.failures], "seconds": r.seconds,
+                     "bytes_received": r.bytes_received, "val_loss": val.get("loss"),
                      "test_accuracy": se.get("accuracy"), "test_macro_f1": se.get("macro_f1"),
                      "test_loss": se.get("loss"),
-                     "worst_node_accuracy": fe.get("worst_accuracy"), "epsilon_max": r.get("epsilon_max")})
-        for f in r.get("failures", []):
-            key = f.get("key", f["node"])
-            n = nodes.setdefault(key, {**blank, "key": key, "name": f["node"]})
-            n["last_error"], n["last_error_round"] = f"{f['status']}: {f['reason']}", r["round"]
+                     "worst_node_accuracy": fe.worst_node_accuracy if fe else None, "epsilon_max": r.epsilon_max})
+        for f in r.failures:
+            n = nodes.setdefault(f.who, {**blank, "key": f.who, "name": f.node})
+            n["last_error"], n["last_error_round"] = f"{f.status}: {f.reason}", r.round
     sim_ceiling = cfg.get("sim.node-max-epsilon")
     simulated = rd.kind == "simulation"
     shown = [n["name"] for n in nodes.values()]
@@ -103,13 +112,14 @@ def run_view(run_dir: str | Path) -> dict:
     return {"name": rd.path.name, "status": info.get("status"), "planned_rounds": info.get("planned_rounds"),
             "completed_rounds": len(rounds), "started": info.get("started"),
             "duration": (end - info["started"]) if end and info.get("started") else None,
-            "secure_aggregation": any(r.get("secure_aggregation") for r in rounds) if rounds else
+            "secure_aggregation": any(r.secure_aggregation for r in rounds) if rounds else
             cfg.get("fed.secure-aggregation"), "dp": cfg.get("privacy.enabled"),
-            "accountant": cfg.get("privacy.accountant"), "max_grad_norm": cfg.get("privacy.max-grad-norm"),
+            "accountant": run_accountant(rounds, default=cfg.get("privacy.accountant")),
+            "max_grad_norm": cfg.get("privacy.max-grad-norm"),
             "delta": max((n["delta"] for n in nodes.values() if n.get("delta") is not None), default=None),
             "rounds": rows, "nodes": sorted(nodes.values(), key=lambda n: n["name"]), "config": cfg,
-            "majority_baseline": (rd.summary() or {}).get("majority_baseline"),
-            "warnings": (rd.summary() or {}).get("warnings") or []}
+            "majority_baseline": summary.majority_baseline if summary else None,
+            "warnings": list(summary.warnings) if summary else []}
 
 
 def _f(v, nd: int = 4) -> str:

@@ -5,10 +5,14 @@
     <run>/rounds.jsonl            one JSON line per finished round (appended, fsync'd)
     <run>/checkpoints/round-<k>/  the global adapter after round k (PEFT directory)
     <run>/adapter/                the final global adapter (PEFT directory)
+    <run>/initial.json            the round-0 evaluation (the base model before any round)
     <run>/summary.json            final metrics and per-node privacy
     <run>/nodes/<name>/           simulated nodes' state (their privacy ledgers)
 
-Readers (dashboard, export, resume) only read; the server is the only writer.
+``RunDir`` is the one reader and writer of these files. A round line is a :class:`RoundRecord`, the summary a
+:class:`RunSummary` (common/operations/records.py: their fields, and how lines of older fedtune versions read).
+Readers (dashboard, export, report, resume) only read; the server is the only writer (``fedtune tune`` adds its
+search's cost to the summary of the run it chose).
 """
 
 from __future__ import annotations
@@ -21,6 +25,11 @@ from typing import Any
 
 from fedtune.common.errors import RunDirError
 from fedtune.common.operations.atomic import write_json_atomic
+from fedtune.common.operations.records import RoundRecord, RunSummary
+
+__all__ = ["INITIAL_FILE", "RoundRecord", "RunDir", "RunSummary"]
+
+INITIAL_FILE = "initial.json"  # the round-0 evaluation (the base model before any round)
 
 
 def _atomic_json(path: Path, obj: Any) -> None:
@@ -102,18 +111,23 @@ class RunDir:
             info["finished"] = time.time()
         _atomic_json(self.path / "run.json", info)
 
-    def append_round(self, record: dict) -> None:
-        line = json.dumps(record, sort_keys=True, default=_jsonable)
+    def append_round(self, record: RoundRecord) -> None:
+        """One line in rounds.jsonl (fsync'd), then run.json's count of completed rounds."""
+        line = json.dumps(record.to_json(), sort_keys=True, default=_jsonable)
         with open(self.rounds_file, "a", encoding="utf-8") as f:
             f.write(line + "\n")
             f.flush()
             os.fsync(f.fileno())
         info = self.read_run()
-        info.update(completed_rounds=record["round"], updated=time.time())
+        info.update(completed_rounds=record.round, updated=time.time())
         _atomic_json(self.path / "run.json", info)
 
-    def write_summary(self, summary: dict) -> None:
-        _atomic_json(self.path / "summary.json", summary)
+    def write_summary(self, summary: RunSummary) -> None:
+        _atomic_json(self.path / "summary.json", summary.to_json())
+
+    def write_initial(self, evaluation: dict) -> None:
+        """The round-0 evaluation (the model before any round), kept for the summary and the report."""
+        _atomic_json(self.path / INITIAL_FILE, evaluation)
 
     # -- reading --------------------------------------------------------------
     def read_run(self) -> dict:
@@ -126,15 +140,16 @@ class RunDir:
     def read_config(self) -> dict:
         return json.loads((self.path / "config.json").read_text(encoding="utf-8"))
 
-    def rounds(self) -> list[dict]:
-        """Every complete round line (a torn last line, from a crash mid-write, is ignored)."""
+    def rounds(self) -> list[RoundRecord]:
+        """Every complete round line (a torn last line, from a crash mid-write, is ignored); lines of older
+        fedtune versions read too (``RoundRecord.from_json``)."""
         if not self.rounds_file.exists():
             return []
         out = []
         for line in self.rounds_file.read_text(encoding="utf-8").splitlines():
             try:
-                out.append(json.loads(line))
-            except ValueError:
+                out.append(RoundRecord.from_json(json.loads(line)))
+            except (ValueError, KeyError, TypeError, AttributeError):
                 continue
         return out
 
@@ -144,10 +159,17 @@ class RunDir:
         A checkpoint is written before its round line, so a crash between the two re-runs that round.
         """
         rounds = self.rounds()
-        done = max((r["round"] for r in rounds), default=0)
-        ok = [r["round"] for r in rounds if r.get("status") == "ok" and self.checkpoint(r["round"]).is_dir()]
+        done = max((r.round for r in rounds), default=0)
+        ok = [r.round for r in rounds if r.ok and self.checkpoint(r.round).is_dir()]
         return done, (self.checkpoint(max(ok)) if ok else None)
 
-    def summary(self) -> dict | None:
+    def summary(self) -> RunSummary | None:
         p = self.path / "summary.json"
-        return json.loads(p.read_text(encoding="utf-8")) if p.exists() else None
+        return RunSummary.from_json(json.loads(p.read_text(encoding="utf-8"))) if p.exists() else None
+
+    def initial(self) -> dict | None:
+        """The round-0 evaluation, None when the server evaluated none (or the file is unreadable)."""
+        try:
+            return json.loads((self.path / INITIAL_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None

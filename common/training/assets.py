@@ -113,9 +113,9 @@ def gguf_model_dir(gguf: Path, *, say=None) -> Path:
     try:
         try:
             with contextlib.redirect_stderr(io.StringIO()):  # transformers' GGUF reader draws its own progress bar
-                tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+                tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
                 loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                              dtype=torch.float32)
+                                                              dtype=torch.float32, local_files_only=True)
         except (OSError, ValueError, ImportError) as e:
             raise ModelError(f"cannot read the GGUF file {gguf}: {e}",
                              "install the gguf package (`pip install gguf`), or convert the model to a "

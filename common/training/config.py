@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedtune.common.errors import ConfigError
+from fedtune.common.secagg.limits import CLIP_RANGE, MIN_COHORT, effective_max_weight, max_weight_fitting
+from fedtune.common.secagg.limits import WEIGHTINGS as AGGREGATIONS
 from fedtune.common.training.imbalance import WEIGHTINGS
 
 TASKS = ("seq-cls", "causal-lm")
@@ -41,7 +43,7 @@ class ModelConfig:
     max_new_tokens: int = _f(32, "instruction tuning: most tokens generated per answer (evaluation, fedtune generate)")
     eval_generate: int = _f(16, "instruction tuning: held-out prompts the server answers at each evaluation to "
                             "score ROUGE-L against the reference responses (0 = none)")
-    pooling: str = _f("cls", "what the classification head reads: cls (the model's own pooler over the first token, "
+    pooling: str = _f("mean", "what the classification head reads: cls (the model's own pooler over the first token, "
                       "as stock transformers does) or mean (the L2-normalised mean of the last hidden states over "
                       "the text's tokens: what sentence-embedding models such as the packaged MiniLM were trained "
                       "for; its export needs trust_remote_code outside fedtune); seq-cls encoders with a pooler")
@@ -77,9 +79,11 @@ class LoraConfig:
     alpha: float = _f(16.0, "LoRA scaling numerator (scale = alpha / r)")
     dropout: float = _f(0.0, "dropout on the LoRA input")
     target_modules: str = _f("", "comma-separated module names; empty = PEFT's default for the architecture")
-    ffa: bool = _f(False, "FFA-LoRA: freeze A (same on every node from lora.seed), train and exchange only B and the head")
-    head_only: bool = _f(False, "train and exchange only the classification head on the frozen model's features (a "
-                         "DP linear probe: ~50x fewer parameters to noise; seq-cls only)")
+    ffa: bool = _f(True, "FFA-LoRA: freeze A (same on every node from lora.seed), train and exchange only B and the "
+                   "head")
+    head_only: bool = _f(True, "train and exchange only the classification head on the frozen model's features (a "
+                         "DP linear probe: ~50x fewer parameters to noise; seq-cls only). To adapt "
+                         "the encoder too: lora.head-only=false train.lr=2 train.local-epochs=1 train.batch-size=32")
     seed: int = _f(0, "shared seed for the initial adapter (A matrices and new head); equal on every node")
 
     def problems(self) -> list[str]:
@@ -109,7 +113,7 @@ class PrivacyConfig:
     delta: float = _f(0.0, "delta of fedtune local / simulated nodes (0 = 1e-5); a deployed node uses its own "
                            "node config's delta; must be <= 1/N for a source of N records")
     noise_multiplier: float = _f(0.0, "Gaussian noise std / clip norm; 0 = calibrate from target-epsilon")
-    max_grad_norm: float = _f(1.0, "per-sample gradient clipping norm")
+    max_grad_norm: float = _f(0.5, "per-sample gradient clipping norm")
     accountant: str = _f("pld", f"accountant of fedtune local / simulated nodes, one of {', '.join(ACCOUNTANTS)} "
                                 "(pld: Google dp-accounting, near-exact); a deployed node uses its own")
     grad_sample_mode: str = _f("hooks", f"Opacus per-sample gradient mode, one of {', '.join(GRAD_SAMPLE_MODES)}")
@@ -187,15 +191,15 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    rounds: int = _f(1, "training rounds planned for this job (noise is calibrated over all of them)")
+    rounds: int = _f(6, "training rounds planned for this job (noise is calibrated over all of them)")
     local_epochs: float = _f(3.0, "passes over the node's training records per round")
     local_steps: int = _f(0, "optimizer steps per round; 0 = local-epochs x (records / batch-size)")
-    batch_size: int = _f(32, "expected batch size (Poisson sampling varies it)")
+    batch_size: int = _f(128, "expected batch size (Poisson sampling varies it)")
     max_physical_batch_size: int = _f(0, "DP: process Poisson batches in chunks of at most this many records "
                                       "(memory), one optimizer step per logical batch, same accounting; 0 = whole")
     eval_batch_size: int = _f(64, "batch size for evaluation")
-    optimizer: str = _f("adamw", f"one of {', '.join(OPTIMIZERS)}")
-    lr: float = _f(3e-3, "learning rate")
+    optimizer: str = _f("sgd", f"one of {', '.join(OPTIMIZERS)}")
+    lr: float = _f(20.0, "learning rate (20 suits SGD on the head alone)")
     weight_decay: float = _f(0.0, "weight decay")
     seed: int = _f(0, "seed of data order and dropout (DP noise always uses fresh OS entropy)")
     threads: int = _f(0, "torch CPU threads; 0 = torch's default")
@@ -237,7 +241,6 @@ class TrainConfig:
         return out
 
 
-AGGREGATIONS = ("weighted", "uniform")
 PARTITIONERS = ("iid", "dirichlet", "label")
 METRICS = ("accuracy", "macro_f1", "loss")
 
@@ -285,9 +288,9 @@ class FedConfig:
             out.append(f"fed.early-stop-metric: expected one of {', '.join(METRICS)}, got {self.early_stop_metric!r}")
         if self.early_stop_patience < 0:
             out.append(f"fed.early-stop-patience: expected >= 0, got {self.early_stop_patience}")
-        if self.secagg_clip != 0 and not 1e-3 <= self.secagg_clip <= 1e3:
-            out.append(f"fed.secagg-clip: expected 0 (auto) or 0.001..1000 (what nodes accept by default), got "
-                       f"{self.secagg_clip}")
+        if self.secagg_clip != 0 and not CLIP_RANGE[0] <= self.secagg_clip <= CLIP_RANGE[1]:
+            out.append(f"fed.secagg-clip: expected 0 (auto) or {CLIP_RANGE[0]:g}..{CLIP_RANGE[1]:g} (what nodes accept "
+                       f"by default), got {self.secagg_clip}")
         if self.secagg_max_weight < 1:
             out.append(f"fed.secagg-max-weight: expected >= 1, got {self.secagg_max_weight}")
         if not 0.5 <= self.secagg_threshold < 1:
@@ -296,16 +299,15 @@ class FedConfig:
         if self.secagg_degree < 0 or self.secagg_degree == 1:
             out.append(f"fed.secagg-degree: expected 0 (automatic) or >= 2, got {self.secagg_degree}")
         if self.secure_aggregation:
-            if self.min_nodes < 3:
-                out.append(f"fed.min-nodes={self.min_nodes} with secure aggregation: expected >= 3 (with 2 nodes "
-                           "each would learn the other's update from the sum); raise it or set "
+            if self.min_nodes < MIN_COHORT:
+                out.append(f"fed.min-nodes={self.min_nodes} with secure aggregation: expected >= {MIN_COHORT} (with "
+                           "2 nodes each would learn the other's update from the sum); raise it or set "
                            "fed.secure-aggregation=false")
-            max_weight = 1 if self.aggregation == "uniform" else self.secagg_max_weight
-            from fedtune.common.secagg.protocol import MIN_LEVELS
-            if (2**31 - 1) // (self.num_nodes * max_weight) < MIN_LEVELS:
+            fitting = max_weight_fitting(self.num_nodes)
+            if effective_max_weight(self.aggregation, self.secagg_max_weight) > fitting:
                 out.append(f"fed.secagg-max-weight={self.secagg_max_weight} with {self.num_nodes} nodes: the "
-                           f"weighted sum would not fit in 32 bits; lower it to at most "
-                           f"{(2**31 - 1) // (self.num_nodes * MIN_LEVELS):,} or use fed.aggregation=uniform")
+                           f"weighted sum would not fit in 32 bits; lower it to at most {fitting:,} or use "
+                           "fed.aggregation=uniform")
         for name, v in (("round-timeout", self.round_timeout), ("node-wait-timeout", self.node_wait_timeout)):
             if v <= 0:
                 out.append(f"fed.{name}: expected > 0 seconds, got {v}")
@@ -319,7 +321,7 @@ class SimConfig:
     labels_per_node: int = _f(2, "label-skew partitioner: labels each node holds")
     seed: int = _f(0, "seed of the partitioning")
     local_test_fraction: float = _f(0.2, "share of each node's partition kept for its local evaluation")
-    node_max_epsilon: float = _f(10.0, "privacy ceiling of every simulated node")
+    node_max_epsilon: float = _f(8.0, "privacy ceiling of every simulated node")
     cpus_per_node: int = _f(1, "torch threads (and Ray CPUs) each virtual node trains with")
     concurrent_nodes: int = _f(0, "virtual nodes that run at once on a private local Ray; 0 = auto: every node, up "
                                "to twice the cores / sim.cpus-per-node (the OS shares the cores, so none idles "
@@ -396,8 +398,32 @@ def _key(name: str) -> str:
     return name.replace("_", "-")
 
 
+# The defaults above are the recommended recipe (docs/federation.md, "Which recipe"): a DP linear probe of a seq-cls
+# encoder. A causal LM has no classification head to probe, so the settings below default differently for
+# model.task=causal-lm (the LoRA recipe); a value the job gives always wins. `fedtune config` shows both.
+CAUSAL_LM_DEFAULTS: dict[str, Any] = {"model.pooling": "cls", "lora.ffa": False, "lora.head-only": False,
+                                      "train.optimizer": "adamw", "train.lr": 3e-3, "train.batch-size": 32,
+                                      "privacy.max-grad-norm": 1.0}
+
 SECTIONS: dict[str, type] = {"model": ModelConfig, "lora": LoraConfig, "privacy": PrivacyConfig, "data": DataConfig,
                              "train": TrainConfig, "fed": FedConfig, "sim": SimConfig}
+
+
+TRUE = ("true", "1", "yes", "on")
+FALSE = ("false", "0", "no", "off")
+
+
+def parse_bool(value: Any) -> bool | None:
+    """A yes/no setting, the one way job and node configs read it: a bool, 0 or 1, or a string in TRUE or
+    FALSE (any case, surrounding spaces ignored); None for anything else."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return bool(value) if value in (0, 1) else None
+    if isinstance(value, str):
+        v = value.strip().lower()
+        return True if v in TRUE else False if v in FALSE else None
+    return None
 
 
 def _coerce(value: Any, typ: Any, key: str) -> tuple[Any, str | None]:
@@ -405,15 +431,8 @@ def _coerce(value: Any, typ: Any, key: str) -> tuple[Any, str | None]:
     if isinstance(typ, str):
         typ = {"int": int, "float": float, "bool": bool, "str": str}.get(typ, typ)
     if typ is bool:
-        if isinstance(value, bool):
-            return value, None
-        if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "on"):
-            return True, None
-        if isinstance(value, str) and value.strip().lower() in ("false", "0", "no", "off"):
-            return False, None
-        if isinstance(value, int) and value in (0, 1):
-            return bool(value), None
-        return None, f"{key}: expected true or false, got {value!r}"
+        b = parse_bool(value)
+        return (b, None) if b is not None else (None, f"{key}: expected true or false, got {value!r}")
     if typ is int:
         if isinstance(value, bool):
             return None, f"{key}: expected an integer, got {value!r}"
@@ -465,6 +484,10 @@ def load_config(settings: Mapping[str, Any] | None = None) -> JobConfig:
             problems.append(problem)
         else:
             values[section][fname] = value
+    if values["model"].get("task", ModelConfig.task) == "causal-lm":
+        for key, default in CAUSAL_LM_DEFAULTS.items():
+            section, _, name = key.partition(".")
+            values[section].setdefault(name.replace("-", "_"), default)
     sections = {}
     for name, cls in SECTIONS.items():
         sections[name] = cls(**values[name])
@@ -500,7 +523,10 @@ def describe() -> list[tuple[str, str, Any, str]]:
     for s, cls in SECTIONS.items():
         for f in dataclasses.fields(cls):
             tname = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-            rows.append((f"{s}.{_key(f.name)}", tname, f.default, f.metadata.get("help", "")))
+            key, help_ = f"{s}.{_key(f.name)}", f.metadata.get("help", "")
+            if key in CAUSAL_LM_DEFAULTS:
+                help_ += f" (model.task=causal-lm: default {CAUSAL_LM_DEFAULTS[key]})"
+            rows.append((key, tname, f.default, help_))
     return rows
 
 

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from fedtune.common.training.train import batch_loss
 from torch.utils.data import DataLoader, TensorDataset
+
+if TYPE_CHECKING:  # wire imports this module (LM_LOSS_CLIP): the type only, no import cycle
+    from fedtune.common.training.wire import EvalAnswer
 
 
 @torch.no_grad()
@@ -106,15 +110,19 @@ def private_counts(model: torch.nn.Module, dataset: TensorDataset, *, task: str,
     return out
 
 
-def pool_answers(answers: dict[str, dict], *, failed: list[str], task: str) -> dict:
+def pool_answers(answers: Mapping[str, EvalAnswer], *, failed: list[str], task: str,
+                 about: Mapping[str, Mapping] | None = None) -> dict:
     """Federated-evaluation figures from nodes' noised answers (see :func:`private_counts`).
 
+    ``answers``: each node's parsed :class:`~fedtune.common.training.wire.EvalAnswer` under the key its figures
+    are recorded by; ``about``: what the record keeps beside them per node (its name, its accountant).
     A node's answer is counts plus Gaussian noise (``noise_std``): its own accuracy is an
     estimate with that noise, the pooled figure sums every node's counts first. Counts are
     clamped at zero and accuracies to [0, 1]; a node whose noised total is not positive has no figure.
     """
+    figures = {key: {**(about or {}).get(key, {}), **a.figures(task)} for key, a in answers.items()}
     per: dict[str, dict] = {}
-    for name, m in answers.items():
+    for name, m in figures.items():
         if task == "seq-cls":
             right, wrong = max(0.0, float(m.get("correct", 0.0))), max(0.0, float(m.get("wrong", 0.0)))
             total = right + wrong
@@ -124,14 +132,14 @@ def pool_answers(answers: dict[str, dict], *, failed: list[str], task: str) -> d
             per[name] = {**m, "loss": (loss / recs) if recs >= 1 else None}
     out: dict = {"nodes": len(per), "failed": failed, "per_node": per, "noised": True}
     if task == "seq-cls":
-        right = sum(max(0.0, float(m.get("correct", 0.0))) for m in answers.values())
-        total = right + sum(max(0.0, float(m.get("wrong", 0.0))) for m in answers.values())
+        right = sum(max(0.0, float(m.get("correct", 0.0))) for m in figures.values())
+        total = right + sum(max(0.0, float(m.get("wrong", 0.0))) for m in figures.values())
         accs = {n: p["accuracy"] for n, p in per.items() if p["accuracy"] is not None}
         out.update(accuracy=min(1.0, right / total) if total > 0 else None,
                    worst_accuracy=min(accs.values()) if accs else None,
                    worst_node=min(accs, key=accs.get) if accs else None)
     else:
-        recs = sum(max(0.0, float(m.get("records", 0.0))) for m in answers.values())
-        loss = sum(max(0.0, float(m.get("loss_sum", 0.0))) for m in answers.values())
+        recs = sum(max(0.0, float(m.get("records", 0.0))) for m in figures.values())
+        loss = sum(max(0.0, float(m.get("loss_sum", 0.0))) for m in figures.values())
         out.update(loss=loss / recs if recs >= 1 else None)
     return out

@@ -9,11 +9,10 @@ server and every virtual node compute the same partitions independently.
 from __future__ import annotations
 
 import functools
-import json
 import math
 
 from fedtune.common.training import builder, data
-from fedtune.common.training.config import JobConfig, load_config
+from fedtune.common.training.config import JobConfig, ModelConfig, TrainConfig
 from fedtune.common.training.partition import partition
 
 
@@ -21,20 +20,21 @@ def global_splits(cfg: JobConfig) -> data.Splits:
     return _global_splits(_data_key(cfg))
 
 
-def _data_key(cfg: JobConfig) -> str:
-    keep = {k: v for k, v in cfg.to_flat().items() if k.startswith(("data.", "model.task", "sim.", "train.batch-size"))}
-    return json.dumps(keep, sort_keys=True)
+def _data_key(cfg: JobConfig) -> JobConfig:
+    """The part of the job the records and partitions depend on, as a (hashable, already valid) config: jobs that
+    differ only in training settings (tune's trials) share them."""
+    return JobConfig(data=cfg.data, model=ModelConfig(task=cfg.model.task), sim=cfg.sim,
+                     train=TrainConfig(batch_size=cfg.train.batch_size))
 
 
 @functools.lru_cache(maxsize=4)
-def _global_splits(key: str) -> data.Splits:
-    cfg = load_config(json.loads(key))
-    return builder.load_records(cfg)
+def _global_splits(key: JobConfig) -> data.Splits:
+    return builder.load_records(key)
 
 
 @functools.lru_cache(maxsize=4)
-def _partitions(key: str, num_nodes: int) -> list[list[int]]:
-    cfg = load_config(json.loads(key))
+def _partitions(key: JobConfig, num_nodes: int) -> list[list[int]]:
+    cfg = key
     s = cfg.sim
     pool = _global_splits(key).train
     # classification partitions by label; instruction data by its group (BBC headlines: the topic), if any

@@ -20,6 +20,7 @@ from fedtune.common.privacy.ledger import DEFAULT_SOURCE
 from fedtune.common.training import adapter
 from fedtune.common.training.config import JobConfig
 from fedtune.common.training.node import NodePolicy, evaluate_split, job_plan, planned_epsilon, prepare, train_round
+from fedtune.common.training.model import resolve_device
 from fedtune.common.training.train import ProgressFn
 
 
@@ -44,6 +45,7 @@ def train_locally(cfg: JobConfig, *, max_epsilon: float, state_dir: str | Path, 
             "infinite spend for it), or keep DP on")
     if not cfg.privacy.enabled:
         warn(f"WARNING: {DP_OFF_WARNING}")
+    resolve_device(cfg.train.device)  # a setting this machine cannot honour fails before any record is read
     t0 = time.perf_counter()
     source = source or DEFAULT_SOURCE  # one budget per state directory unless the organization names sources
     policy = NodePolicy(source=source, max_epsilon=max_epsilon, delta=cfg.privacy.delta or DEFAULT_DELTA,
@@ -59,7 +61,7 @@ def train_locally(cfg: JobConfig, *, max_epsilon: float, state_dir: str | Path, 
         f"{lm.total_parameters():,} parameters")
     if cfg.privacy.enabled:
         spent = node.ledger.spent()
-        jp = job_plan(node, job, federated=False)
+        jp = job_plan(node, job, federated=False, warn=lambda m: warn(f"WARNING: {m}"))
         say(f"  DP-SGD: noise multiplier {jp.noise_multiplier:.3f}, clip {cfg.privacy.max_grad_norm}, "
             f"sample rate {node.plan.sample_rate:.4f}, {node.plan.total_steps} steps -> epsilon "
             f"{planned_epsilon(node, job, federated=False):.2f} at delta {policy.delta:.2g} ({policy.accountant})")

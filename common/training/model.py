@@ -8,7 +8,6 @@ all-MiniLM-L6-v2 is the default. The initial adapter is a pure function of
 from __future__ import annotations
 
 import logging
-import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,8 +17,6 @@ import torch
 from fedtune.common.errors import ModelError
 from fedtune.common.training.assets import SMOLLM2, default_model_dir, gguf_model_dir, smollm2_gguf
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 log = logging.getLogger(__name__)
 
 
@@ -236,11 +233,6 @@ def resolve_device(spec: str = "auto") -> torch.device:
         raise ModelError(f"train.device={spec} but this machine has {torch.cuda.device_count()} CUDA device(s)",
                          f"use cuda:0..cuda:{torch.cuda.device_count() - 1}, or cuda for the first")
     return torch.device("cuda", index)
-
-
-def device_of(model: torch.nn.Module) -> torch.device:
-    """Where a model's weights live (inputs must go there too)."""
-    return next(model.parameters()).device
 
 
 def set_threads(n: int) -> None:

@@ -16,7 +16,7 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from fedtune.common.errors import BudgetExceededError, EvaluationRefused, FedtuneError, PrivacyError, UnsafeMessage
 from fedtune.common.privacy import accounting as privacy
-from fedtune.common.privacy.ledger import PrivacyLedger
+from fedtune.common.privacy.ledger import PrivacyLedger, over_ceiling
 from fedtune.common.training import adapter, aggregate, builder, data, features
 from fedtune.common.training.aggregate import batch_weight
 from fedtune.common.training.config import MAX_PLANNED_STEPS, JobConfig
@@ -180,16 +180,18 @@ class RoundResult:
 
 
 def prepare(cfg: JobConfig, policy: NodePolicy, *, state_dir: str | Path, data_path: str | None = None,
-            model: LoraModel | None = None, for_training: bool = True, splits: data.Splits | None = None,
-            cache_dir: str | Path | None = None) -> Node:
-    """Load data and model for ``cfg`` on this node and open the ledger of its data source.
+            model: LoraModel | Callable[[list[str]], LoraModel] | None = None, for_training: bool = True,
+            splits: data.Splits | None = None, cache_dir: str | Path | None = None) -> Node:
+    """Load data and model for ``cfg`` on this node and open the ledger of its data source: the one way a Node is
+    built (records, model and tokens all through :mod:`builder`).
 
     Args:
         cfg: the job configuration (the node's own settings already applied).
         policy: the node's privacy rules (its organization's, not the job's).
         state_dir: this node's state directory (holds the privacy ledgers).
         data_path: overrides ``cfg.data.path`` (a node's own file).
-        model: reuse an already built model (tests, simulations).
+        model: reuse an already built model, or a function of the labels giving one (a process's shared model);
+            None: build it.
         for_training: False to only evaluate (no size check).
         splits: already loaded records (simulated nodes get a partition); skips reading files.
         cache_dir: keep tokenized data here, so a fresh process per message (Flower's
@@ -204,15 +206,9 @@ def prepare(cfg: JobConfig, policy: NodePolicy, *, state_dir: str | Path, data_p
         data.check_trainable_size(splits.planned_train, cfg.train.batch_size, splits.train.source)
     if model is None:
         model = builder.build_model(cfg, splits.labels)
-    tok = model.tokenizer
-    key = _cache_key(splits.fingerprint, cfg.data.__dict__, str(model.base_path), cfg.model.max_length,
-                     cfg.model.task, splits.labels, len(splits.train), len(splits.val), len(splits.test))
-    sets = _cached_tokens(cache_dir, key) if cache_dir else None
-    if sets is None:
-        sets = [data.tokenize(s, tok, label_set=splits.labels, max_length=cfg.model.max_length)
-                for s in (splits.train, splits.val, splits.test)]
-        if cache_dir:
-            _store_tokens(cache_dir, key, sets)
+    elif callable(model):
+        model = model(splits.labels)
+    sets = builder.tokenized(cfg, model, splits, "train", "val", "test", cache_dir=cache_dir)
     sets, net = with_features(cfg, model, sets, cache_dir=cache_dir)
     ledger = PrivacyLedger(state_dir, source=policy.source, max_epsilon=policy.max_epsilon, delta=policy.delta,
                            accountant=policy.accountant, shared_content_ok=policy.shared_content_ok)
@@ -249,7 +245,28 @@ def planned_evaluations(node: Node, *, federated: bool) -> int:
     return j.rounds
 
 
-def job_plan(node: Node, job: str, *, federated: bool = True) -> JobPlan:
+def job_events(plan: privacy.StepPlan, noise: float, eval_noise: float, evaluations: int) -> privacy.History:
+    """A job's planned releases on a node: its training steps at ``noise``, then its evaluation answers (if any)."""
+    events = [(noise, plan.sample_rate, plan.total_steps)]
+    if evaluations:
+        events.append((eval_noise, 1.0, evaluations))
+    return events
+
+
+def budget_warning(job: str, *, planned: float, spent: float, ceiling: float, source: str) -> str | None:
+    """A warning when one job would take more than half of what is left of a source's budget (else None).
+
+    It reads only the job's plan and the ledger (what was spent, the ceiling), never the records; it refuses
+    nothing (the ceiling does that)."""
+    remaining = ceiling - spent
+    if not (math.isfinite(remaining) and math.isfinite(planned)) or remaining <= 0 or planned <= remaining / 2:
+        return None
+    return (f"job {job!r} would spend epsilon {planned:.2f} of the {remaining:.2f} left on data source {source!r} "
+            f"(ceiling {ceiling:g}, spent {spent:.2f}): more than half of this node's remaining budget in one job; "
+            "for a trial, ask for less with a smaller privacy.target-epsilon (e.g. privacy.target-epsilon=1)")
+
+
+def job_plan(node: Node, job: str, *, federated: bool = True, warn: Callable[[str], None] | None = None) -> JobPlan:
     """This job's noise on this node, calibrated at its first release and kept in the source's ledger.
 
     The job's releases (its training steps and planned evaluation answers) are calibrated to
@@ -257,6 +274,9 @@ def job_plan(node: Node, job: str, *, federated: bool = True) -> JobPlan:
     it; a job that would take the source past the ceiling together with what was released
     before is refused before its first step (and every single release is checked again when
     it is reserved).
+
+    When it is planned, a job that would take more than half of what is left of the budget is warned about
+    (``warn``, default: this node's log at WARNING), never refused for it.
 
     Raises:
         BudgetExceededError: the job does not fit in what is left of the source's budget.
@@ -273,29 +293,32 @@ def job_plan(node: Node, job: str, *, federated: bool = True) -> JobPlan:
             f"this node accounts at most {MAX_PLANNED_STEPS:,} per job",
             "run a job with fewer rounds, fewer local steps or epochs, or larger batches")
 
-    def compute(history: privacy.History) -> dict:
+    def compute(_history: privacy.History) -> dict:  # the ledger's history, which node.ledger.epsilon composes
         kw = {"delta": pol.delta, "kind": pol.accountant}
         target = min(j.target_epsilon, pol.max_epsilon)
         if not j.dp:
             return {"noise_multiplier": 0.0, "eval_noise": 0.0, "evaluations": evals, "rounds": p.rounds}
-        eval_noise, eval_events = 0.0, []
+        eval_noise = 0.0
         if evals:
             eval_noise = privacy.calibrate(lambda z: [(z, 1.0, evals)], target_epsilon=j.eval_budget * target,
                                            what="evaluation answers", **kw)
-            eval_events = [(eval_noise, 1.0, evals)]
-        train = lambda z: [(z, p.sample_rate, p.total_steps)]  # noqa: E731
         if j.fixed_noise:
             noise = j.fixed_noise
         else:
-            noise = privacy.calibrate(lambda z: train(z) + eval_events, target_epsilon=target, **kw)
-        after = privacy.epsilon(history + train(noise) + eval_events, **kw)
-        if after > pol.max_epsilon + 1e-9:  # what was released before this job counts against the ceiling too
+            noise = privacy.calibrate(lambda z: job_events(p, z, eval_noise, evals), target_epsilon=target, **kw)
+        after = node.ledger.epsilon(job_events(p, noise, eval_noise, evals))
+        if over_ceiling(after, pol.max_epsilon):  # what was released before this job counts against the ceiling too
             raise BudgetExceededError(
                 f"privacy budget exceeded for data source {pol.source!r}: spent epsilon "
-                f"{privacy.epsilon(history, **kw):.3f} of this node's ceiling {pol.max_epsilon:g}; this job "
+                f"{node.ledger.epsilon():.3f} of this node's ceiling {pol.max_epsilon:g}; this job "
                 f"({p.total_steps} steps at noise {noise:.3f}, {evals} evaluation answers) would bring it to "
                 f"{after:.3f}", "run a job that asks for less (a lower privacy.target-epsilon, fewer rounds or steps), "
                 "or have the node's administrator raise its ceiling knowingly; the spent budget cannot be returned")
+        before = node.ledger.epsilon()  # the ledger as the lock just read it: everything released before this job
+        message = budget_warning(job, planned=after - before, spent=before, ceiling=pol.max_epsilon,
+                                 source=pol.source)
+        if message:
+            (warn or log.warning)(message)
         return {"noise_multiplier": noise, "eval_noise": eval_noise, "evaluations": evals, "rounds": p.rounds}
 
     plan = node.ledger.plan(job, key, compute)
@@ -308,13 +331,19 @@ def planned_epsilon(node: Node, job: str, *, federated: bool = True) -> float:
     jp = job_plan(node, job, federated=federated)
     if jp.noise_multiplier <= 0:
         return math.inf
-    events = [(jp.noise_multiplier, node.plan.sample_rate, node.plan.total_steps)]
-    if jp.evaluations:
-        events.append((jp.eval_noise, 1.0, jp.evaluations))
+    events = job_events(node.plan, jp.noise_multiplier, jp.eval_noise, jp.evaluations)
     return privacy.epsilon(events, delta=node.policy.delta, kind=node.policy.accountant)
 
 
 # -- releases ---------------------------------------------------------------------------------------
+ROUND_SEED_STRIDE = 1_000_003  # a prime: distinct (train.seed, round) pairs give distinct torch seeds
+
+
+def round_seed(seed: int, round: int) -> int:
+    """The torch seed of a round's dropout and (non-DP) data order (DP noise always uses fresh OS entropy)."""
+    return seed * ROUND_SEED_STRIDE + round
+
+
 def train_round(node: Node, *, job: str, round: int, initial: Mapping[str, np.ndarray] | None = None,
                 progress: ProgressFn | None = None, federated: bool = True,
                 class_weights: Sequence[float] | None = None) -> RoundResult:
@@ -339,7 +368,7 @@ def train_round(node: Node, *, job: str, round: int, initial: Mapping[str, np.nd
                                 fingerprint=node.splits.fingerprint, n_records=node.splits.n_source,
                                 job_limit=jp.rounds)
     try:
-        torch.manual_seed(j.seed * 1000003 + round)
+        torch.manual_seed(round_seed(j.seed, round))
         optimizer = make_optimizer(model, name=j.optimizer, lr=j.lr, weight_decay=j.weight_decay)
         model.train()  # Opacus refuses a model in eval mode
         if j.dp:
@@ -357,7 +386,7 @@ def train_round(node: Node, *, job: str, round: int, initial: Mapping[str, np.nd
                 privacy.release(dp_model)
         else:
             loader = DataLoader(node.train_set, batch_size=j.batch_size, shuffle=len(node.train_set) > 0,
-                                generator=torch.Generator().manual_seed(j.seed + round))
+                                generator=torch.Generator().manual_seed(round_seed(j.seed, round)))
             stats = train_steps(model, loader, optimizer, steps=steps, task=j.task, progress=progress,
                                 class_weights=weights, no_dropout=node.lora.head_only)
     except BaseException:
@@ -460,31 +489,3 @@ def evaluate_split(node: Node, split: str = "test") -> dict:
 
 
 # -- a node's disk cache (derived data only: safe to delete) -----------------------------------
-def _cache_key(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
-
-
-def _cached_tokens(cache_dir, key: str) -> list[TensorDataset] | None:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    path = Path(cache_dir) / f"tokens-{key}.safetensors"
-    if not path.is_file():
-        return None
-    try:
-        t = load_file(str(path))
-    except (SafetensorError, OSError):
-        return None  # a damaged cache is rebuilt
-    names = sorted({k.split("/")[0] for k in t})
-    return [TensorDataset(*[t[f"{n}/{i}"] for i in range(sum(1 for k in t if k.startswith(n + "/")))])
-            for n in names]
-
-
-def _store_tokens(cache_dir, key: str, sets: list[TensorDataset]) -> None:
-    from safetensors.torch import save
-
-    tensors = {f"{n}/{i}": t.contiguous() for n, ds in zip(("0train", "1val", "2test"), sets, strict=True)
-               for i, t in enumerate(ds.tensors)}
-    from fedtune.common.operations.atomic import write_atomic
-
-    write_atomic(Path(cache_dir) / f"tokens-{key}.safetensors", save(tensors))

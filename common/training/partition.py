@@ -101,7 +101,3 @@ def _dirichlet(table, n: int, num_partitions: int, alpha: float, min_size: int, 
                     "raise sim.alpha, use fewer nodes, use sim.partitioner=iid, or lower train.batch-size or "
                     "sim.min-partition-size")
 
-
-def label_counts(labels: Sequence[str], parts: list[list[int]], label_set: Sequence[str]) -> list[dict[str, int]]:
-    """Per partition, how many records of each label (for reports)."""
-    return [{lab: sum(1 for i in p if labels[i] == lab) for lab in label_set} for p in parts]

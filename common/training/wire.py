@@ -164,10 +164,3 @@ class NodeInfo:
         return cls(name=str(rec.get("node", default_name))[:200], status=str(rec.get("status", "ok"))[:20],
                    reason=str(rec.get("reason", ""))[:2000], accountant=acc if acc in ("pld", "rdp") else None)
 
-
-def stored_figures(m: Mapping) -> dict:
-    """A node's figures as stored in a run directory; fedtune 0.1 stored them under the wire keys."""
-    legacy = {w: k for k, w in _RESULT_KEYS.items() if w != k} | {"noise-std": "noise_std", "loss-sum": "loss_sum",
-                                                                 "train-loss": "train_loss"}
-    return {legacy.get(k, k): v for k, v in m.items()}
-

@@ -34,7 +34,7 @@ from fedtune.common.errors import FedtuneError
 from fedtune.common.privacy.ledger import open_all
 from fedtune.common.training import adapter
 from fedtune.common.training.config import load_config
-from helpers import EASY_LABELS, write_easy_csv
+from helpers import EASY_LABELS, LORA_RECIPE, write_easy_csv
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scripted_server import ScriptedServer
@@ -103,7 +103,7 @@ def jobs(draw):
     return job
 
 
-FIXED = {"data.labels": ",".join(EASY_LABELS), "train.threads": 2, "train.eval-batch-size": 64,
+FIXED = {**LORA_RECIPE, "data.labels": ",".join(EASY_LABELS), "train.threads": 2, "train.eval-batch-size": 64,
          "fed.secure-aggregation": False}
 
 ROUND = st.one_of(st.integers(-3, 2 ** 62), st.booleans(), st.just("2"), st.floats(allow_nan=True))

@@ -15,10 +15,10 @@ from fedtune.client.app import make_client_app
 from fedtune.common.errors import SourceConflict
 from fedtune.common.privacy import accounting
 from fedtune.common.privacy.ledger import DEFAULT_SOURCE, PrivacyLedger, open_all
-from helpers import EASY_LABELS, small_settings, write_easy_csv
+from helpers import EASY_LABELS, LORA_RECIPE, small_settings, write_easy_csv
 from scripted_server import ScriptedServer
 
-LOCAL = ["model.max-length=16", "train.local-steps=2", "train.batch-size=8", "data.max-records=0",
+LOCAL = [*(f"{k}={v}" for k, v in LORA_RECIPE.items()), "model.max-length=16", "train.local-steps=2", "train.batch-size=8", "data.max-records=0",
          f"data.labels={','.join(EASY_LABELS)}", "privacy.target-epsilon=5.5"]
 
 
@@ -46,7 +46,7 @@ def test_the_same_records_under_a_new_source_name_are_refused_unless_the_organiz
     assert _local(tmp_path, a, "--source", "notes") == 0
     copy = shutil.copy(a, tmp_path / "copy.csv")
     capsys.readouterr()
-    assert _local(tmp_path, copy, "--source", "notes-copy") == 2
+    assert _local(tmp_path, copy, "--source", "notes-copy") == 1
     err = capsys.readouterr().err
     assert "already released under data source 'notes'" in err and "allow-shared-content" in err
     assert [lg.source for lg in open_all(tmp_path / "state") if lg.counted] == ["notes"]
