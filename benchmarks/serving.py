@@ -35,6 +35,7 @@ def main() -> None:
     from fedtune.common.serving.inference import Classifier
     from fedtune.common.training.assets import default_model_dir
     from fedtune.common.training.data import read_bbc_news
+    from fedtune.common.training.model import use_mean_pooling
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -62,7 +63,10 @@ def main() -> None:
         print(f"  load (in a warm process): {load_verified:.2f} s with sha256 verification, {load_plain:.2f} s without")
 
         labels = rec["model"]["labels"]
-        base = AutoModelForSequenceClassification.from_pretrained(str(default_model_dir()), num_labels=len(labels))
+        base = AutoModelForSequenceClassification.from_pretrained(str(default_model_dir()), num_labels=len(labels),
+                                                                  local_files_only=True)
+        if rec["model"].get("pooling") == "mean":  # the head reads mean-pooled features, as it was trained
+            use_mean_pooling(base)
         peft = PeftModel.from_pretrained(base, str(out / "adapter")).eval()
         tok = AutoTokenizer.from_pretrained(str(out))
         texts = read_bbc_news().texts[: args.texts]

@@ -43,7 +43,8 @@ def installed_version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fedtune", description="Federated, differentially private LoRA fine-tuning.",
+    p = argparse.ArgumentParser(prog="fedtune", description="Federated, differentially private fine-tuning of a "
+                                "pretrained model (a DP linear probe by default, LoRA adapters on request).",
                                 epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"fedtune {installed_version()}",
                    help="print the installed fedtune version and exit")

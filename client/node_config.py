@@ -88,7 +88,7 @@ class NodeSettings:
                           ("data.messages-column", self.messages_column), ("data.group-column", self.group_column)):
             if mine is None:
                 continue
-            asked = cfg.to_flat()[key]
+            asked = getattr(cfg.data, key.partition(".")[2].replace("-", "_"))
             if asked != mine:
                 log.info("node %s: ignoring %s=%r from the job; this node reads column %r (node config)",
                          self.name, key, asked, mine)

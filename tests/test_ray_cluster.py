@@ -17,6 +17,7 @@ import pytest
 from fedtune.common.errors import FedtuneError
 from fedtune.common.training.config import load_config
 from fedtune.simulations.run import read_scenario, simulate
+from helpers import LORA_RECIPE
 
 
 def _free_port() -> int:
@@ -78,8 +79,8 @@ def test_every_node_runs_at_once_while_memory_allows(monkeypatch):
     from fedtune.common.errors import ConfigError
     from fedtune.simulations import run
 
-    cfg = load_config({"fed.num-nodes": 5})
-    # the demo's shape on 2 cores: all 5 nodes at once (2 would leave one core idle behind the largest node)
+    cfg = load_config({**LORA_RECIPE, "fed.num-nodes": 5})
+    # a LoRA job of the demo's shape on 2 cores: all 5 nodes at once (2 would leave one core idle behind the largest node)
     monkeypatch.setattr(run, "_memory_bytes", lambda: 24 << 30)
     assert run.concurrent_nodes(cfg, cores=2) == 5
     # memory bounds it: each running node holds the model; never fewer than one node per core

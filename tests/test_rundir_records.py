@@ -151,3 +151,15 @@ def test_runs_whose_nodes_reported_no_accountant_show_the_jobs(tmp_path):
     assert run_view(rd.path)["accountant"] == "pld"
     assert run_record(rd.path, round=1)["privacy"]["accountant"] == "pld"
     assert run_record(rd.path)["privacy"]["accountant"] == "pld"
+
+
+def test_every_figure_a_node_reports_has_a_place_in_the_round_record():
+    """A new figure in NodeRoundResult (common/training/wire.py) needs its field in NodeFigures: this fails in CI
+    instead of in a server's first round."""
+    from dataclasses import fields
+
+    from fedtune.common.operations.records import NodeFigures
+    from fedtune.common.training.wire import NodeRoundResult
+
+    reported = set(NodeRoundResult(update={}, weight=1).figures())
+    assert reported <= {f.name for f in fields(NodeFigures)}, reported - {f.name for f in fields(NodeFigures)}
