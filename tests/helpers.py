@@ -5,6 +5,7 @@ Test modules import from here, never from each other or from conftest.
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from fedtune.common.operations.rundir import RoundRecord, RunDir
 from fedtune.common.training.config import JobConfig, load_config
 from fedtune.simulations.synthetic import EASY_LABELS, FINANCE, SPORT, write_easy_csv
 
-__all__ = ["EASY_LABELS", "FINANCE", "LORA_RECIPE", "SPORT", "make_run", "round_line", "small_config", "small_settings",
+__all__ = ["EASY_LABELS", "FINANCE", "cli_actions", "LORA_RECIPE", "SPORT", "make_run", "round_line", "small_config", "small_settings",
            "write_easy_csv", "write_jsonl"]
 
 
@@ -62,3 +63,13 @@ def make_run(path, *, finished: bool):
         rd.append_round(round_line(3, per_node={"a": ok(8.0), "b": ok(7.0)}))
         rd.set_status("finished")
     return rd
+
+
+def cli_actions(parser: argparse.ArgumentParser, path: list[str]):
+    """Every (command words, argparse action) of the parser, sub-commands included."""
+    for a in parser._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            for name, sp in a.choices.items():
+                yield from cli_actions(sp, [*path, name])
+        elif not isinstance(a, argparse._HelpAction):
+            yield " ".join(path), a

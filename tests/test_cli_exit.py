@@ -12,16 +12,7 @@ from importlib.metadata import version
 import pytest
 from fedtune.cli.main import build_parser, main
 from fedtune.common import errors
-
-
-def _actions(parser: argparse.ArgumentParser, path: list[str]):
-    """Every (command words, argparse action) of the parser, sub-commands included (as in test_cli_help)."""
-    for a in parser._actions:
-        if isinstance(a, argparse._SubParsersAction):
-            for name, sp in a.choices.items():
-                yield from _actions(sp, [*path, name])
-        elif not isinstance(a, argparse._HelpAction):
-            yield " ".join(path), a
+from helpers import cli_actions as _actions
 
 
 def _exit(capsys, argv: list[str]) -> tuple[int, str, str]:

@@ -5,15 +5,7 @@ from __future__ import annotations
 import argparse
 
 from fedtune.cli.main import build_parser
-
-
-def _actions(parser: argparse.ArgumentParser, path: list[str]):
-    for a in parser._actions:
-        if isinstance(a, argparse._SubParsersAction):
-            for name, sp in a.choices.items():
-                yield from _actions(sp, [*path, name])
-        elif not isinstance(a, argparse._HelpAction):
-            yield " ".join(path), a
+from helpers import cli_actions as _actions
 
 
 def test_every_option_has_help():
