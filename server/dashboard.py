@@ -4,8 +4,11 @@
 
 Pages are rendered on the server with every value HTML-escaped; charts are SVG drawn by
 matplotlib on the server (no CDN, no third-party JS); a few lines of our own JS poll the
-JSON API and refresh the page's tables and charts without a reload. Only run directories
-directly under the root (holding a run.json) are served; nothing is ever written.
+JSON API and refresh the page's live box, tables and charts without a reload. The live box
+(round k of n, phase, nodes connected / asked / replied, elapsed against the timeout) is the
+server's ``progress.json`` read through ``monitoring.run_view``; budget colours are
+``monitoring.budget_state``'s. Only run directories directly under the root (holding a
+run.json) are served; nothing is ever written.
 """
 
 from __future__ import annotations
@@ -13,22 +16,36 @@ from __future__ import annotations
 import html
 import io
 import json
+import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
-from fedtune.common.formatting import num
+from fedtune.common.formatting import as_set, num
 from fedtune.common.operations.curve import draw, read_curve
 from fedtune.common.operations.monitoring import run_view
 from fedtune.common.operations.rundir import RunDir, RunDirError, RunSummary
 
-STYLE = """body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}table{border-collapse:collapse;margin:.5em 0}
-td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right}th{background:#f3f3f3}td.l{text-align:left}
-.bar{width:160px;height:12px;background:#eee;display:inline-block;vertical-align:middle}
+STYLE = """body{font-family:system-ui,sans-serif;margin:1.5em;color:#222;max-width:1500px}
+table{border-collapse:collapse;margin:.5em 0}.wrap{overflow-x:auto;max-width:100%}
+td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right;white-space:nowrap}th{background:#f3f3f3;text-align:center}
+td.l{text-align:left}td.w,td.v{white-space:normal;max-width:32em;overflow-wrap:anywhere}
+@media (max-width:600px){body{margin:.75em}h1{font-size:1.5em}}
+.bar{width:160px;height:12px;background:#eee;display:inline-block;vertical-align:middle;position:relative}
 .fill{height:12px;display:block}.ok{background:#3a7}.amber{background:#e9a400}.red{background:#d33}.unknown{background:#999}
-tr.r-failed td{color:#b00}b.failed{color:#b00}.charts img{width:420px;margin-right:1em}"""
+.bar i.plan{position:absolute;top:-3px;width:2px;height:18px;background:#222}
+tr.r-failed td{color:#b00}b.failed{color:#b00}p,li{overflow-wrap:anywhere}
+.charts{display:grid;grid-template-columns:repeat(auto-fill,minmax(min(100%,560px),1fr));gap:1em;margin:1em 0}
+.charts img{width:100%;height:auto;border:1px solid #eee}
+#live{border:2px solid #36c;border-radius:6px;padding:.6em 1em;margin:1em 0;background:#f4f8ff;max-width:60em}
+#live:empty{display:none}#live h2{margin:.1em 0 .4em;font-size:1.15em}#live p{margin:.3em 0}
+.meter{width:100%;max-width:30em;height:10px;background:#dde;display:block;margin:.2em 0}
+.meter span{height:10px;display:block;background:#36c}.meter span.late{background:#d33}
+.status{padding:.05em .5em;border-radius:3px;color:#fff;background:#777}.s-running{background:#36c}
+.s-finished{background:#3a7}.s-stopped,.s-stopped-early{background:#e9a400}.s-failed,.s-error{background:#d33}
+details{margin:1em 0}summary{cursor:pointer;font-weight:600}td.v{max-width:40em}"""
 
 
 def _require_token(app: FastAPI, token: str) -> None:
@@ -69,8 +86,11 @@ def rounds_table(view: dict) -> str:
         f"<td>{r['asked']}</td><td>{r['replied']}</td><td>{r['failed']}</td><td>{_e(r['seconds'], 1)}</td>"
         f"<td>{r['bytes_received']:,}</td><td>{_e(r['val_loss'])}</td><td>{_e(r['test_accuracy'])}</td>"
         f"<td>{_e(r['worst_node_accuracy'])}</td><td>{_e(r['epsilon_max'], 3)}</td>"
-        f"<td class=l>{'; '.join(_e(f['node'] + ' ' + f['status'] + ': ' + f['reason'][:200]) for f in r['failures'])}"
+        f"<td class='l w'>{'; '.join(_e(f['node'] + ' ' + f['status'] + ': ' + f['reason'][:200]) for f in r['failures'])}"
         f"{(' ' + _e(r['reason'])) if r['status'] != 'ok' else ''}</td></tr>" for r in view["rounds"])
+    if not rows:
+        rows = ("<tr class=empty><td class=l colspan=12>no round finished yet"
+                + (": round 1 is under way (see above)" if view.get("progress") else "") + "</td></tr>")
     return ("<table id=rounds><tr><th>round</th><th>status</th><th>asked</th><th>replied</th><th>failed</th>"
             "<th>seconds</th><th>bytes in</th><th>val loss</th><th>test acc</th><th>worst node acc</th>"
             f"<th>max epsilon</th><th>failures</th></tr>{rows}</table>")
@@ -104,18 +124,60 @@ def quality(view: dict, summary: RunSummary | None) -> str:
     return f"<div id=quality-block>{''.join(parts)}</div>"
 
 
+def _share(v: float | None, cap: float | None) -> float | None:
+    return None if v is None or not cap or cap == float("inf") else max(0.0, min(100.0, 100 * v / cap))
+
+
 def nodes_table(view: dict) -> str:
+    """Each node's spend on a bar as long as its ceiling, with a tick where the job's plan ends; the colour is
+    ``monitoring.budget_state``'s (red only when the ceiling refused work)."""
     rows = []
     for n in view["nodes"]:
-        cap, eps = n["max_epsilon"], n["epsilon"]
-        pct = 0 if not eps or not cap or cap == float("inf") else min(100, 100 * eps / cap)
+        cap, eps, plan = n["max_epsilon"], n["epsilon"], n.get("planned")
+        pct, mark = _share(eps, cap) or 0, _share(plan, cap)
+        tick = f"<i class=plan title='planned {_e(plan, 2)}' style='left:{mark:.0f}%'></i>" if mark is not None else ""
         rows.append(f"<tr data-node='{_e(n['name'])}'><td class=l>{_e(n['name'])}</td>"
                     f"<td title='rounds {_e(','.join(map(str, n['rounds'])))}'>{len(n['rounds'])}</td>"
-                    f"<td>{_e(eps, 3)}</td><td>{_e(cap, 2)}</td><td class=l><span class=bar>"
-                    f"<span class='fill {_e(n['budget'])}' style='width:{pct:.0f}%'></span></span> {_e(n['budget'])}"
-                    f"</td><td class=l>{_e(n['last_error'] or '')}</td></tr>")
-    return ("<table id=nodes><tr><th>node</th><th>rounds</th><th>epsilon</th><th>ceiling</th><th>budget</th>"
-            f"<th>last error</th></tr>{''.join(rows)}</table>")
+                    f"<td>{_e(eps, 3)}</td><td>{_e(plan, 2)}</td><td>{_e(cap, 2)}</td><td class=l><span class=bar>"
+                    f"<span class='fill {_e(n['budget'])}' style='width:{pct:.0f}%'></span>{tick}</span> "
+                    f"{_e(n['budget'])}<br><small>{_e(n.get('budget_note') or '')}</small>"
+                    f"</td><td class='l w'>{_e(n['last_error'] or '')}</td></tr>")
+    if not rows:
+        rows.append("<tr class=empty><td class=l colspan=7>no node has replied yet</td></tr>")
+    return ("<table id=nodes><tr><th>node</th><th>rounds</th><th>epsilon</th><th>planned</th><th>ceiling</th>"
+            f"<th>budget</th><th>last error</th></tr>{''.join(rows)}</table>")
+
+
+def live_box(view: dict) -> str:
+    """Where the server is while the run goes on (its progress.json); empty once the run is over."""
+    p = view.get("progress")
+    if not p:
+        return "<div id=live></div>"
+    secs = lambda v: _e(v, 0) + " s"  # noqa: E731
+    if p["round"] == 0:
+        return ("<div id=live><h2>Preparing the run</h2><p>the server is loading the model and its held-out data "
+                f"and evaluating the base model (round 0): {secs(p['phase_elapsed'])}</p></div>")
+    planned = p.get("planned_rounds") or view.get("planned_rounds")
+    done = view.get("completed_rounds") or 0
+    nodes = " &middot; ".join(f"{label} <b>{_e(p.get(k)) if p.get(k) is not None else '&ndash;'}</b>"
+                              for label, k in (("connected", "nodes_connected"), ("asked", "nodes_asked"),
+                                               ("replied", "nodes_replied")))
+    note = "" if p.get("nodes_replied") is not None or p.get("nodes_asked") is None else         " (replies are counted when the training exchange ends)"
+    timeout, elapsed = p.get("timeout"), p.get("phase_elapsed") or 0.0
+    what = "node wait timeout" if p["phase"] == "waiting for nodes" else "round timeout"
+    meter = ""
+    if timeout:
+        late = elapsed > timeout
+        meter = (f"<span class=meter title='{_e(elapsed, 0)} of {_e(timeout, 0)} s'><span class='{'late' if late else ''}'"
+                 f" style='width:{min(100, 100 * elapsed / timeout):.0f}%'></span></span>")
+    late_note = (" <b class=failed>past its timeout: is the server still running? (see its log)</b>"
+                 if timeout and elapsed > timeout + 60 else "")
+    return (f"<div id=live><h2>Round {p['round']} of {_e(planned)}: {_e(p['phase'])}</h2>"
+            f"<p>nodes {nodes}{note}</p>"
+            f"<p>{_e(p['phase'])} for {secs(elapsed)}"
+            + (f" of the {secs(timeout)} {what}" if timeout else "") + f"{late_note}</p>{meter}"
+            f"<p>round started {secs(p.get('round_elapsed'))} ago &middot; {done} of {_e(planned)} rounds finished"
+            + (" &middot; secure aggregation" if p.get("secure_aggregation") else "") + "</p></div>")
 
 
 def chart_svg(view: dict, kind: str) -> bytes:
@@ -124,24 +186,55 @@ def chart_svg(view: dict, kind: str) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series = {"accuracy": [("test accuracy", "test_accuracy"), ("worst node", "worst_node_accuracy")],
+    with plt.rc_context({"font.size": 11, "legend.fontsize": 10}):  # still legible when a phone scales it down
+        fig, ax = plt.subplots(figsize=(6.0, 3.6), dpi=80, layout="constrained")
+        _draw(ax, view, kind)
+        if ax.lines:  # under the axes, where it hides no point
+            fig.legend(loc="outside lower center", ncol=3, frameon=False)
+        buf = io.BytesIO()
+        fig.savefig(buf, format="svg")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _draw(ax, view: dict, kind: str) -> None:
+    """One chart: the rounds' figures against whole-number rounds, with the majority-class baseline (accuracy) or
+    the job's plan and the nodes' ceiling (epsilon) as lines."""
+    from matplotlib.ticker import MaxNLocator
+
+    series = {"accuracy": [("test accuracy", "test_accuracy"), ("test macro-F1", "test_macro_f1"),
+                           ("worst node accuracy", "worst_node_accuracy")],
               "loss": [("val loss", "val_loss"), ("test loss", "test_loss")],
               "epsilon": [("max epsilon", "epsilon_max")]}[kind]
-    fig, ax = plt.subplots(figsize=(5.6, 3.0), dpi=80)
     for label, key in series:
         pts = [(r["round"], r[key]) for r in view["rounds"] if r.get(key) is not None]
         if pts:
             ax.plot(*zip(*pts), marker="o", label=label)
+    drawn = bool(ax.lines)
+    mb = view.get("majority_baseline") or {}
+    if kind == "accuracy":  # what always answering the most frequent class scores
+        for name, style in (("accuracy", "--"), ("macro_f1", ":")):
+            if mb.get(name) is not None:
+                ax.axhline(mb[name], color="#777", linestyle=style, label=f"majority-class {name.replace('_', '-')}")
+        ax.set_ylim(0, 1.02)
+    if kind == "epsilon":
+        spent = max((r["epsilon_max"] or 0 for r in view["rounds"]), default=0)
+        target, ceiling = view.get("target_epsilon"), view.get("ceiling")
+        top = max(spent, target or 0)
+        if target is not None and target != ceiling:
+            ax.axhline(target, color="#e9a400", linestyle=":", label="planned (target)")
+        if ceiling is not None and ceiling <= 5 * max(top, 1):  # a far-off ceiling would flatten everything else
+            ax.axhline(ceiling, color="#d33", linestyle="--", label="node ceiling")
+            top = max(top, ceiling)
+        ax.set_ylim(0, 1.1 * top or 1)
+    last = max((r["round"] for r in view["rounds"]), default=0)
+    ax.set_xlim(0.5, max(last, view.get("planned_rounds") or 0, 1) + 0.5)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # rounds are whole numbers
+    if not drawn:
+        ax.text(0.5, 0.5, "no round finished yet", transform=ax.transAxes, ha="center", va="center", color="#777")
     ax.set_xlabel("round")
     ax.set_title(kind)
     ax.grid(alpha=0.3)
-    if ax.lines:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="svg")
-    plt.close(fig)
-    return buf.getvalue()
 
 
 def metrics_text(views: list[dict]) -> bytes:
@@ -160,6 +253,13 @@ def metrics_text(views: list[dict]) -> bytes:
     rbytes = g("fedtune_bytes_received", "Bytes received from nodes over all rounds", ["run"])
     eps = g("fedtune_node_epsilon", "Epsilon spent by a node on its dataset", ["run", "node"])
     cap = g("fedtune_node_epsilon_ceiling", "A node's privacy ceiling", ["run", "node"])
+    plan = g("fedtune_node_epsilon_planned", "Epsilon the job planned to spend on a node (target, capped by "
+             "its ceiling)", ["run", "node"])
+    per_round = [(key, g(f"fedtune_round_{key}", f"The server's {what} after a round", ["run", "round"]))
+                 for key, what in (("test_accuracy", "test accuracy"), ("test_macro_f1", "test macro-F1"),
+                                   ("test_loss", "test loss"), ("val_loss", "validation loss"))]
+    current = g("fedtune_round_in_progress", "The round the server is running now (0: preparing)", ["run"])
+    connected = g("fedtune_nodes_connected", "Nodes connected in the round under way", ["run"])
     for v in views:
         run = v["name"]
         done.labels(run).set(v["completed_rounds"])
@@ -172,11 +272,22 @@ def metrics_text(views: list[dict]) -> bytes:
             secs.labels(run).set(last["seconds"])
             replied.labels(run).set(last["replied"])
             nfail.labels(run).set(last["failed"])
+        for r in v["rounds"]:
+            for key, gauge in per_round:
+                if r.get(key) is not None:
+                    gauge.labels(run, str(r["round"])).set(r[key])
+        p = v.get("progress")
+        if p:
+            current.labels(run).set(p["round"])
+            if p.get("nodes_connected") is not None:
+                connected.labels(run).set(p["nodes_connected"])
         for n in v["nodes"]:
             if n["epsilon"] is not None:
                 eps.labels(run, n["name"]).set(n["epsilon"])
             if n["max_epsilon"] is not None:
                 cap.labels(run, n["name"]).set(n["max_epsilon"])
+            if n.get("planned") is not None:
+                plan.labels(run, n["name"]).set(n["planned"])
     return generate_latest(reg)
 
 
@@ -184,7 +295,8 @@ PAGE_JS = """<script>
 async function refresh(){
   try{const r=await fetch(location.pathname.replace(/\\/$/,'')+'/fragment',{cache:'no-store'});
     if(!r.ok)return; const f=await r.json();
-    for(const id of ['rounds','nodes','head','quality-block']){document.getElementById(id).outerHTML=f[id];}
+    for(const id of ['rounds','nodes','head','quality-block','live']){const el=document.getElementById(id);
+      if(el&&f[id]!==undefined)el.outerHTML=f[id];}
     const t=Date.now(); document.querySelectorAll('.charts img').forEach(i=>{i.src=i.dataset.src+'?t='+t;});
   }catch(e){}
 }
@@ -193,6 +305,13 @@ setInterval(refresh, %d);
 
 
 TOKEN_COOKIE = "fedtune_dashboard"
+HEAD_META = "<meta name=viewport content='width=device-width, initial-scale=1'><meta http-equiv=refresh content=10>"
+
+
+def badge(status: str | None) -> str:
+    """A run's status in its colour (running blue, finished green, stopped amber, anything else grey/red)."""
+    cls = re.sub(r"[^a-z-]", "", str(status or "").lower())
+    return f"<b class='status s-{cls}'>{_e(status)}</b>"
 
 
 def host_name(header: str) -> str:
@@ -248,28 +367,37 @@ def create_app(root: str | Path, *, poll_ms: int = 2000, token: str | None = Non
             return None
 
     def head(v: dict) -> str:
-        return (f"<p id=head>status <b>{_e(v['status'])}</b> &middot; rounds {v['completed_rounds']}/"
+        return (f"<p id=head>status {badge(v['status'])} &middot; rounds {v['completed_rounds']}/"
                 f"{_e(v['planned_rounds'])} &middot; {_e(v['duration'], 0)} s &middot; DP "
                 f"{'on' if v['dp'] else '<b class=failed>OFF</b>'} (sample-level DP-SGD per node dataset, "
-                f"clip {_e(v['max_grad_norm'])}, accountant {_e(v['accountant'])}, delta {_e(v['delta'], 7)}) &middot; "
+                f"target epsilon {html.escape(as_set(v.get('target_epsilon')))}, "
+                f"clip {html.escape(as_set(v['max_grad_norm']))}, accountant {_e(v['accountant'])}, "
+                f"delta {html.escape(as_set(v['delta']))}) &middot; "
                 f"secure aggregation {'on' if v['secure_aggregation'] else '<b class=failed>OFF</b>'} &middot; "
                 "threat model: <code>docs/secure-aggregation.md</code> in the fedtune repository</p>")
 
     @app.get("/", response_class=HTMLResponse)
     def index() -> str:
-        rows = []
+        views = []
         for name, path in _runs(root).items():
             try:
-                v = run_view(path)
+                views.append((name, run_view(path)))
             except (RunDirError, OSError, ValueError):
                 continue
+        rows = []
+        for name, v in sorted(views, key=lambda nv: nv[1]["started"] or 0, reverse=True):  # newest first
             started = time.strftime("%Y-%m-%d %H:%M", time.localtime(v["started"])) if v["started"] else "-"
-            rows.append(f"<tr><td class=l><a href='runs/{html.escape(name, quote=True)}'>{_e(name)}</a></td>"
-                        f"<td class=l>{_e(v['status'])}</td><td>{v['completed_rounds']}/{_e(v['planned_rounds'])}</td>"
-                        f"<td>{_e(started)}</td><td>{_e(v['duration'], 0)}</td></tr>")
-        return (f"<!doctype html><title>fedtune runs</title><style>{STYLE}</style><h1>fedtune runs</h1>"
-                "<table id=runs><tr><th>run</th><th>status</th><th>rounds</th><th>started</th><th>seconds</th></tr>"
-                f"{''.join(rows)}</table>")
+            p = v.get("progress")
+            now = f"<br><small>round {p['round']}: {_e(p['phase'])}</small>" if p and p["round"] else ""
+            rows.append(f"<tr data-run='{html.escape(name, quote=True)}'>"
+                        f"<td class=l><a href='runs/{html.escape(name, quote=True)}'>{_e(name)}</a></td>"
+                        f"<td class=l>{badge(v['status'])}{now}</td><td>{v['completed_rounds']}/{_e(v['planned_rounds'])}</td>"
+                        f"<td>{_e(started)}</td><td>{_e(v['duration'], 0)}</td><td>{_e(v['final_accuracy'])}</td>"
+                        f"<td>{_e(v['max_epsilon'], 3)}</td></tr>")
+        return (f"<!doctype html>{HEAD_META}<title>fedtune runs</title><style>{STYLE}</style><h1>fedtune runs</h1>"
+                "<div class=wrap><table id=runs><tr><th>run</th><th>status</th><th>rounds</th><th>started</th>"
+                "<th>seconds</th><th>final accuracy</th><th>max epsilon</th></tr>"
+                f"{''.join(rows)}</table></div><p><small>newest first; refreshes every 10 s</small></p>")
 
     @app.get("/runs/{name}", response_class=HTMLResponse)
     def run_page(name: str) -> str:
@@ -279,18 +407,27 @@ def create_app(root: str | Path, *, poll_ms: int = 2000, token: str | None = Non
                          for k in ("accuracy", "loss", "epsilon"))
         if read_curve(_runs(root)[name]):  # written by `fedtune baselines --epsilons`
             charts += f"<img id=privacy-utility alt='privacy-utility' src='{n}/charts/privacy-utility.svg'>"
-        cfg = "".join(f"<tr><td class=l>{_e(k)}</td><td class=l>{_e(val)}</td></tr>" for k, val in v["config"].items())
-        return (f"<!doctype html><title>fedtune run {_e(name)}</title><style>{STYLE}</style>"
-                f"<p><a href='../'>all runs</a></p><h1>run {_e(name)}</h1>{head(v)}"
-                f"{quality(v, summary_of(name))}<h2>Rounds</h2>{rounds_table(v)}"
-                f"<div class=charts>{charts}</div><h2>Nodes: privacy spent against ceiling</h2>{nodes_table(v)}"
-                f"<h2>Configuration</h2><table>{cfg}</table>{PAGE_JS % poll_ms}")
+        cfg = "".join(f"<tr><td class=l>{_e(k)}</td><td class='l v'>{html.escape(as_set(val))}</td></tr>"
+                      for k, val in v["config"].items())
+        return (f"<!doctype html><meta name=viewport content='width=device-width, initial-scale=1'>"
+                f"<title>fedtune run {_e(name)}</title><style>{STYLE}</style>"
+                f"<p><a href='../'>all runs</a></p><h1>run {_e(name)}</h1>{head(v)}{live_box(v)}"
+                f"{quality(v, summary_of(name))}"
+                f"<details id=config><summary>Configuration ({len(v['config'])} settings)</summary>"
+                f"<div class=wrap><table>{cfg}</table></div></details>"
+                f"<h2>Rounds</h2><div class=wrap>{rounds_table(v)}</div><div class=charts>{charts}</div>"
+                "<h2>Nodes: privacy spent against the job's plan and the node's ceiling</h2>"
+                f"<div class=wrap>{nodes_table(v)}</div>"
+                "<p><small>The bar is the node's ceiling; the black tick is what this job planned to spend "
+                "(privacy.target-epsilon, capped by the ceiling). Green below 80% of the ceiling; amber from 80%, "
+                "or above the plan (earlier jobs on the node's data count); red only when the node's ceiling "
+                f"refused work.</small></p>{PAGE_JS % poll_ms}")
 
     @app.get("/runs/{name}/fragment")
     def fragment(name: str) -> JSONResponse:
         v = view_of(name)
         return JSONResponse({"rounds": rounds_table(v), "nodes": nodes_table(v), "head": head(v),
-                             "quality-block": quality(v, summary_of(name))},
+                             "quality-block": quality(v, summary_of(name)), "live": live_box(v)},
                             headers={"Cache-Control": "no-store"})
 
     @app.get("/runs/{name}/charts/{kind}.svg")

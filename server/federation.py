@@ -15,8 +15,10 @@ from collections.abc import Callable
 
 import numpy as np
 from fedtune.common.operations.monitoring import node_privacy, run_accountant
-from fedtune.common.operations.records import Failure, FederatedEval, NodeFigures, RunPrivacy
+from fedtune.common.operations.records import (EVALUATING, PREPARING, SAVING, SECURE_TRAINING, TRAINING, WAITING,
+                                               Failure, FederatedEval, NodeFigures, RoundProgress, RunPrivacy)
 from fedtune.common.operations.rundir import RoundRecord, RunDir, RunSummary
+from fedtune.common.operations.tracking import Tracker
 from fedtune.common.training import adapter, builder
 from fedtune.common.training.config import JobConfig
 from fedtune.common.training.evaluate import evaluate, pool_answers
@@ -30,6 +32,7 @@ from fedtune.server.messages import Pending, collect, exchange, post, wait_for_n
 from flwr.serverapp import Grid
 
 log = logging.getLogger(__name__)
+FAILED_NODE_SITS_OUT = 1  # rounds a node whose reply failed (error, unsafe) is not asked; a refusal: for good
 
 
 class ServerModel:
@@ -92,13 +95,25 @@ class Federation:
         self.majority: dict | None = None
         self.audit_groups: tuple[str, ...] = ()
         self.labels: list[str] = []
+        self._live: dict = {}  # progress.json's fields for the round under way
+        # fed.tracking: a missing library or an MLflow store that does not open fails here, before the run
+        self.tracker = Tracker(cfg.to_flat(), run_dir.path if run_dir is not None else None, out=out)
 
     def run(self, grid: Grid) -> dict:
         """Run the job's rounds; returns the run's summary as ``summary.json`` holds it."""
+        try:
+            return self._run(grid)
+        except BaseException:
+            self.tracker.fail()  # the tracked run ends FAILED (the run directory says where it stopped)
+            raise
+
+    def _run(self, grid: Grid) -> dict:
         cfg, f = self.cfg, self.cfg.fed
-        self.rd.create(config=cfg.to_flat(), planned_rounds=cfg.train.rounds, resume=f.resume,
-                       kind="simulation" if self.simulated else "deployment")
+        kind = "simulation" if self.simulated else "deployment"
+        self.rd.create(config=cfg.to_flat(), planned_rounds=cfg.train.rounds, resume=f.resume, kind=kind)
         self.out(f"fedtune server: run directory {self.rd.path}")
+        self.tracker.start(kind=kind, rounds=self.rd.rounds())  # a resumed run: the rounds not logged yet too
+        self._progress(round=0, phase=PREPARING)
         server = ServerModel(cfg)
         self.class_weights, self.majority = server.class_weights, server.majority
         self.audit_groups, self.labels = server.audit_groups, server.splits.labels
@@ -133,6 +148,7 @@ class Federation:
                 global_arrays = new_arrays
                 server.save(global_arrays, self.rd.checkpoint(rnd))  # checkpoint before the round line
             self.rd.append_round(record)
+            self.tracker.log_round(record)
             self.out(_progress_line(record, cfg.train.rounds))
             if self.rd.stop_requested():
                 status = "stopped"
@@ -151,6 +167,7 @@ class Federation:
         summary = self._summary(final, status)
         self.rd.write_summary(summary)
         self.rd.set_status(status)
+        self.tracker.finish(summary, status=status)
         self.out(f"done ({status}); final adapter in {self.rd.final_adapter}")
         for w in summary.warnings:
             self.out(f"WARNING: {w}")
@@ -161,9 +178,10 @@ class Federation:
                global_arrays: dict) -> tuple[RoundRecord, dict | None, dict]:
         cfg, f = self.cfg, self.cfg.fed
         t0, started = time.perf_counter(), time.time()
+        self._progress(round=rnd, phase=WAITING, round_started=started, timeout=f.node_wait_timeout)
         first = not self.names
         connected = wait_for_nodes(grid, wanted=f.num_nodes if first else f.min_nodes, minimum=f.min_nodes,
-                                   timeout=f.node_wait_timeout)
+                                   timeout=f.node_wait_timeout, on_count=lambda n: self._progress(nodes_connected=n))
         # nodes that refused (spent budget: it never comes back) or failed last round are not asked again
         # (failed ones skip one round), unless too few would be left
         eligible = [n for n in connected if self.benched.get(n, 0) <= rnd]
@@ -173,6 +191,8 @@ class Federation:
         # python's sampler: node ids are 64-bit unsigned and numpy would turn mixed ones into floats
         asked = sorted(random.Random(f"{cfg.train.seed}-{rnd}").sample(self._in_order(grid, eligible), k))
         conf = RoundTask(job=self.rd.path.name, round=rnd, class_weights=self.class_weights).to_record()
+        self._progress(phase=SECURE_TRAINING if self.agg.secure else TRAINING, nodes_connected=len(connected),
+                       nodes_asked=len(asked), timeout=f.round_timeout)
         if first:
             self.out(f"round {rnd}/{cfg.train.rounds}: asking {len(asked)} nodes (on its first message each node "
                      "loads the model and prepares its records" + (", computing their features once: the encoder is "
@@ -186,7 +206,8 @@ class Federation:
             if r.status == "refused":
                 self.benched[r.node_id] = math.inf
             elif r.status in ("error", "unsafe"):
-                self.benched[r.node_id] = rnd + 2
+                self.benched[r.node_id] = rnd + 1 + FAILED_NODE_SITS_OUT
+        self._progress(phase=EVALUATING, nodes_replied=sum(1 for r in outcome.replies if r.ok))
         new = outcome.new_arrays
         arrays = new if new is not None else global_arrays
         # the nodes evaluate while the server does: neither waits for the other (in a simulation they share cores)
@@ -223,7 +244,24 @@ class Federation:
             per_node={self.key(r.node_id): NodeFigures.of(r.name, r.status, r.accountant, results[r.node_id].figures())
                       for r in outcome.replies},
         )
+        self._progress(phase=SAVING)
         return record, new, ev
+
+    def _progress(self, **fields) -> None:
+        """Rewrite progress.json with ``fields`` (a new ``round`` starts afresh) for the dashboard and
+        ``fedtune status``; a write that fails is logged and never fails the round."""
+        now = time.time()
+        if "round" in fields:
+            self._live = {}
+        if "phase" in fields and fields["phase"] != self._live.get("phase"):
+            fields["phase_started"] = now
+        self._live.update(fields)
+        try:
+            self.rd.write_progress(RoundProgress(planned_rounds=self.cfg.train.rounds, updated=now,
+                                                 secure_aggregation=self.agg.secure, majority_baseline=self.majority,
+                                                 **self._live))
+        except Exception as e:  # noqa: BLE001 - a watcher's file: the round goes on without it
+            log.warning("progress.json not written (%s: %s)", e.__class__.__name__, e)
 
     def _in_order(self, grid: Grid, nodes: list[int]) -> list[int]:
         """The nodes a seeded sample draws from, in an order the same settings reproduce: in a simulation by the

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,12 +38,17 @@ class NodeReply:
         return self.status == "ok"
 
 
-def wait_for_nodes(grid: Grid, *, wanted: int, minimum: int, timeout: float) -> list[int]:
+def wait_for_nodes(grid: Grid, *, wanted: int, minimum: int, timeout: float,
+                   on_count: Callable[[int], None] | None = None) -> list[int]:
     """Connected node ids: waits up to ``timeout`` for ``wanted`` (Flower may report none at first),
-    then settles for ``minimum``; fewer than that is an error."""
+    then settles for ``minimum``; fewer than that is an error. ``on_count`` hears each new count while waiting."""
     deadline = time.monotonic() + timeout
+    seen = None
     while True:
         ids = sorted(grid.get_node_ids())
+        if on_count is not None and len(ids) != seen:
+            seen = len(ids)
+            on_count(seen)
         if len(ids) >= wanted:
             return ids
         if time.monotonic() > deadline:

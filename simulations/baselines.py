@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fedtune.common.errors import FedtuneError
+from fedtune.common.operations import tracking
 from fedtune.common.operations.rundir import RunSummary
 from fedtune.common.privacy.accounting import DEFAULT_DELTA
 from fedtune.common.training import data
@@ -137,8 +138,11 @@ def run_all(cfg: JobConfig, *, with_nodp: bool, out: Callable[[str], None] = pri
     """The federated DP run of ``cfg`` plus every baseline on the same split; rows saved in baselines.json.
 
     ``with_nodp``: also run the federation without DP (a second simulation)."""
-    from fedtune.simulations.run import simulate
+    from fedtune.simulations.run import run_dir_of, simulate
 
+    if cfg.fed.tracking:  # one MLflow experiment for the comparison: this run, its no-DP twin, baselines, curve
+        where = run_dir_of(cfg)
+        cfg = cfg.replace(**{"fed.run-dir": str(where), **tracked(cfg, where)})
     fed = simulate(cfg, report=False)
     run_dir = Path(fed["run_dir"])
     summary = RunSummary.from_json(fed["summary"])
@@ -165,7 +169,15 @@ def run_all(cfg: JobConfig, *, with_nodp: bool, out: Callable[[str], None] = pri
             out(f"  baseline {name} failed: {e}")
             rows.append({"name": name, "error": e.problem})
         (run_dir / "baselines.json").write_text(json.dumps(rows, indent=2, default=str) + "\n")
+    tracking.log_baselines(cfg.to_flat(), run_dir, rows)  # fed.tracking=mlflow: child runs of this run
     return run_dir, rows
+
+
+def tracked(cfg: JobConfig, run_dir: Path) -> dict:
+    """The MLflow experiment of a comparison's runs (``fed.tracking``): the one given, or named after its run."""
+    if not cfg.fed.tracking:
+        return {}
+    return {"fed.tracking-experiment": cfg.fed.tracking_experiment or f"fedtune baselines {Path(run_dir).name}"}
 
 
 def privacy_utility_curve(cfg: JobConfig, run_dir: Path, rows: list[dict], epsilons: list[float], *,
@@ -204,7 +216,7 @@ def privacy_utility_curve(cfg: JobConfig, run_dir: Path, rows: list[dict], epsil
                                     "run_dir": str(run_dir)})
             continue
         job = cfg.replace(**{"privacy.target-epsilon": eps, "sim.node-max-epsilon": max(cfg.sim.node_max_epsilon, eps),
-                             "fed.run-dir": f"{run_dir}-eps{eps:g}"})
+                             "fed.run-dir": f"{run_dir}-eps{eps:g}", **tracked(cfg, run_dir)})
         p: dict = {"epsilon": eps, "run_dir": job.fed.run_dir}
         try:
             res = simulate(job, out=lambda s: None, report=False)

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from fedtune.common.formatting import num
+from fedtune.common.operations import tracking
 from fedtune.common.operations.curve import draw, read_curve
 from fedtune.common.operations.curve import table as curve_table
 from fedtune.common.operations.monitoring import run_accountant
@@ -144,6 +145,7 @@ def write_report(run_dir: str | Path) -> Path:
         lines += ["", "## Plots", ""] + [f"![{t}](plots/{f})" for t, f in made]
     out = rd.path / "report.md"
     out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    tracking.log_report(cfg, rd.path)  # fed.tracking=mlflow: the report and its plots as the run's artifacts
     return out
 
 

@@ -151,6 +151,11 @@ def _node_bytes(cfg: JobConfig) -> int:
     return NODE_BASE_BYTES + NODE_WEIGHT_FACTOR * weights
 
 
+def run_dir_of(cfg: JobConfig) -> Path:
+    """Where a simulation of ``cfg`` writes: ``fed.run-dir``, or ``runs/sim-<time>``."""
+    return Path(cfg.fed.run_dir or Path("runs") / time.strftime("sim-%Y%m%d-%H%M%S")).resolve()
+
+
 def simulate(cfg: JobConfig, *, out: Callable[[str], None] = print, report: bool = True,
              node_state: str | Path | None = None) -> dict:
     """Run ``cfg`` as a Flower simulation; returns {"summary", "run_dir", "seconds"}.
@@ -162,7 +167,7 @@ def simulate(cfg: JobConfig, *, out: Callable[[str], None] = print, report: bool
     from fedtune.server.app import make_server_app
     from flwr.simulation import run_simulation
 
-    run_dir = Path(cfg.fed.run_dir or Path("runs") / time.strftime("sim-%Y%m%d-%H%M%S")).resolve()
+    run_dir = run_dir_of(cfg)
     # the job as it runs, built once from valid values (no re-parsing): the server and every virtual node get it
     train = dataclasses.replace(
         cfg.train, threads=cfg.train.threads or cfg.sim.cpus_per_node,
@@ -172,6 +177,10 @@ def simulate(cfg: JobConfig, *, out: Callable[[str], None] = print, report: bool
     from fedtune.common.training.federated_data import partition_sizes
 
     sizes = partition_sizes(cfg, cfg.fed.num_nodes)  # fail early, with a clear message, on impossible splits
+    if cfg.fed.tracking:  # likewise a missing tracking library or an MLflow store that does not open
+        from fedtune.common.operations.tracking import check
+
+        check(cfg.to_flat(), run_dir)
     out(f"fedtune simulate: {cfg.fed.num_nodes} virtual nodes ({cfg.sim.partitioner} partitions of "
         f"{min(sizes)}-{max(sizes)} records), {cfg.train.rounds} rounds, "
         f"{'DP-SGD at epsilon ' + format(cfg.privacy.target_epsilon, 'g') if cfg.privacy.enabled else 'NO DP'}, "

@@ -137,6 +137,9 @@ def tune(cfg: JobConfig, *, trials: int, directory: str | Path, fixed: set[str] 
     if cfg.lora.head_only and not adapt_encoder and "lora.head-only" not in searched:
         out("  head-only recipes on the frozen encoder's features (computed once per study); --adapt-encoder "
             "also tries LoRA on the encoder (minutes per trial)")
+    # fed.tracking: every trial is an MLflow run in one experiment named after the study (the store beside the trials)
+    experiment = cfg.fed.tracking_experiment or f"fedtune tune {d.resolve().name}"
+    tracked = {"fed.tracking-experiment": experiment} if cfg.fed.tracking else {}
     t0 = time.monotonic()
     cut_short = False
     while len([t for t in study.trials if t.state.is_finished()]) < planned:
@@ -153,7 +156,7 @@ def tune(cfg: JobConfig, *, trials: int, directory: str | Path, fixed: set[str] 
         k = trial.number
         recipe = {} if trial.user_attrs.get("default") else suggest(trial, cfg, fixed)
         run_dir = d / f"trial-{k}"
-        trial_cfg = cfg.replace(**{**recipe, "fed.run-dir": str(run_dir), "fed.resume": False})
+        trial_cfg = cfg.replace(**{**recipe, "fed.run-dir": str(run_dir), "fed.resume": False, **tracked})
         out(f"trial {k + 1}/{planned}: " + (", ".join(f"{a}={b:.4g}" if isinstance(b, float) else f"{a}={b}"
                                                        for a, b in recipe.items()) or "the scenario's recipe"))
         pruned = [False]

@@ -26,13 +26,17 @@ def test_pages_and_live_fragment(tmp_path):
     assert "run-a" in index and "run-b" in index and "running" in index
     page = client.get("/runs/run-b")
     assert page.status_code == 200 and "<table id=rounds>" in page.text and "setInterval(refresh" in page.text
-    assert "fill red" not in page.text and "fill amber" in page.text and "too many nodes dropped out" in page.text
+    assert "fill amber" in page.text and "too many nodes dropped out" in page.text
+    red = [row for row in page.text.split("<tr") if "fill red" in row]  # only c, whose ceiling refused work
+    assert len(red) == 1 and "data-node='c'" in red[0]
     svg = client.get("/runs/run-b/charts/accuracy.svg")
     assert svg.headers["content-type"].startswith("image/svg+xml") and b"<svg" in svg.content
     before = client.get("/runs/run-b/fragment").json()["rounds"].count("<tr")
     live.append_round(round_line(3, per_node={"a": {"status": "ok", "epsilon": 8.0, "max_epsilon": 8.0}}))
     after = client.get("/runs/run-b/fragment").json()
-    assert after["rounds"].count("<tr") == before + 1 and "fill red" in after["nodes"]
+    assert after["rounds"].count("<tr") == before + 1
+    at_ceiling = after["nodes"].split("data-node='a'")[1].split("</tr>")[0]  # spent up to its ceiling: not refused
+    assert "fill amber" in at_ceiling and "fill red" not in at_ceiling
 
 
 def test_metrics_parse_and_match_the_run_directory(tmp_path):
@@ -181,3 +185,182 @@ def test_a_foreign_host_header_is_refused_dns_rebinding(tmp_path):
     proxied = create_app(tmp_path / "runs", allowed_hosts=["fl-dash.example.org"])
     assert TestClient(proxied, base_url="https://fl-dash.example.org").get("/").status_code == 200
     assert TestClient(proxied, base_url="https://attacker.example").get("/").status_code == 400
+
+
+# -- issue 29: a dashboard an administrator can run a federation from -------------------------------------------
+def _live_run(path, *, rounds_done: int = 2):
+    """A running run whose server is in round ``rounds_done + 1``'s training, as its progress.json says."""
+    import time
+
+    from fedtune.common.operations.records import SECURE_TRAINING, RoundProgress
+
+    rd = make_run(path, finished=False) if rounds_done else _bare_run(path)
+    now = time.time()
+    rd.write_progress(RoundProgress(round=rounds_done + 1, planned_rounds=3, phase=SECURE_TRAINING,
+                                    secure_aggregation=True, nodes_connected=4, nodes_asked=3, round_started=now - 75,
+                                    phase_started=now - 42, timeout=900.0, updated=now - 42,
+                                    majority_baseline={"accuracy": 0.55, "macro_f1": 0.35, "label": "ham"}))
+    return rd
+
+
+def _bare_run(path, config=None):
+    from fedtune.common.operations.rundir import RunDir
+
+    rd = RunDir(path)
+    rd.create(config=config or {"privacy.enabled": True, "fed.secure-aggregation": True}, planned_rounds=3,
+              resume=False)
+    return rd
+
+
+def test_the_live_box_shows_where_a_running_server_is_and_goes_when_it_ends(tmp_path, capsys):
+    """Round 1 used to show empty tables and blank axes for minutes: the server's progress.json now says where it is."""
+    import re
+
+    from fedtune.cli import main
+
+    rd = _live_run(tmp_path / "runs" / "run-b")
+    client = TestClient(create_app(tmp_path / "runs"), base_url="http://127.0.0.1")
+    page, live = client.get("/runs/run-b").text, client.get("/runs/run-b/fragment").json()["live"]
+    for html_ in (page, live):
+        assert "Round 3 of 3: training and secure aggregation" in html_
+        assert "connected <b>4</b>" in html_ and "asked <b>3</b>" in html_ and "replied <b>&ndash;</b>" in html_
+        assert re.search(r"training and secure aggregation for 4[23] s of the 900 s round timeout", html_)
+        assert re.search(r"round started 7[56] s ago", html_) and "2 of 3 rounds finished" in html_
+    assert main(["status", str(rd.path)]) == 0
+    assert "now: round 3 of 3, training and secure aggregation for 4" in capsys.readouterr().out
+    # the run ends: no live box (the JS swaps in the empty one), whatever progress.json still says
+    rd.append_round(round_line(3, per_node={"a": {"status": "ok", "epsilon": 8.0, "max_epsilon": 8.0}}))
+    rd.set_status("finished")
+    assert client.get("/runs/run-b/fragment").json()["live"] == "<div id=live></div>"
+    assert "Round 3 of 3" not in client.get("/runs/run-b").text
+
+
+def test_before_the_first_round_the_page_says_so_instead_of_blank_tables_and_axes(tmp_path):
+    from fedtune.common.operations.records import RoundProgress
+
+    rd = _live_run(tmp_path / "runs" / "new", rounds_done=0)
+    client = TestClient(create_app(tmp_path / "runs"), base_url="http://127.0.0.1")
+    page = client.get("/runs/new").text
+    assert "Round 1 of 3" in page and "no round finished yet: round 1 is under way" in page
+    assert "no node has replied yet" in page
+    assert "<!-- no round finished yet -->" in client.get("/runs/new/charts/accuracy.svg").text
+    rd.write_progress(RoundProgress(round=0, phase="preparing", phase_started=0.0))
+    assert "Preparing the run" in client.get("/runs/new/fragment").json()["live"]
+
+
+def test_the_runs_index_is_newest_first_with_final_accuracy_max_epsilon_and_status_colour(tmp_path):
+    old = make_run(tmp_path / "runs" / "zz-old", finished=True)
+    old.set_status("finished", started=1_000_000.0)
+    live = _live_run(tmp_path / "runs" / "aa-live")
+    live.set_status("running", started=3_000_000.0)
+    stopped = make_run(tmp_path / "runs" / "mm-stopped", finished=True)
+    stopped.set_status("stopped", started=2_000_000.0)
+    stopped.write_summary(RunSummary.from_json({"final": {"test": {"accuracy": 0.9321}}}))
+    page = TestClient(create_app(tmp_path / "runs"), base_url="http://127.0.0.1").get("/").text
+    order = [page.index(f"data-run='{n}'") for n in ("aa-live", "mm-stopped", "zz-old")]
+    assert order == sorted(order)  # by start time, newest first (not by name)
+    assert "<th>final accuracy</th><th>max epsilon</th>" in page
+    row = lambda n: page[page.index(f"data-run='{n}'"):].split("</tr>")[0]  # noqa: E731
+    assert "s-running" in row("aa-live") and "round 3: training and secure aggregation" in row("aa-live")
+    assert "s-finished" in row("zz-old") and "<td>0.8000</td><td>8.000</td>" in row("zz-old")  # last round's
+    assert "s-stopped" in row("mm-stopped") and "<td>0.9321</td>" in row("mm-stopped")  # the summary's final
+
+
+def test_budget_colour_spending_the_plan_is_not_red_a_refusal_is(tmp_path):
+    """Red meant 'at the ceiling': a job planned to spend its target up to a node's ceiling showed red for doing
+    exactly what it was asked. Red now means the ceiling refused work."""
+    from fedtune.common.operations.monitoring import budget_state
+
+    assert budget_state(8.0, 8.0, planned=8.0) == "amber"  # spent its plan, which was the whole ceiling
+    assert budget_state(4.0, 10.0, planned=4.0) == "ok"  # spent its plan, 40% of the ceiling
+    assert budget_state(4.0000001, 10.0, planned=4.0) == "ok"  # the accountant's rounding
+    assert budget_state(6.0, 10.0, planned=4.0) == "amber"  # above the plan: earlier jobs on the source
+    assert budget_state(None, 8.0, refused=True) == budget_state(3.0, 8.0, planned=8.0, refused=True) == "red"
+    assert budget_state(None, 8.0) == "unknown"
+
+    rd = _bare_run(tmp_path / "runs" / "run", {"privacy.enabled": True, "privacy.target-epsilon": 4.0})
+    ok = lambda eps, cap: {"status": "ok", "epsilon": eps, "max_epsilon": cap, "delta": 1e-5}  # noqa: E731
+    rd.append_round(round_line(1, per_node={"at-plan": ok(4.0, 10.0), "tight": ok(4.0, 4.0), "earlier": ok(6.0, 10.0),
+                                            "refused": {"status": "refused"}},
+                               failures=[{"node": "refused", "status": "refused", "reason": "privacy budget exceeded"}]))
+    rd.set_status("finished")
+    page = TestClient(create_app(tmp_path / "runs"), base_url="http://127.0.0.1").get("/runs/run").text
+    row = lambda n: page[page.index(f"data-node='{n}'"):].split("</tr>")[0]  # noqa: E731
+    assert "fill ok" in row("at-plan") and "40% of ceiling" in row("at-plan") and "100% of plan" in row("at-plan")
+    assert "<td>4.00</td><td>10.00</td>" in row("at-plan") and "class=plan" in row("at-plan")  # planned, its tick
+    assert "fill amber" in row("tight") and "fill red" not in row("tight")
+    assert "fill amber" in row("earlier") and "above this job&#x27;s plan" in row("earlier")
+    assert "fill red" in row("refused") and "refused by its ceiling (round 1)" in row("refused")
+
+
+def test_round_ticks_are_whole_numbers_and_the_charts_draw_baseline_and_ceiling(tmp_path):
+    import re
+
+    make_run(tmp_path / "runs" / "run-a", finished=True)
+    rd = _live_run(tmp_path / "runs" / "run-b")  # its progress.json knows the majority baseline already
+    client = TestClient(create_app(tmp_path / "runs"), base_url="http://127.0.0.1")
+    for run in ("run-a", "run-b"):
+        for kind in ("accuracy", "loss", "epsilon"):
+            svg = client.get(f"/runs/{run}/charts/{kind}.svg").text
+            ticks = re.findall(r'<g id="xtick_\d+">.*?<!-- (.*?) -->', svg, re.S)
+            assert ticks and all(t.isdigit() for t in ticks), (kind, ticks)
+    assert "majority-class accuracy" in client.get("/runs/run-b/charts/accuracy.svg").text
+    assert "node ceiling" in client.get("/runs/run-a/charts/epsilon.svg").text
+    assert rd.progress().majority_baseline["label"] == "ham"
+
+
+def test_configuration_is_collapsed_and_delta_shows_as_used(tmp_path):
+    make_run(tmp_path / "runs" / "run-a", finished=True)
+    rd = _bare_run(tmp_path / "runs" / "run-c", {"privacy.enabled": True, "privacy.delta": 1e-5,
+                                                 "fed.round-timeout": 900.0})
+    rd.append_round(round_line(1, per_node={"a": {"status": "ok", "epsilon": 1.0, "max_epsilon": 8.0,
+                                                  "delta": 2.5e-6}}))
+    client = TestClient(create_app(tmp_path / "runs"), base_url="http://127.0.0.1")
+    page = client.get("/runs/run-a").text
+    assert "delta 1e-5)" in page and "0.0000" not in page.split("id=head>")[1].split("</p>")[0]
+    assert "<details id=config><summary>Configuration (2 settings)</summary>" in page  # no 'open': collapsed
+    assert page.index("<details id=config>") < page.index("<h2>Rounds</h2>")  # under the summary
+    page = client.get("/runs/run-c").text
+    assert "delta 2.5e-6)" in page and "<td class='l v'>1e-5</td>" in page and "<td class='l v'>900</td>" in page
+
+
+def test_metrics_export_accuracy_macro_f1_and_loss_per_round(tmp_path):
+    from fedtune.common.operations.rundir import RoundRecord
+
+    client, live = _client(tmp_path)
+    live.append_round(RoundRecord(round=3, server_eval={"test": {"accuracy": 0.875, "macro_f1": 0.8125, "loss": 0.25},
+                                                       "val": {"loss": 0.375}}))
+    _live_run(tmp_path / "runs" / "run-c")
+    fams = {f.name: f for f in text_string_to_metric_families(client.get("/metrics").text)}
+    val = lambda name, **lab: next(s.value for s in fams[name].samples  # noqa: E731
+                                   if all(s.labels.get(k) == v for k, v in lab.items()))
+    assert val("fedtune_round_test_accuracy", run="run-a", round="1") == 0.6
+    assert val("fedtune_round_test_accuracy", run="run-a", round="3") == 0.8
+    assert val("fedtune_round_test_loss", run="run-a", round="2") == 1.0
+    assert val("fedtune_round_test_macro_f1", run="run-b", round="3") == 0.8125
+    assert val("fedtune_round_val_loss", run="run-b", round="3") == 0.375
+    assert val("fedtune_round_in_progress", run="run-c") == 3 and val("fedtune_nodes_connected", run="run-c") == 4
+    assert "run-a" not in {s.labels["run"] for s in fams["fedtune_round_in_progress"].samples}  # finished
+
+
+def test_a_progress_write_that_fails_never_fails_the_round(tmp_path, caplog):
+    from types import SimpleNamespace
+
+    from fedtune.common.operations.rundir import RunDir
+    from fedtune.common.training.config import load_config
+    from fedtune.server.federation import Federation
+
+    (tmp_path / "not-a-dir").write_text("a file where the run directory should be")
+    fed = Federation(load_config({}), RunDir(tmp_path / "not-a-dir"), SimpleNamespace(secure=False, name="fedavg"))
+    fed._progress(round=1, phase="waiting for nodes", round_started=1.0, timeout=60.0)  # no exception
+    assert "progress.json not written" in caplog.text
+    ok = Federation(load_config({}), RunDir(tmp_path / "run"), SimpleNamespace(secure=True, name="secure"))
+    ok._progress(round=2, phase="waiting for nodes", round_started=1.0, timeout=60.0)
+    ok._progress(nodes_connected=3)
+    ok._progress(phase="training and secure aggregation", nodes_asked=3, timeout=900.0)
+    p = RunDir(tmp_path / "run").progress()
+    assert (p.round, p.phase, p.nodes_connected, p.nodes_asked, p.nodes_replied, p.timeout, p.round_started) == (
+        2, "training and secure aggregation", 3, 3, None, 900.0, 1.0)
+    assert p.secure_aggregation and p.phase_started >= p.round_started
+    ok._progress(round=3, phase="waiting for nodes")  # a new round carries nothing over
+    assert RunDir(tmp_path / "run").progress().nodes_asked is None

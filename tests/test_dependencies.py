@@ -69,11 +69,24 @@ def undeclared(imports: dict[str, str], allowed: set[str]) -> list[str]:
     return problems
 
 
+# the one module that imports an optional extra's packages (lazily, when a job turns tracking on)
+TRACKING = ROOT / "common" / "operations" / "tracking.py"
+
+
 def test_product_code_imports_only_declared_requirements():
-    imports = imports_in([ROOT / d for d in PRODUCT_DIRS])
+    imports = imports_in([f for d in PRODUCT_DIRS for f in sorted((ROOT / d).rglob("*.py")) if f != TRACKING])
     assert "torch" in imports and "flwr" in imports  # the walk really sees the product's imports
     problems = undeclared(imports, declared())
     assert not problems, "declare these in [project].dependencies:\n" + "\n".join(problems)
+
+
+def test_the_tracking_module_imports_only_its_extra():
+    """MLflow and TensorBoard are the optional extra ``tracking``: only tracking.py imports them, and nothing else
+    undeclared (every other module is held to the required dependencies above)."""
+    imports = imports_in([TRACKING])
+    assert {"mlflow", "tensorboard"} <= set(imports)
+    problems = undeclared(imports, declared(("tracking",)))
+    assert not problems, "declare these in [project.optional-dependencies].tracking:\n" + "\n".join(problems)
 
 
 def test_tests_and_benchmarks_import_only_declared_or_test_requirements():

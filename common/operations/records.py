@@ -1,5 +1,5 @@
-"""What the run directory holds, typed: one line of ``rounds.jsonl`` (:class:`RoundRecord`) and ``summary.json``
-(:class:`RunSummary`).
+"""What the run directory holds, typed: one line of ``rounds.jsonl`` (:class:`RoundRecord`), ``summary.json``
+(:class:`RunSummary`) and, while a run goes on, ``progress.json`` (:class:`RoundProgress`).
 
 ``to_json`` gives the dict stored on disk, under the keys fedtune has always written (so run directories and the
 docs stay valid); ``from_json`` reads whatever a fedtune server wrote, old run directories included: a missing
@@ -291,6 +291,47 @@ class RoundRecord:
             per_node={str(k): NodeFigures.from_json(m) for k, m in _map(d.get("per_node")).items()
                       if isinstance(m, Mapping)},
         )
+
+
+# -- where a running server is --------------------------------------------------------------------------------
+PREPARING = "preparing"  # loading the model and the server's held-out data, the round-0 evaluation
+WAITING = "waiting for nodes"
+TRAINING = "training"
+SECURE_TRAINING = "training and secure aggregation"
+EVALUATING = "evaluating"
+SAVING = "saving"  # the round's checkpoint and line
+
+
+@dataclass(frozen=True)
+class RoundProgress:
+    """``progress.json``: where the server is inside the run, rewritten at each step of a round (round start,
+    nodes sampled, training replies in, evaluation done). For watchers only (the dashboard, ``fedtune status``):
+    nothing resumes from it, and it means nothing once the run is no longer running."""
+
+    round: int = 0  # the round under way (0: preparing, before round 1)
+    planned_rounds: int | None = None
+    phase: str = PREPARING
+    secure_aggregation: bool = False
+    nodes_connected: int | None = None
+    nodes_asked: int | None = None
+    nodes_replied: int | None = None  # training replies (known once the training exchange is over)
+    round_started: float | None = None  # wall clock (time.time())
+    phase_started: float | None = None
+    timeout: float | None = None  # seconds this phase waits for nodes (fed.round-timeout; fed.node-wait-timeout)
+    updated: float | None = None
+    majority_baseline: dict | None = None  # known from the start; summary.json has it only at the end
+
+    def to_json(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_json(cls, m: Mapping) -> RoundProgress:
+        return cls(round=_int(m.get("round")), planned_rounds=_int(m.get("planned_rounds"), None),
+                   phase=_str(m.get("phase"), PREPARING), secure_aggregation=bool(m.get("secure_aggregation")),
+                   nodes_connected=_int(m.get("nodes_connected"), None), nodes_asked=_int(m.get("nodes_asked"), None),
+                   nodes_replied=_int(m.get("nodes_replied"), None), round_started=_num(m.get("round_started")),
+                   phase_started=_num(m.get("phase_started")), timeout=_num(m.get("timeout")),
+                   updated=_num(m.get("updated")), majority_baseline=_dict(m.get("majority_baseline")))
 
 
 # -- the run's summary ---------------------------------------------------------------------------------------------

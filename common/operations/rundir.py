@@ -7,7 +7,9 @@
     <run>/adapter/                the final global adapter (PEFT directory)
     <run>/initial.json            the round-0 evaluation (the base model before any round)
     <run>/summary.json            final metrics and per-node privacy
+    <run>/progress.json           where the server is inside the run (rewritten atomically; live views only)
     <run>/nodes/<name>/           simulated nodes' state (their privacy ledgers)
+    <run>/tensorboard/            TensorBoard event files (fed.tracking=tensorboard; common/operations/tracking.py)
 
 ``RunDir`` is the one reader and writer of these files. A round line is a :class:`RoundRecord`, the summary a
 :class:`RunSummary` (common/operations/records.py: their fields, and how lines of older fedtune versions read).
@@ -25,11 +27,14 @@ from typing import Any
 
 from fedtune.common.errors import RunDirError
 from fedtune.common.operations.atomic import write_json_atomic
-from fedtune.common.operations.records import RoundRecord, RunSummary
+from fedtune.common.operations.records import RoundProgress, RoundRecord, RunSummary
 
-__all__ = ["INITIAL_FILE", "RoundRecord", "RunDir", "RunSummary"]
+__all__ = ["INITIAL_FILE", "PROGRESS_FILE", "RoundProgress", "RoundRecord", "RunDir", "RunSummary"]
 
+# settings a resumed run may change: more rounds, and where it is tracked (the run itself is the same)
+RESUMABLE_CHANGES = ("fed.resume", "train.rounds", "fed.tracking", "fed.tracking-uri", "fed.tracking-experiment")
 INITIAL_FILE = "initial.json"  # the round-0 evaluation (the base model before any round)
+PROGRESS_FILE = "progress.json"  # where a running server is: round, phase, nodes asked / replied so far
 
 
 def _atomic_json(path: Path, obj: Any) -> None:
@@ -65,6 +70,11 @@ class RunDir:
         return self.path / "adapter"
 
     @property
+    def tensorboard_dir(self) -> Path:
+        """TensorBoard's event files, when the job tracks to TensorBoard (written by ``tracking``)."""
+        return self.path / "tensorboard"
+
+    @property
     def stop_file(self) -> Path:
         """An operator creates this file to stop the run after the current round (resumable)."""
         return self.path / "STOP"
@@ -82,7 +92,7 @@ class RunDir:
                                   "set fed.run-dir to the directory of the run to resume")
             old = self.read_config()
             changed = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k)
-                             and k not in ("fed.resume", "train.rounds"))
+                             and k not in RESUMABLE_CHANGES)
             if changed:
                 raise RunDirError(f"cannot resume {self.path}: settings differ from the original run: "
                                   f"{', '.join(changed[:8])}",
@@ -125,6 +135,10 @@ class RunDir:
     def write_summary(self, summary: RunSummary) -> None:
         _atomic_json(self.path / "summary.json", summary.to_json())
 
+    def write_progress(self, progress: RoundProgress) -> None:
+        """Where the server is now (``progress.json``, replaced whole): for the dashboard and ``fedtune status``."""
+        _atomic_json(self.path / PROGRESS_FILE, progress.to_json())
+
     def write_initial(self, evaluation: dict) -> None:
         """The round-0 evaluation (the model before any round), kept for the summary and the report."""
         _atomic_json(self.path / INITIAL_FILE, evaluation)
@@ -166,6 +180,14 @@ class RunDir:
     def summary(self) -> RunSummary | None:
         p = self.path / "summary.json"
         return RunSummary.from_json(json.loads(p.read_text(encoding="utf-8"))) if p.exists() else None
+
+    def progress(self) -> RoundProgress | None:
+        """The server's last written position (None when it wrote none, or the file is unreadable); it is live
+        only while ``run.json`` says the run is running."""
+        try:
+            return RoundProgress.from_json(json.loads((self.path / PROGRESS_FILE).read_text(encoding="utf-8")))
+        except (OSError, ValueError, TypeError, AttributeError):
+            return None
 
     def initial(self) -> dict | None:
         """The round-0 evaluation, None when the server evaluated none (or the file is unreadable)."""

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedtune.common.errors import ConfigError
+from fedtune.common.operations import tracking
 from fedtune.common.secagg.limits import CLIP_RANGE, MIN_COHORT, effective_max_weight, max_weight_fitting
 from fedtune.common.secagg.limits import WEIGHTINGS as AGGREGATIONS
 from fedtune.common.training.imbalance import WEIGHTINGS
@@ -269,6 +270,13 @@ class FedConfig:
                                "then O(log n)); at least 2")
     run_dir: str = _f("", "run directory the server writes; empty = runs/<time>")
     resume: bool = _f(False, "continue the run in fed.run-dir from its last completed round")
+    tracking: str = _f("", "log the run's settings, per-round figures, per-node epsilon, report and final adapter to "
+                       "experiment trackers: mlflow, tensorboard or mlflow,tensorboard; empty = off; needs the "
+                       "tracking extra (pip install -e \".[tracking]\")")
+    tracking_uri: str = _f("", "MLflow tracking URI (sqlite:///PATH.db, http://HOST:5000, ...); empty = "
+                           "sqlite:///<the run directory's parent>/mlflow.db, artifacts beside it in mlartifacts/")
+    tracking_experiment: str = _f("", "MLflow experiment name; empty = fedtune (fedtune tune: the study's name; "
+                                  "fedtune baselines / demo: baselines <run directory name>)")
 
     def problems(self) -> list[str]:
         out = []
@@ -308,6 +316,14 @@ class FedConfig:
                 out.append(f"fed.secagg-max-weight={self.secagg_max_weight} with {self.num_nodes} nodes: the "
                            f"weighted sum would not fit in 32 bits; lower it to at most {fitting:,} or use "
                            "fed.aggregation=uniform")
+        if tracking.unknown(self.tracking):
+            out.append(f"fed.tracking: expected empty (off) or a comma-separated list of {', '.join(tracking.TRACKERS)}"
+                       f", got {self.tracking!r}")
+        if self.tracking_uri and "mlflow" not in tracking.parse(self.tracking):
+            out.append("fed.tracking-uri is for MLflow: add mlflow to fed.tracking, or leave fed.tracking-uri empty")
+        elif self.tracking_uri and not re.match(r"[A-Za-z][A-Za-z0-9+.-]*:|databricks$", self.tracking_uri):
+            out.append(f"fed.tracking-uri: expected an MLflow tracking URI such as sqlite:///runs/mlflow.db or "
+                       f"http://HOST:5000 (a bare directory is MLflow's retired file store), got {self.tracking_uri!r}")
         for name, v in (("round-timeout", self.round_timeout), ("node-wait-timeout", self.node_wait_timeout)):
             if v <= 0:
                 out.append(f"fed.{name}: expected > 0 seconds, got {v}")
