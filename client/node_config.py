@@ -99,7 +99,8 @@ class NodeSettings:
 def simulated_settings(cfg: JobConfig, pid: int, count: int, state_root: Path) -> NodeSettings:
     """A simulated organization: node ``pid`` of ``count``, its rules from the job's settings."""
     policy = NodePolicy(source=f"simulated-node-{pid}", max_epsilon=cfg.sim.node_max_epsilon,
-                        delta=cfg.privacy.delta or privacy.DEFAULT_DELTA, accountant=cfg.privacy.accountant)
+                        delta=cfg.privacy.delta or privacy.DEFAULT_DELTA, accountant=cfg.privacy.accountant,
+                        warn_large_jobs=False)
     return NodeSettings(name=f"node-{pid}", state_dir=state_root / f"node-{pid}", policy=policy, partition=(pid, count),
                         require_secagg=cfg.fed.secure_aggregation)  # a simulated node follows the job
 

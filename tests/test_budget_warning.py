@@ -64,3 +64,19 @@ def test_fedtune_local_prints_the_warning_for_a_big_job_only(tmp_path):
                       out=tmp_path / f"out{target}", say=lambda m: None, warn=warned[target].append)
     assert len(warned[8]) == 1 and warned[8][0].startswith("WARNING: job 'local-") and "half" in warned[8][0]
     assert warned[1] == []
+
+
+def test_a_simulated_node_does_not_warn(tmp_path, fresh_easy, caplog):
+    """A simulation's researcher sets both the job and the simulated ceiling (the demo spends its whole ceiling by
+    design): its virtual nodes do not warn, where the same job on an organization's node does."""
+    from pathlib import Path
+
+    from fedtune.client.node_config import simulated_settings
+
+    csv = write_easy_csv(tmp_path / "notes.csv", n=60, seed=0)
+    cfg = _cfg(csv, 8, **{"sim.node-max-epsilon": 8.0})
+    policy = simulated_settings(cfg, 0, 3, Path(tmp_path)).policy
+    sim = node.prepare(cfg, policy, state_dir=tmp_path / "sim", model=fresh_easy)
+    with caplog.at_level(logging.WARNING, logger="fedtune.common.training.node"):
+        node.job_plan(sim, "demo")
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]

@@ -63,6 +63,8 @@ class NodePolicy:
     max_received_abs: float = 1e4
     max_received_norm: float = 1e6
     shared_content_ok: bool = False  # records released under another source of this node may be spent here too
+    warn_large_jobs: bool = True  # warn when one job takes more than half of what is left (simulated nodes: off,
+    # the researcher sets both the job and the simulated ceiling, and the demo spends its whole ceiling by design)
 
 
 def check_received(arrays: Mapping[str, np.ndarray], policy: NodePolicy) -> None:
@@ -317,7 +319,7 @@ def job_plan(node: Node, job: str, *, federated: bool = True, warn: Callable[[st
         before = node.ledger.epsilon()  # the ledger as the lock just read it: everything released before this job
         message = budget_warning(job, planned=after - before, spent=before, ceiling=pol.max_epsilon,
                                  source=pol.source)
-        if message:
+        if message and pol.warn_large_jobs:
             (warn or log.warning)(message)
         return {"noise_multiplier": noise, "eval_noise": eval_noise, "evaluations": evals, "rounds": p.rounds}
 
