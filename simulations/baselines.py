@@ -38,7 +38,8 @@ def _train_eval(cfg: JobConfig, splits: data.Splits, *, dp: bool, label: str,
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as state:
         policy = NodePolicy(source=label, max_epsilon=cfg.privacy.target_epsilon if dp else math.inf,
-                            delta=cfg.privacy.delta or DEFAULT_DELTA, accountant=cfg.privacy.accountant)
+                            delta=cfg.privacy.delta or DEFAULT_DELTA, accountant=cfg.privacy.accountant,
+                            warn_large_jobs=False)  # a baseline spends its own throwaway budget, by design
         node = prepare(job, policy, state_dir=state, splits=splits)
         res = train_round(node, job=label, round=1, federated=False, class_weights=server_class_weights(cfg))
         m = evaluate_split(node, "test")

@@ -14,7 +14,7 @@ from fedtune.common.secagg import protocol as sa
 from fedtune.common.training import adapter
 from fedtune.server.aggregation import PlainFedAvg
 from fedtune.server.secure import SecureFedAvg
-from flwr.app import Array, ArrayRecord, ConfigRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from helpers import EASY_LABELS, LORA_RECIPE, small_settings, write_easy_csv
 from scripted_server import InProcessGrid, ScriptedServer, task_identity
 
@@ -181,7 +181,7 @@ def test_a_lying_server_is_refused_and_the_refusals_are_recorded(tmp_path, monke
                 if nid != first:
                     rec["p-max_weight"] = 1
                 msg["secagg"] = ConfigRecord(rec)
-                return msg
+                return RecordDict(msg)
 
             return real_exchange(grid, node_ids=node_ids, message_type=message_type, content=per_node, **kw)
 
