@@ -68,7 +68,7 @@ def main() -> None:
         if rec["model"].get("pooling") == "mean":  # the head reads mean-pooled features, as it was trained
             use_mean_pooling(base)
         peft = PeftModel.from_pretrained(base, str(out / "adapter")).eval()
-        tok = AutoTokenizer.from_pretrained(str(out))
+        tok = AutoTokenizer.from_pretrained(str(out), local_files_only=True, trust_remote_code=False)
         texts = read_bbc_news().texts[: args.texts]
         ml = clf.max_length
         with torch.no_grad():
