@@ -26,6 +26,7 @@ from fedtune.common.secagg import codec
 from fedtune.common.secagg import protocol as sa
 from fedtune.common.secagg.limits import effective_max_weight
 from fedtune.common.training import aggregate
+from fedtune.common.training.wire import RoundTask
 from fedtune.server.aggregation import RoundOutcome, train_replies
 from fedtune.server.messages import NodeReply, exchange
 from flwr.serverapp import Grid
@@ -112,7 +113,7 @@ class SecureFedAvg:
         rnd = _Round(t0=time.perf_counter(), names=names, group=server_round)
         cohort = sorted(node_ids)
         if self.rekey or self.epoch is None or list(self.epoch.params.cohort) != cohort:
-            self.epoch, rnd.failures, rnd.exchanges = self._setup(grid, str(config["job"]), cohort, names,
+            self.epoch, rnd.failures, rnd.exchanges = self._setup(grid, RoundTask.from_record(config).job, cohort, names,
                                                                   server_round)
             self.rekey = self.epoch is None
         rnd.t_setup = time.perf_counter()

@@ -154,12 +154,17 @@ def test_runs_whose_nodes_reported_no_accountant_show_the_jobs(tmp_path):
 
 
 def test_every_figure_a_node_reports_has_a_place_in_the_round_record():
-    """A new figure in NodeRoundResult (common/training/wire.py) needs its field in NodeFigures: this fails in CI
-    instead of in a server's first round."""
+    """A new figure in NodeRoundResult (common/training/wire.py) needs its field in NodeFigures and its line in
+    NodeFigures.from_json: this fails in CI instead of in a server's first round (or a figure written, never read)."""
     from dataclasses import fields
 
     from fedtune.common.operations.records import NodeFigures
     from fedtune.common.training.wire import NodeRoundResult
 
-    reported = set(NodeRoundResult(update={}, weight=1).figures())
-    assert reported <= {f.name for f in fields(NodeFigures)}, reported - {f.name for f in fields(NodeFigures)}
+    # every figure set to a distinct value, so a figure the reader drops or swaps shows
+    values = {f.name: (i + 2 if f.type in ("int | None", int) else 0.5 + i)
+              for i, f in enumerate(fields(NodeRoundResult)) if f.name != "update"}
+    reported = NodeRoundResult(update={}, **values).figures()
+    assert set(reported) <= {f.name for f in fields(NodeFigures)}, set(reported) - {f.name for f in fields(NodeFigures)}
+    back = NodeFigures.from_json(NodeFigures.of("org-a", "ok", "pld", reported).to_json())
+    assert {k: getattr(back, k) for k in reported} == reported
