@@ -114,7 +114,9 @@ def test_run_pages_during_and_after_a_run_at_two_widths(tmp_path):
     lines = live.rounds_file.read_text().splitlines()
     live.rounds_file.write_text(lines[0] + "\n")
     info = {k: v for k, v in live.read_run().items() if k != "finished"}
-    (live.path / "run.json").write_text(json.dumps({**info, "status": "running", "started": time.time() - 40,
+    # started after the real run did (the index lists newest first; the real run may take less than 40 s)
+    started = max(time.time() - 40, float(done.read_run().get("started") or 0) + 1)
+    (live.path / "run.json").write_text(json.dumps({**info, "status": "running", "started": started,
                                                     "completed_rounds": 1}))
     now = time.time()
     live.write_progress(RoundProgress(round=2, planned_rounds=2, phase=SECURE_TRAINING, secure_aggregation=True,
