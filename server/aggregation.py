@@ -78,10 +78,17 @@ class PlainFedAvg:
         return RoundOutcome(aggregate.fedavg(global_arrays, updates, weights), replies, sent, received, 1)
 
 
-def train_replies(replies: list[NodeReply]) -> list[NodeReply]:
-    """Each training reply's result parsed once (figures; the update when it travelled in the clear)."""
+def train_replies(replies: list[NodeReply], *, clear: bool = True) -> list[NodeReply]:
+    """Each training reply's result parsed once (figures; with ``clear``, the update that travelled in the clear:
+    under secure aggregation nothing in the clear is read). Arrays that do not decode mark their node failed,
+    never stop the round."""
     for r in replies:
-        update = envelope.reply_update(r.content) if r.ok else None
+        update = None
+        if clear and r.ok:
+            try:
+                update = envelope.reply_update(r.content)
+            except Exception as e:  # noqa: BLE001 - bytes from the network that do not decode
+                r.status, r.reason = "error", f"malformed update ({e.__class__.__name__})"
         r.result = NodeRoundResult.from_record(r.metrics, update)
         r.has_update = update is not None
     return replies

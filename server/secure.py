@@ -149,7 +149,7 @@ class SecureFedAvg:
         """The ``train`` exchange: every cohort node's masked upload, checked (a bad one marks its node failed)."""
         p, cohort = rnd.p, list(rnd.p.cohort)
         arrays = envelope.array_record(global_arrays)
-        rnd.replies = train_replies(exchange(
+        rnd.replies = train_replies(clear=False, replies=exchange(
             grid, node_ids=cohort, message_type=envelope.TRAIN, timeout=self.timeout, group=f"round-{rnd.group}",
             names=rnd.names, content=envelope.request(arrays=arrays, task=config, secagg=codec.params_to_wire(p))))
         rnd.t_train = time.perf_counter()

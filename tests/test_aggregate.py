@@ -84,6 +84,21 @@ def test_round_aggregates_the_good_replies_and_records_the_rest(monkeypatch):
     assert "malformed update" in out.replies[3].reason
 
 
+def test_an_update_whose_bytes_do_not_decode_fails_its_node_not_the_round(monkeypatch):
+    """A lying node's update record with bytes that are no array (here: a pickle header) used to raise out of the
+    round and stop the server; now that node is failed and the others are averaged."""
+    from flwr.app import Array, ArrayRecord
+
+    bad = _reply("x", {"w": np.zeros(2, np.float32)})
+    bad.content["update"] = ArrayRecord({"w": Array(dtype="float32", shape=(2,), stype="numpy.ndarray", data=b"junk")})
+    replies = [_reply("a", {"w": np.array([1.0, 1.0], np.float32)}), _reply("b", {"w": np.array([3.0, 1.0],
+                                                                                                   np.float32)}), bad]
+    out = _run_round(monkeypatch, replies)
+    np.testing.assert_array_equal(out.new_arrays["w"], np.array([2.0, 1.0], np.float32))
+    assert [(r.name, r.status) for r in out.replies if not r.ok] == [("x", "error")]
+    assert "malformed update (ValueError)" in out.replies[2].reason
+
+
 def test_round_with_too_few_results_fails_and_keeps_the_model(monkeypatch):
     replies = [_reply("a", {"w": np.ones(2, np.float32)}), _reply("b", None, status="dropped")]
     out = _run_round(monkeypatch, replies, min_nodes=2)

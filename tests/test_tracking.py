@@ -222,14 +222,34 @@ def test_a_tracker_failing_mid_run_warns_once_and_the_run_goes_on(tmp_path, stor
     t = tracking.Tracker(settings, rd.path, out=said.append)
     t.start(kind="simulation")
 
+    calls = []
+
     def down(rec):
+        calls.append(rec.round)
         raise ConnectionError("tracking server unreachable")
 
     t.mlflow.log_round = down
     t.log_round(record(1))
     t.log_round(record(2))
+    t.finish(RunSummary(status="finished"), status="finished")
     warnings = [s for s in said if s.startswith("WARNING")]
     assert len(warnings) == 1 and "mlflow could not log round 1" in warnings[0] and "unreachable" in warnings[0]
+    # off after its first failure: a dead tracking server is not retried (and waited for) every round
+    assert calls == [1] and t.mlflow is None
+
+
+def test_tracking_after_the_run_warns_and_never_fails_the_command(tmp_path, store, capsys, monkeypatch):
+    settings = flat(**{"fed.tracking": "mlflow", "fed.tracking-uri": store})
+    rd = new_run(tmp_path / "run", settings)
+
+    def down(*a, **k):
+        raise PermissionError("artifact store read-only")
+
+    monkeypatch.setattr(tracking, "_run_of", down)
+    tracking.log_report(settings, rd.path)
+    assert tracking.log_baselines(settings, rd.path, [{"name": "centralized, DP", "accuracy": 0.9}]) == []
+    out = capsys.readouterr().out
+    assert out.count("WARNING: tracking: MLflow could not log") == 2 and "read-only" in out
 
 
 @pytest.mark.parametrize("name", ["mlflow", "tensorboard"])

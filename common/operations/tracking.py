@@ -335,17 +335,16 @@ class Tracker:
         self.run_dir = Path(run_dir).resolve() if run_dir is not None else None
         self.mlflow = _Mlflow(self.flat, self.run_dir) if "mlflow" in self.names else None
         self.tensorboard = _TensorBoard(self.run_dir) if "tensorboard" in self.names else None
-        self._warned: set[str] = set()
 
     def _guard(self, name: str, what: str, fn: Callable[[], None]) -> None:
-        """A tracker failing mid-run does not stop the run: warned once per tracker, then quiet."""
+        """A tracker failing mid-run does not stop the run: warned once, then that tracker is off for the rest of
+        the run (an unreachable tracking server would otherwise stall every round in its retries)."""
         try:
             fn()
         except Exception as e:  # noqa: BLE001 - any failure of a tracker's library
-            if name not in self._warned:
-                self._warned.add(name)
-                self.out(f"WARNING: tracking: {name} could not log {what} ({e.__class__.__name__}: {e}); the run goes "
-                         f"on, rounds.jsonl holds every figure (a resumed run catches up)")
+            setattr(self, name, None)
+            self.out(f"WARNING: tracking: {name} could not log {what} ({e.__class__.__name__}: {e}); it is off for "
+                     f"the rest of this run, which goes on: rounds.jsonl holds every figure (a resumed run catches up)")
 
     def start(self, *, kind: str, rounds: Sequence[RoundRecord] = ()) -> None:
         """Open the run (or reopen a resumed one): its settings, tags, and ``rounds`` not logged yet."""
@@ -358,7 +357,13 @@ class Tracker:
             self.out(f"tracking: MLflow run {self.mlflow.run_id} in experiment {self.mlflow.experiment_name!r} "
                      f"({self.mlflow.uri})")
         if self.tensorboard is not None:
-            self.tensorboard.start(self.flat, rounds)
+            try:
+                self.tensorboard.start(self.flat, rounds)
+            except Exception as e:
+                raise FedtuneError(f"cannot write TensorBoard events in {self.tensorboard.dir}: "
+                                   f"{e.__class__.__name__}: {e}",
+                                   "check that the run directory is writable, or turn tracking off "
+                                   "(fed.tracking=)") from None
             self.out(f"tracking: TensorBoard events in {self.tensorboard.dir}")
 
     def log_round(self, rec: RoundRecord) -> None:
@@ -403,19 +408,37 @@ def _run_of(flat: Mapping[str, Any], run_dir: str | Path) -> _Mlflow | None:
     return ml
 
 
+def _after_the_run(what: str, fn: Callable[[], Any], default: Any = None) -> Any:
+    """A tracking step after the run directory is complete: a failing store is one warning, never a failed command."""
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 - any failure of the tracking library or its store
+        print(f"WARNING: tracking: MLflow could not log {what} ({e.__class__.__name__}: {e}); the run directory "
+              "holds it")
+        return default
+
+
 def log_report(flat: Mapping[str, Any], run_dir: str | Path) -> None:
     """``report.md``, its plots and the comparison files beside it (``baselines.json``, ``curve.json``) as artifacts
     of the run directory's MLflow run (the report is written after the server finishes)."""
-    ml = _run_of(flat, run_dir)
-    if ml is not None:
-        d = Path(run_dir)
-        log_files(ml.client, ml.run_id, [d / "report.md", d / "plots", d / "baselines.json", d / "curve.json"])
+    _after_the_run("the report", lambda: _log_report(flat, run_dir))
 
 
 def log_baselines(flat: Mapping[str, Any], run_dir: str | Path, rows: Sequence[Mapping[str, Any]]) -> list[str]:
     """``fedtune baselines``' rows trained here (centralized, local only, majority class) as child runs of the
     federated run's MLflow run: each row's figures at step 0 (federated rows are runs of their own). Returns the
     child runs' ids."""
+    return _after_the_run("the baselines", lambda: _log_baselines(flat, run_dir, rows), [])
+
+
+def _log_report(flat: Mapping[str, Any], run_dir: str | Path) -> None:
+    ml = _run_of(flat, run_dir)
+    if ml is not None:
+        d = Path(run_dir)
+        log_files(ml.client, ml.run_id, [d / "report.md", d / "plots", d / "baselines.json", d / "curve.json"])
+
+
+def _log_baselines(flat: Mapping[str, Any], run_dir: str | Path, rows: Sequence[Mapping[str, Any]]) -> list[str]:
     ml = _run_of(flat, run_dir)
     if ml is None:
         return []
