@@ -20,12 +20,15 @@ from fedtune.client.node_config import NodeSettings, node_settings, simulated_se
 from fedtune.client.runtime import MAX_PARSED_SETTINGS, get_node
 from fedtune.common.errors import BudgetExceededError, FedtuneError, SecAggError, UnsafeMessage
 from fedtune.common.privacy import accounting as privacy
-from fedtune.common.training.config import JobConfig, load_config
+from fedtune.common.training.config import JobConfig, from_run_config, load_config
 from fedtune.common.training.node import answer_evaluation, check_received, receive, train_and_report
 from fedtune.common.training.wire import EvalAnswer, NodeInfo, NodeRoundResult
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+# a Flower process (flwr run, a plain SuperNode, a SuperLink's ServerApp) never contacts the Hugging Face Hub: models
+# load from local paths (every from_pretrained also passes local_files_only=True; this covers the libraries it calls)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 log = logging.getLogger(__name__)
 SIM_STATE_ENV = "FEDTUNE_SIM_STATE"  # where `flwr run` simulations keep virtual nodes' ledgers (never from a job)
 
@@ -64,7 +67,7 @@ def make_client_app(settings: JobConfig | dict | None = None, *, sim_state_root:
 
     def _setup(context: Context) -> tuple[JobConfig, NodeSettings]:
         given = isinstance(settings, JobConfig)
-        raw = {} if given else settings if settings is not None else dict(context.run_config)
+        raw = {} if given else settings if settings is not None else from_run_config(context.run_config)
         nc = context.node_config
         key = (_frozen(raw), _frozen(nc), context.node_id)
         if key not in parsed:

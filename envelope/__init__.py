@@ -109,6 +109,9 @@ def reply(info: NodeInfo, *, result: Mapping | None = None, masked: np.ndarray |
     tensors and/or ``metrics``), the masked vector and secure-aggregation values when given."""
     content: dict = {INFO_RECORD: ConfigRecord(info.to_record())}
     update = (result or {}).get(UPDATE)
+    if masked is not None and (update is not None or "weight" in ((result or {}).get(METRICS) or {})):
+        # a bug, never a reply: under secure aggregation the update and the weight leave only masked
+        raise ValueError("a masked reply may not carry the update or the weight in the clear")
     if update is not None:
         content[UPDATE] = array_record(update)
     if masked is not None:

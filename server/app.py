@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
 from fedtune.common.operations.rundir import RunDir
-from fedtune.common.training.config import JobConfig, load_config
+from fedtune.common.training.config import JobConfig, from_run_config, load_config
 from fedtune.server.aggregation import PlainFedAvg
 from fedtune.server.federation import Federation
 from fedtune.server.secure import SecureFedAvg
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+# a Flower process (flwr run, a plain SuperNode, a SuperLink's ServerApp) never contacts the Hugging Face Hub: models
+# load from local paths (every from_pretrained also passes local_files_only=True; this covers the libraries it calls)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 log = logging.getLogger(__name__)
 
 
@@ -41,7 +45,7 @@ def make_server_app(settings: JobConfig | dict | None = None, *, result: dict | 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         cfg = settings if isinstance(settings, JobConfig) else load_config(
-            settings if settings is not None else dict(context.run_config))
+            settings if settings is not None else from_run_config(context.run_config))
         run_dir = RunDir(cfg.fed.run_dir or Path("runs") / time.strftime("fed-%Y%m%d-%H%M%S"))
         aggregator = make_aggregator(cfg, out)
         summary = Federation(cfg, run_dir, aggregator, out=out, simulated=simulated).run(grid)

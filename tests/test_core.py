@@ -240,3 +240,20 @@ def test_importing_the_model_module_changes_no_environment():
                                     for k in node.keywords):
                     calls.append(f"{p.relative_to(ROOT)}:{node.lineno}")
     assert not calls, f"from_pretrained without local_files_only=True: {calls}"
+
+
+def test_a_masked_reply_cannot_carry_the_update_or_the_weight_in_the_clear():
+    """The envelope itself refuses to build a secure reply that also holds the clear update or the weight (before,
+    only the caller's choice of ``to_record(secure=True)`` kept them out)."""
+    import numpy as np
+    import pytest
+    from fedtune import envelope
+    from fedtune.common.training.wire import NodeInfo, NodeRoundResult
+
+    result = NodeRoundResult(update={"w": np.ones(2, np.float32)}, weight=3, epsilon=1.0)
+    masked = np.zeros(4, np.uint32)
+    for leaky in (result.to_record(), {"metrics": {"weight": 3}}):
+        with pytest.raises(ValueError, match="in the clear"):
+            envelope.reply(NodeInfo("a"), result=leaky, masked=masked)
+    content = envelope.reply(NodeInfo("a"), result=result.to_record(secure=True), masked=masked)
+    assert set(content.array_records) == {envelope.MASKED} and "weight" not in envelope.reply_metrics(content)

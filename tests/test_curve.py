@@ -80,7 +80,7 @@ def test_a_damaged_curve_file_draws_what_it_can():
 def test_epsilons_on_a_job_without_dp_is_one_clear_error(tmp_path, capsys):
     run_dir = tmp_path / "run"
     assert main(["demo", "tiny", "--run-dir", str(run_dir), "--epsilons", "1,8", "privacy.enabled=false",
-                 "sim.node-max-epsilon=inf"]) != 0
+                 "sim.node-max-epsilon=inf"]) == 1
     err = capsys.readouterr().err
     assert "privacy.enabled=true" in err and "Traceback" not in err
     assert not run_dir.exists()

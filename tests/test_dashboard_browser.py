@@ -41,6 +41,7 @@ def test_dashboard_renders_and_updates_live_in_chromium(tmp_path):
         page.wait_for_selector("#rounds")
         assert page.locator("#rounds tr").count() == 1 + 2
         assert page.locator("#rounds tr").nth(1).locator("td").nth(2).inner_text() == "3"  # asked
+        assert page.locator(".charts img").count() == 3  # accuracy, loss, epsilon
         for img in page.locator(".charts img").all():
             page.wait_for_function("i => i.complete && i.naturalWidth > 0", arg=img.element_handle())
         for n in view["nodes"]:
@@ -88,6 +89,7 @@ def _shoot(page, shots: Path, name: str) -> None:
         page.set_viewport_size({"width": width, "height": 900})
         page.wait_for_timeout(300)
         charts = page.locator(".charts img").all()  # the index has none
+        assert len(charts) == (0 if name == "index" else 3), (name, len(charts))
         for img in charts:
             page.wait_for_function("i => i.complete && i.naturalWidth > 0", arg=img.element_handle())
             box = img.bounding_box()

@@ -189,6 +189,12 @@ def test_local_simulate_flower_and_demo_train_one_recipe(tmp_path):
     assert (lm.lora.head_only, lm.lora.ffa, lm.model.pooling, lm.train.optimizer, lm.train.lr) == (
         False, False, "cls", "adamw", 3e-3)
     assert load_config({"model.task": "causal-lm", "train.lr": 0.5}).train.lr == 0.5
+    # ... also through `flwr run`, whose run config is pyproject's whole table (the defaults) plus the overrides
+    from fedtune.common.training.config import from_run_config
+
+    table = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert load_config(from_run_config({**table, "model.task": "causal-lm"})) == lm
+    assert load_config(from_run_config({**table, "train.rounds": 2})) == JobConfig().replace(**{"train.rounds": 2})
 
 
 @pytest.mark.slow

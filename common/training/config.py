@@ -522,6 +522,14 @@ def load_config(settings: Mapping[str, Any] | None = None) -> JobConfig:
     return JobConfig(**sections)
 
 
+def from_run_config(run_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings a Flower run config really gives: Flower hands every key of pyproject's table (the defaults)
+    plus the overrides, so a value equal to its default is left out and the task's defaults
+    (:data:`CAUSAL_LM_DEFAULTS`) apply as they do for ``fedtune`` commands."""
+    defaults = JobConfig().to_flat()
+    return {k: v for k, v in run_config.items() if k not in defaults or defaults[k] != v}
+
+
 def _suggest(key: str) -> str:
     import difflib
 

@@ -316,11 +316,12 @@ def job_plan(node: Node, job: str, *, federated: bool = True, warn: Callable[[st
                 f"({p.total_steps} steps at noise {noise:.3f}, {evals} evaluation answers) would bring it to "
                 f"{after:.3f}", "run a job that asks for less (a lower privacy.target-epsilon, fewer rounds or steps), "
                 "or have the node's administrator raise its ceiling knowingly; the spent budget cannot be returned")
-        before = node.ledger.epsilon()  # the ledger as the lock just read it: everything released before this job
-        message = budget_warning(job, planned=after - before, spent=before, ceiling=pol.max_epsilon,
-                                 source=pol.source)
-        if message and pol.warn_large_jobs:
-            (warn or log.warning)(message)
+        if pol.warn_large_jobs:
+            before = node.ledger.epsilon()  # as the lock just read it: everything released before this job
+            message = budget_warning(job, planned=after - before, spent=before, ceiling=pol.max_epsilon,
+                                     source=pol.source)
+            if message:
+                (warn or log.warning)(message)
         return {"noise_multiplier": noise, "eval_noise": eval_noise, "evaluations": evals, "rounds": p.rounds}
 
     plan = node.ledger.plan(job, key, compute)
