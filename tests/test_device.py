@@ -46,7 +46,8 @@ def test_training_on_the_chosen_device_moves_every_lora_tensor(tmp_path):
     # Prepare: the model built on train.device=auto (a GPU when this machine has one), moved before PEFT wraps it
     lm = build_lora_model(model_path="", task="seq-cls", labels=EASY_LABELS, r=4, alpha=8, dropout=0.0,
                           target_modules=None, ffa=False, seed=0, device="auto")
-    assert all(p.device == resolve_device("auto") for p in lm.model.parameters())
+    want = resolve_device("auto")  # "cuda" carries no index; the parameters say cuda:0
+    assert all(p.device.type == want.type and want.index in (None, p.device.index) for p in lm.model.parameters())
     csv_path = write_easy_csv(tmp_path / "easy.csv", n=96)
     cfg = small_config(**{"data.path": str(csv_path), "data.labels": ",".join(EASY_LABELS), "data.max-records": 0,
                           "train.local-steps": 3, "train.batch-size": 16})

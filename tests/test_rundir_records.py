@@ -168,3 +168,24 @@ def test_every_figure_a_node_reports_has_a_place_in_the_round_record():
     assert set(reported) <= {f.name for f in fields(NodeFigures)}, set(reported) - {f.name for f in fields(NodeFigures)}
     back = NodeFigures.from_json(NodeFigures.of("org-a", "ok", "pld", reported).to_json())
     assert {k: getattr(back, k) for k in reported} == reported
+
+
+def test_a_damaged_summary_or_config_is_one_clear_error(tmp_path):
+    """Valid JSON that is not what fedtune wrote (a list, a number out of range) ended in AttributeError or
+    OverflowError tracebacks in status, export and the dashboard."""
+    import pytest
+    from fedtune.common.errors import RunDirError
+    from fedtune.common.operations.rundir import RunDir
+
+    rd = RunDir(tmp_path / "run")
+    rd.path.mkdir()
+    with pytest.raises(RunDirError, match="config.json is missing"):
+        rd.read_config()
+    (rd.path / "config.json").write_text("[1, 2]")
+    with pytest.raises(RunDirError, match="holds no settings"):
+        rd.read_config()
+    (rd.path / "summary.json").write_text('"finished"')
+    with pytest.raises(RunDirError, match="summary.json is damaged"):
+        rd.summary()
+    rd.rounds_file.write_text('{"round": 1e400}\n{"round": 2, "status": "ok"}\n')
+    assert [r.round for r in rd.rounds()] == [2]

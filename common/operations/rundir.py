@@ -152,7 +152,15 @@ class RunDir:
                               "point at a directory written by a fedtune server") from None
 
     def read_config(self) -> dict:
-        return json.loads((self.path / "config.json").read_text(encoding="utf-8"))
+        try:
+            config = json.loads((self.path / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise RunDirError(f"{self.path}/config.json is missing or unreadable ({e.__class__.__name__})",
+                              "point at a directory written by a fedtune server") from None
+        if not isinstance(config, dict):
+            raise RunDirError(f"{self.path}/config.json holds no settings", "point at a directory written by a "
+                              "fedtune server")
+        return config
 
     def rounds(self) -> list[RoundRecord]:
         """Every complete round line (a torn last line, from a crash mid-write, is ignored); lines of older
@@ -163,7 +171,7 @@ class RunDir:
         for line in self.rounds_file.read_text(encoding="utf-8").splitlines():
             try:
                 out.append(RoundRecord.from_json(json.loads(line)))
-            except (ValueError, KeyError, TypeError, AttributeError):
+            except (ValueError, KeyError, TypeError, AttributeError, OverflowError):
                 continue
         return out
 
@@ -179,7 +187,13 @@ class RunDir:
 
     def summary(self) -> RunSummary | None:
         p = self.path / "summary.json"
-        return RunSummary.from_json(json.loads(p.read_text(encoding="utf-8"))) if p.exists() else None
+        if not p.exists():
+            return None
+        try:
+            return RunSummary.from_json(json.loads(p.read_text(encoding="utf-8")))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, OverflowError) as e:
+            raise RunDirError(f"{p} is damaged ({e.__class__.__name__})",
+                              "restore it from a backup, or remove it: the rounds in rounds.jsonl still show") from None
 
     def progress(self) -> RoundProgress | None:
         """The server's last written position (None when it wrote none, or the file is unreadable); it is live
